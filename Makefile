@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine (Python 3.11, nothing else installed):
+#   make demo   -> build the environment, run the bundled model, write outputs/demo/index.html
+#   make test   -> build the environment, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip -q --disable-pip-version-check
+export GRADIO_ANALYTICS_ENABLED := False
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test env lint clean browser
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# The CPU wheel of torch lies on local disk; install it first so nothing pulls a CUDA build.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[all]"
+	touch $@
+
+env: $(VENV)/.installed
+
+# Debian's Chromium for the browser end-to-end test of the web demo.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+demo: env
+	$(VENV)/bin/flowtok showcase --out outputs/demo
+
+test: env browser
+	$(PY) -m pytest -q -x --durations=15
+
+lint: env
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs runs
