@@ -1,1 +1,15 @@
+"""The velocity transformer with its size registry, and the flow-matching objective."""
 
+from .objective import FlowObjective, binned_losses
+from .transformer import FLOW_PRESETS, UPSTREAM_RENAMES, FlowConfig, FlowTransformer, flop_count, flow_preset
+
+__all__ = [
+    "FLOW_PRESETS",
+    "UPSTREAM_RENAMES",
+    "FlowConfig",
+    "FlowObjective",
+    "FlowTransformer",
+    "binned_losses",
+    "flop_count",
+    "flow_preset",
+]

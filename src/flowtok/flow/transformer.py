@@ -1,0 +1,170 @@
+"""The FlowTok velocity network: a plain DiT over K latent tokens of C channels.
+
+``FlowTransformer(x [B, K, C], t [B], null_indicator [B]) -> v [B, K, C]`` predicts the velocity
+of the flow from the text latent (t = 0) to the image latent (t = 1), or the reverse for
+image-to-text (a separate model with the same class). There is no cross-attention and no text in the
+sequence: the text *is* the starting point. The only condition besides t is a two-entry "null
+indicator" embedding (CrossFlow's replacement for a dropped prompt): 0 = conditional, 1 = null.
+
+Architecture facts, checked against the FlowTok release (libs/model/flowtok_t2i.py, commit d4d43c5):
+
+* input: ``nn.Linear(C, D)`` per token (no patchify), plus a fixed 1D sin-cos table
+  [1, K, D] (first half sin, second half cos, omega_i = 1 / 10000^(2i/D), positions 0..K-1);
+* condition ``c = t_embedder(t) + null_embedder(null_indicator)``; the timestep embedder is DiT's
+  (256 frequencies, cos before sin, max period 10000, MLP Linear-SiLU-Linear) fed t in [0, 1]
+  *unscaled* (upstream passes the flow time straight in, no t*1000; ``time_scale`` = 1.0);
+* ``depth`` adaLN-Zero DiT blocks (flowtok.nn.dit): LayerNorm eps 1e-6 without affine, fused qkv
+  with bias, GELU-tanh MLP of ratio 4, modulation chunks shift/scale/gate for attention then MLP;
+* final layer: modulated LayerNorm + Linear(D, C); its modulation and Linear are zero-initialised,
+  so a fresh model predicts v = 0;
+* init as DiT: xavier-uniform Linears with zero bias, N(0, 0.02) for the null embedding and the two
+  timestep-MLP weights, zeros for every adaLN modulation Linear.
+
+Upstream state-dict keys map one-to-one onto ours; all names are equal except the null embedding,
+listed in :data:`UPSTREAM_RENAMES`. Upstream keeps ``pos_embed`` as a frozen Parameter; here it is a
+persistent buffer of the same name and shape. Upstream's FlowTok module also holds the text projector
+(``context_encoder``, ``context_projector``, ``t2t_temperature``); here that is
+:class:`flowtok.text.projector.TextProjector`, a separate model. Upstream forces gradient
+checkpointing on in every block; here it is the ``grad_checkpointing`` config switch (off by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError
+from ..modeling import PretrainedMixin
+from ..nn import TimestepEmbedder, sincos_1d
+from ..nn.dit import DiTBlock, FinalLayer
+
+# The null indicator has two states: 0 = conditional on the source latent, 1 = "null" (CFG).
+NUM_NULL_STATES = 2
+
+# Upstream (FlowTok release) state-dict key -> ours, for the only names that differ.
+UPSTREAM_RENAMES: dict[str, str] = {"y_embedder.embedding_table.weight": "null_embedder.weight"}
+
+
+@dataclass
+class FlowConfig:
+    """Sizes of the velocity transformer. Defaults are FlowTok-XL (the paper's main model)."""
+
+    num_tokens: int = 77  # K: latent tokens (77 = CLIP's text length)
+    in_channels: int = 16  # C: channels per token, also the output (velocity) channels
+    width: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    freq_dim: int = 256  # sinusoidal frequencies of the timestep embedder
+    time_scale: float = 1.0  # t is multiplied by this before the sinusoid; upstream: 1.0
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "in_channels", "width", "depth", "num_heads", "freq_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"flow.{name} must be positive, got {getattr(self, name)}")
+        if self.width % self.num_heads:
+            raise ConfigError(f"flow.width {self.width} is not divisible by flow.num_heads {self.num_heads}")
+        if self.width % 2:
+            raise ConfigError(f"flow.width must be even for the sin-cos positions, got {self.width}")
+        if self.mlp_ratio <= 0:
+            raise ConfigError(f"flow.mlp_ratio must be positive, got {self.mlp_ratio}")
+
+
+FLOW_PRESETS: dict[str, FlowConfig] = {
+    # The paper's three sizes (Table: 153M / 698M / 1.1B including the ~24M text projector).
+    "FlowTok-B": FlowConfig(width=768, depth=12, num_heads=12),
+    "FlowTok-XL": FlowConfig(width=1152, depth=28, num_heads=16),
+    "FlowTok-H": FlowConfig(width=1280, depth=36, num_heads=20),
+    # Shapes world: 32 tokens x 16 channels, ~9.6M parameters, a few minutes on one H100.
+    "shapes": FlowConfig(num_tokens=32, in_channels=16, width=256, depth=8, num_heads=4),
+    # CPU unit tests.
+    "tiny": FlowConfig(num_tokens=8, in_channels=4, width=32, depth=2, num_heads=2),
+}
+
+
+def flow_preset(name: str, **overrides: object) -> FlowConfig:
+    """A copy of ``FLOW_PRESETS[name]`` with fields replaced; an unknown name is a ConfigError."""
+    if name not in FLOW_PRESETS:
+        raise ConfigError(f"unknown flow preset '{name}' (known: {', '.join(FLOW_PRESETS)})")
+    try:
+        return dataclasses.replace(FLOW_PRESETS[name], **overrides)
+    except TypeError as exc:
+        raise ConfigError(f"flow preset '{name}': {exc}") from None
+
+
+def flop_count(config: FlowConfig, batch: int = 1) -> int:
+    """Approximate matmul FLOPs (2 per multiply-add) of one forward pass on ``batch`` samples.
+
+    Counts the per-token Linears (input, qkv, proj, MLP, output), the attention products QK^T and AV,
+    and the per-sample condition path (timestep MLP, adaLN Linears). Norms, activations and softmax are
+    left out; they are a fraction of a percent at the paper's sizes. A training step costs about 3x this
+    (4x with gradient checkpointing).
+    """
+    k, c, d, n = config.num_tokens, config.in_channels, config.width, config.depth
+    hidden = int(d * config.mlp_ratio)
+    per_token_block = 3 * d * d + d * d + 2 * d * hidden  # qkv, proj, fc1 + fc2
+    attention = 2 * k * k * d  # QK^T and AV, all heads together
+    per_sample_block = 6 * d * d  # adaLN modulation
+    macs = n * (k * per_token_block + attention + per_sample_block)
+    macs += k * c * d + k * d * c  # input and output Linears
+    macs += config.freq_dim * d + d * d + 2 * d * d  # timestep MLP, final adaLN
+    return 2 * macs * batch
+
+
+class FlowTransformer(nn.Module, PretrainedMixin):
+    """Velocity field v(x, t, null_indicator) over [B, K, C] latents; see the module docstring."""
+
+    config_class = FlowConfig
+    model_type = "flowtok_flow_transformer"
+
+    def __init__(self, config: FlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.width
+        self.x_embedder = nn.Linear(config.in_channels, d)
+        self.t_embedder = TimestepEmbedder(d, freq_dim=config.freq_dim, scale=config.time_scale)
+        self.null_embedder = nn.Embedding(NUM_NULL_STATES, d)
+        self.register_buffer("pos_embed", sincos_1d(config.num_tokens, d)[None], persistent=True)
+        self.blocks = nn.ModuleList(
+            DiTBlock(d, config.num_heads, config.mlp_ratio, qkv_bias=config.qkv_bias) for _ in range(config.depth)
+        )
+        self.final_layer = FinalLayer(d, config.in_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DiT's initialisation (see the module docstring); adaLN-Zero makes every block start as identity."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.null_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            block.zero_init_modulation()
+        self.final_layer.zero_init()
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.config = dataclasses.replace(self.config, grad_checkpointing=enabled)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, null_indicator: torch.Tensor) -> torch.Tensor:
+        """x: [B, K, C]; t: [B] flow time in [0, 1]; null_indicator: [B] bool/long, 1 = null (CFG).
+
+        Returns the predicted velocity dx/dt, [B, K, C].
+        """
+        h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
+        c = self.t_embedder(t) + self.null_embedder(null_indicator.long())
+        checkpointing = self.config.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            h = checkpoint(block, h, c, use_reentrant=False) if checkpointing else block(h, c)
+        return self.final_layer(h, c)
+
+    def forward_flops(self, batch: int = 1) -> int:
+        """Approximate matmul FLOPs of one forward on ``batch`` samples (see :func:`flop_count`)."""
+        return flop_count(self.config, batch)
