@@ -1,0 +1,151 @@
+"""Training checkpoints that survive a kill at any moment.
+
+A checkpoint is a folder ``step-0000500/`` holding ``model.safetensors`` (the stage's trainable
+weights), ``ema.safetensors``, ``optimizer.pt`` (tensors and plain Python only, read back with
+``weights_only=True``), ``state.json`` and, written last, ``manifest.json`` with the SHA-256 of every
+file. The folder is first written under a hidden temporary name and renamed into place, so a reader
+sees a whole checkpoint or none. On resume the newest checkpoint whose manifest verifies is used; a
+truncated or corrupt one is named in one warning line and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import atomic_write_text
+from ..errors import CheckpointError
+from ..modeling import atomic_save_safetensors, load_safetensors
+
+log = logging.getLogger(__name__)
+
+PREFIX = "step-"
+FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    state: dict[str, Any]
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
+                    optimizer: dict[str, Any], state: dict[str, Any], keep_last: int = 3) -> Path:
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"{PREFIX}{step:07d}"
+    tmp = ckpt_dir / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    atomic_save_safetensors(model, tmp / "model.safetensors")
+    atomic_save_safetensors(ema, tmp / "ema.safetensors")
+    with open(tmp / "optimizer.pt", "wb") as fh:
+        torch.save(optimizer, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
+    manifest = {name: _sha256(tmp / name) for name in FILES}
+    atomic_write_text(tmp / "manifest.json", json.dumps({"step": step, "sha256": manifest}, indent=2))
+    _fsync_dir(tmp)
+    if final.exists():  # a re-run of the same step after a resume: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_dir)
+    prune(ckpt_dir, keep_last)
+    return final
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    for stale in Path(ckpt_dir).glob(f".tmp-{PREFIX}*"):
+        # Left behind by a run killed mid-write; never a valid checkpoint.
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if keep_last <= 0:
+        return
+    steps = list_checkpoints(ckpt_dir)
+    for path in steps[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def verify(path: Path) -> None:
+    """Raise CheckpointError naming what is wrong with the checkpoint folder ``path``."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} has no manifest (incomplete write)")
+    try:
+        manifest = json.loads(manifest_path.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path}: manifest.json is corrupt") from None
+    for name in FILES:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if _sha256(f) != manifest.get(name):
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt or truncated (checksum mismatch)")
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    verify(path)
+    try:
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CheckpointError(f"checkpoint {path}: optimizer.pt cannot be read ({type(exc).__name__})") from None
+    state = json.loads((path / "state.json").read_text())
+    return Checkpoint(path=path, step=int(state["step"]), model=load_safetensors(path / "model.safetensors"),
+                      ema=load_safetensors(path / "ema.safetensors"), optimizer=optimizer, state=state)
+
+
+def load_latest(ckpt_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as exc:
+            log.warning("skipping bad checkpoint: %s", exc)
+    return None

@@ -1,0 +1,147 @@
+"""Position-addressable batch sources for the trainer.
+
+``get(step, local_batch, rank, world)`` returns the batch of that step for that process, so the data
+position of a run is simply its step and a resumed run reads exactly what the killed one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    kind: Literal["shapes", "folder", "webdataset", "latents"] = "shapes"
+    path: str | None = None  # folder / shard directory or glob / latents directory
+    size: int = 128  # image resolution
+    split: Literal["train", "test", "any"] = "train"  # shapes world split
+    num_objects: int | None = None  # shapes world: fix the number of objects (None: 1 to 3)
+    crop: Literal["center", "random"] = "center"
+    on_error: Literal["raise", "skip"] = "raise"
+    workers: int = 4  # image-decoding threads for folder data
+
+    def __post_init__(self) -> None:
+        if self.kind != "shapes" and not self.path:
+            raise ConfigError(f"data.path is required for data.kind={self.kind}")
+        if self.num_objects is not None and not 1 <= self.num_objects <= 3:
+            raise ConfigError(f"data.num_objects must be 1, 2 or 3, got {self.num_objects}")
+
+
+class ShapesSource:
+    """The procedural shapes world, rendered on the training device."""
+
+    def __init__(self, cfg: DataConfig, seed: int, device: torch.device) -> None:
+        self.cfg, self.seed, self.device = cfg, seed, device
+
+    def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        from ..data.shapes import shapes_batch
+
+        start = (step * world + rank) * local_batch
+        images, captions, scenes = shapes_batch(self.seed, start, local_batch, split=self.cfg.split,
+                                                num_objects=self.cfg.num_objects, size=self.cfg.size,
+                                                device=self.device)
+        return {"images": images, "captions": captions, "scenes": scenes}
+
+
+class IndexedSource:
+    """A map-style dataset read in a seeded permutation, one epoch after another."""
+
+    def __init__(self, dataset, seed: int, device: torch.device, workers: int = 4) -> None:
+        self.dataset, self.seed, self.device = dataset, seed, device
+        self.n = len(dataset)
+        if self.n == 0:
+            raise DataError("the dataset is empty")
+        self._perms: dict[int, np.ndarray] = {}
+        self.pool = ThreadPoolExecutor(max(1, workers))
+
+    def _index(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return int(self._perms[epoch][i])
+
+    def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        start = (step * world + rank) * local_batch
+        idx = [self._index(start + j) for j in range(local_batch)]
+        items = list(self.pool.map(self.dataset.__getitem__, idx))
+        return self.collate(items)
+
+    def collate(self, items: list) -> dict[str, Any]:
+        images = torch.stack([it[0] for it in items]).to(self.device, non_blocking=True)
+        return {"images": images, "captions": [it[1] for it in items], "scenes": None}
+
+
+class LatentSource(IndexedSource):
+    """Pre-tokenised shards written by ``flowtok pretokenize`` (see :mod:`flowtok.training.pretokenize`)."""
+
+    def __init__(self, path: str, seed: int, device: torch.device) -> None:
+        from .pretokenize import LatentShards
+
+        super().__init__(LatentShards(path), seed, device, workers=1)
+
+    def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        start = (step * world + rank) * local_batch
+        idx = [self._index(start + j) for j in range(local_batch)]
+        return self.dataset.gather(idx, self.device)
+
+
+def build_source(cfg: DataConfig, seed: int, device: torch.device):
+    if cfg.kind == "shapes":
+        return ShapesSource(cfg, seed, device)
+    if cfg.kind == "folder":
+        from ..data.readers import ImageCaptionFolder
+
+        ds = ImageCaptionFolder(cfg.path, resolution=cfg.size, crop=cfg.crop, on_error=cfg.on_error, seed=seed)
+        return IndexedSource(ds, seed, device, cfg.workers)
+    if cfg.kind == "latents":
+        return LatentSource(str(cfg.path), seed, device)
+    if cfg.kind == "webdataset":
+        return StreamSource(cfg, seed, device)
+    raise ConfigError(f"unknown data.kind {cfg.kind!r}")
+
+
+class StreamSource:
+    """Webdataset shards read in order; resuming skips the samples already consumed."""
+
+    def __init__(self, cfg: DataConfig, seed: int, device: torch.device) -> None:
+        self.cfg, self.seed, self.device = cfg, seed, device
+        self._it = None
+        self._pos = 0
+
+    def _stream(self):
+        from ..data.readers import WebDatasetReader
+
+        while True:  # endless epochs
+            yield from WebDatasetReader(self.cfg.path, resolution=self.cfg.size, crop=self.cfg.crop,
+                                        on_error=self.cfg.on_error)
+
+    def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        start = (step * world + rank) * local_batch
+        if self._it is None or start < self._pos:
+            self._it, self._pos = self._stream(), 0
+        items = []
+        while self._pos < start + local_batch:
+            item = next(self._it)
+            if self._pos >= start:
+                items.append(item)
+            self._pos += 1
+        images = torch.stack([it[0] for it in items]).to(self.device)
+        return {"images": images, "captions": [it[1] for it in items], "scenes": None}
+
+
+def existing(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path not found: {p}")
+    return p

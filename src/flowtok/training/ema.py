@@ -1,0 +1,37 @@
+"""Exponential moving average of a module's parameters, kept in fp32."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+    def _decay_at(self, step: int) -> float:
+        # Warm-up so the average is not dominated by the random init in short runs.
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = self._decay_at(step)
+        for k, v in module.state_dict().items():
+            s = self.shadow[k]
+            if v.is_floating_point():
+                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k in self.shadow:
+            self.shadow[k] = state[k].float().clone().to(self.shadow[k].device)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})

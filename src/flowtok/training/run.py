@@ -1,0 +1,42 @@
+"""A training run: one YAML file (stage, data, train, model sections) plus ``key=value`` overrides.
+
+The resolved config is written beside the run as ``config.yaml``, so every run can be reproduced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import apply_overrides, from_dict, load_yaml, to_dict
+from ..errors import ConfigError
+from .data import DataConfig
+from .trainer import TrainConfig, Trainer
+
+
+@dataclass
+class RunConfig:
+    stage: str = ""
+    run_dir: str = "runs/run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+def build_run(config: str | Path | dict[str, Any], overrides: list[str] | None = None,
+              device: str | None = None) -> Trainer:
+    from .stages import STAGES
+
+    data = load_yaml(config) if not isinstance(config, dict) else dict(config)
+    data = apply_overrides(data, overrides or [])
+    run = from_dict(RunConfig, data)
+    if run.stage not in STAGES:
+        raise ConfigError(f"unknown stage '{run.stage}' (choose from {', '.join(STAGES)})")
+    stage_cls, stage_cfg_cls = STAGES[run.stage]
+    stage_cfg = from_dict(stage_cfg_cls, run.model, "model")
+    stage = stage_cls(stage_cfg, run.data, run.seed)
+    resolved = to_dict(run)
+    resolved["model"] = to_dict(stage_cfg)
+    return Trainer(stage, run.train, run.run_dir, seed=run.seed, device=device, resolved_config=resolved)

@@ -1,0 +1,485 @@
+"""The training stages handed to the one :class:`~flowtok.training.trainer.Trainer`.
+
+- ``tokenizer``: the 1D image tokenizer (L2 + KL).
+- ``t2i``: text projector + FlowTok transformer, text latent (t=0) -> image latent (t=1), trained
+  jointly with flow + KL + alignment losses, as in the paper.
+- ``text_decoder``: the non-autoregressive text decoder on the (frozen) projector's latents; with
+  ``train_projector: true`` it trains both as a text autoencoder.
+- ``i2t``: a second FlowTok transformer, image latent (t=0) -> text latent (t=1); KL and alignment
+  weights are 0 in the paper, so the projector is simply frozen here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..config import from_dict
+from ..errors import ConfigError
+from .data import DataConfig, build_source
+from .trainer import Stage
+
+log = logging.getLogger(__name__)
+
+
+def _preset(registry: dict, name: str, overrides: dict[str, Any], what: str):
+    from ..config import to_dict
+
+    if name not in registry:
+        raise ConfigError(f"unknown {what} preset '{name}' (choose from {', '.join(registry)})")
+    base = registry[name]
+    cls = type(base)
+    return from_dict(cls, {**to_dict(base), **overrides}, what)
+
+
+def _grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    b, c, h, w = images.shape
+    ncol = min(nrow, b)
+    rows = (b + ncol - 1) // ncol
+    canvas = torch.ones(c, rows * h, ncol * w, device=images.device)
+    for i in range(b):
+        r, q = divmod(i, ncol)
+        canvas[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+    return canvas
+
+
+class _Frozen:
+    """Holds frozen helpers without registering them as sub-modules."""
+
+    def __init__(self, **modules: Any) -> None:
+        self.__dict__.update(modules)
+
+
+def _freeze(m: nn.Module) -> nn.Module:
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+@dataclass
+class TokenizerStageConfig:
+    preset: str = "shapes-128"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    kl_weight: float = 1e-6
+    text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
+    eval_images: int = 64
+
+
+class TokenizerStage(Stage):
+    name: ClassVar[str] = "tokenizer"
+
+    def __init__(self, cfg: TokenizerStageConfig, data: DataConfig, seed: int) -> None:
+        super().__init__()
+        from ..tokenizer import TOKENIZER_PRESETS, ImageTokenizer
+
+        self.cfg, self.data_cfg, self.seed = cfg, data, seed
+        tcfg = _preset(TOKENIZER_PRESETS, cfg.preset, cfg.overrides, "model.tokenizer")
+        if data.size != tcfg.image_size:
+            raise ConfigError(f"data.size {data.size} differs from the tokenizer image_size {tcfg.image_size}")
+        self.tokenizer = ImageTokenizer(tcfg)
+        self.frozen = _Frozen(encoder=None, source=None)
+
+    def setup(self, device: torch.device) -> None:
+        self.device = device
+        self.frozen.source = build_source(self.data_cfg, self.seed, device)
+        if self.tokenizer.config.text_dim > 0:
+            from ..text import load_text_encoder
+
+            self.frozen.encoder = load_text_encoder(self.cfg.text_encoder,
+                                                    max_length=self.tokenizer.config.num_latent_tokens,
+                                                    device=device)
+
+    def _text(self, captions: list[str]) -> torch.Tensor | None:
+        if self.frozen.encoder is None:
+            return None
+        return self.frozen.encoder.encode(captions).states
+
+    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        b = self.frozen.source.get(step, local_batch, rank, world)
+        b["text_states"] = self._text(b["captions"])
+        return b
+
+    def forward(self, batch: dict[str, Any]):
+        images = batch["images"]
+        recon, posterior = self.tokenizer(images, text_states=batch["text_states"], sample=True)
+        mse = torch.mean((recon.float() - images.float()) ** 2)
+        kl = posterior.kl().mean()
+        loss = mse + self.cfg.kl_weight * kl
+        return loss, {"mse": mse.detach(), "kl": kl.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, step: int):
+        from ..data.shapes import judge_batch, scene_matches, shapes_batch
+
+        n = self.cfg.eval_images
+        images, captions, scenes = shapes_batch(self.seed + 10_000, 0, n, split="test", size=self.data_cfg.size,
+                                                device=self.device)
+        lat = self.tokenizer.encode(images)
+        recon = self.tokenizer.decode(lat, text_states=self._text(captions)).clamp(0, 1)
+        mse = torch.mean((recon.float() - images.float()) ** 2, dim=(1, 2, 3))
+        psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
+        judged = judge_batch(list(recon.float().cpu()))
+        acc = sum(scene_matches(p, t) for p, t in zip(judged, scenes)) / n
+        grid = _grid(torch.cat([images[:8], recon[:8]]).float())
+        return {"psnr": psnr, "judge_acc": acc}, {"recon": grid}
+
+    def export(self, out_dir: Path) -> None:
+        self.tokenizer.save_pretrained(Path(out_dir) / "tokenizer")
+
+
+# ---------------------------------------------------------------------------------- shared helpers
+@dataclass
+class FlowObjectiveConfig:
+    sigma_min: float = 1e-5
+    t_sampler: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    null_prob: float = 0.1
+
+
+def _objective(cfg: FlowObjectiveConfig):
+    from ..flow import FlowObjective
+
+    return FlowObjective(sigma_min=cfg.sigma_min, t_sampler=cfg.t_sampler, logit_mean=cfg.logit_mean,
+                         logit_std=cfg.logit_std, null_prob=cfg.null_prob)
+
+
+def _load_tokenizer(path: str, device):
+    from ..tokenizer import ImageTokenizer
+
+    return _freeze(ImageTokenizer.from_pretrained(path, device=device))
+
+
+# ------------------------------------------------------------------------------------------------ t2i
+@dataclass
+class T2IStageConfig:
+    tokenizer_path: str = ""
+    text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
+    projector_preset: str = "shapes"
+    projector: dict[str, Any] = field(default_factory=dict)
+    flow_preset: str = "shapes"
+    flow: dict[str, Any] = field(default_factory=dict)
+    objective: FlowObjectiveConfig = field(default_factory=FlowObjectiveConfig)
+    kl_weight: float = 1e-4
+    align_weight: float = 1.0
+    eval_prompts: int = 64
+    eval_steps: int = 20
+    eval_guidance: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer_path:
+            raise ConfigError("model.tokenizer_path is required (a trained tokenizer folder)")
+
+
+class T2IStage(Stage):
+    name: ClassVar[str] = "t2i"
+
+    def __init__(self, cfg: T2IStageConfig, data: DataConfig, seed: int) -> None:
+        super().__init__()
+        from ..flow import FLOW_PRESETS, FlowTransformer
+        from ..text import PROJECTOR_PRESETS, TextProjector
+        from ..tokenizer import ImageTokenizer
+
+        self.cfg, self.data_cfg, self.seed = cfg, data, seed
+        tok_cfg = ImageTokenizer.read_config(cfg.tokenizer_path)
+        k, c = tok_cfg.num_latent_tokens, tok_cfg.token_channels
+        pcfg = _preset(PROJECTOR_PRESETS, cfg.projector_preset, cfg.projector, "model.projector")
+        fcfg = _preset(FLOW_PRESETS, cfg.flow_preset, cfg.flow, "model.flow")
+        check_latent_shapes(k, c, pcfg, fcfg)
+        self.projector = TextProjector(pcfg)
+        self.flow = FlowTransformer(fcfg)
+        self.objective = _objective(cfg.objective)
+        self.frozen = _Frozen(tokenizer=None, encoder=None, source=None)
+        self.k = k
+
+    def setup(self, device: torch.device) -> None:
+        from ..text import load_text_encoder
+
+        self.device = device
+        self.frozen.tokenizer = _load_tokenizer(self.cfg.tokenizer_path, device)
+        self.frozen.encoder = load_text_encoder(self.cfg.text_encoder, max_length=self.k, device=device)
+        if self.frozen.encoder.dim != self.projector.config.text_dim:
+            raise ConfigError(f"text encoder width {self.frozen.encoder.dim} differs from "
+                              f"projector text_dim {self.projector.config.text_dim}")
+        self.frozen.source = build_source(self.data_cfg, self.seed, device)
+
+    @torch.no_grad()
+    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        b = self.frozen.source.get(step, local_batch, rank, world)
+        tok = self.frozen.tokenizer
+        if "image_latents" not in b:
+            b["image_latents"] = tok.encode(b["images"]) * tok.scale_factor
+        if "text_states" not in b:
+            ts = self.frozen.encoder.encode(b["captions"])
+            b["text_states"], b["text_mask"] = ts.states.float(), ts.mask
+        return b
+
+    def forward(self, batch: dict[str, Any]):
+        out = self.projector(batch["text_states"], batch.get("text_mask"), sample=True)
+        fm, info = self.objective.loss(self.flow, out.z, batch["image_latents"])
+        kl = self.projector.kl_loss(out.mean, out.logvar)
+        align = (self.projector.align_loss(out.z, batch["text_states"], batch.get("text_mask"))
+                 if self.cfg.align_weight > 0 else torch.zeros((), device=fm.device))
+        loss = fm + self.cfg.kl_weight * kl + self.cfg.align_weight * align
+        metrics = {"flow": fm.detach(), "kl": kl.detach(), "align": align.detach()}
+        for name, v in self.objective.binned_losses(info["t"], info["per_sample"]).items():
+            metrics[f"flow_{name}"] = torch.tensor(v)
+        return loss, metrics
+
+    @torch.no_grad()
+    def generate(self, captions: list[str], steps: int, guidance: float) -> torch.Tensor:
+        from ..sampling import euler_sample
+
+        ts = self.frozen.encoder.encode(captions)
+        z = self.projector(ts.states.float(), ts.mask, sample=False).z
+        lat = euler_sample(self.flow, z, num_steps=steps, guidance_scale=guidance)
+        tok = self.frozen.tokenizer
+        text = ts.states.float() if tok.config.text_dim > 0 else None
+        return tok.decode(lat / tok.scale_factor, text_states=text).clamp(0, 1)
+
+    @torch.no_grad()
+    def evaluate(self, step: int):
+        from ..data.shapes import judge_batch, scene_matches, shapes_batch
+
+        n = self.cfg.eval_prompts
+        real, captions, scenes = shapes_batch(self.seed + 20_000, 0, n, split="test", num_objects=1,
+                                              size=self.data_cfg.size, device=self.device)
+        images = self.generate(captions, self.cfg.eval_steps, self.cfg.eval_guidance)
+        judged = judge_batch(list(images.float().cpu()))
+        acc = sum(scene_matches(p, t) for p, t in zip(judged, scenes)) / n
+        return {"judge_acc_1obj": acc}, {"samples": _grid(torch.cat([real[:8], images[:8]]).float())}
+
+    def export(self, out_dir: Path) -> None:
+        self.projector.save_pretrained(Path(out_dir) / "text_projector")
+        self.flow.save_pretrained(Path(out_dir) / "t2i_flow")
+
+
+def check_latent_shapes(k: int, c: int, pcfg, fcfg) -> None:
+    """The text latent and the image latent must have one shape: the flow maps one onto the other."""
+    if pcfg.latent_channels != c:
+        raise ConfigError(f"text latent has {pcfg.latent_channels} channels, image latent has {c}: "
+                          "they must be equal")
+    if fcfg.num_tokens != k or fcfg.in_channels != c:
+        raise ConfigError(f"flow model expects {fcfg.num_tokens}x{fcfg.in_channels} latents, "
+                          f"the tokenizer gives {k}x{c}")
+
+
+# ------------------------------------------------------------------------------------- text decoder
+@dataclass
+class TextDecoderStageConfig:
+    projector_path: str = ""  # frozen projector (from the t2i stage); empty: train one jointly
+    projector_preset: str = "shapes"
+    projector: dict[str, Any] = field(default_factory=dict)
+    decoder_preset: str = "shapes"
+    decoder: dict[str, Any] = field(default_factory=dict)
+    text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
+    max_length: int = 32
+    latent: Literal["sample", "mean"] = "sample"
+    kl_weight: float = 1e-4
+    align_weight: float = 1.0
+    eval_captions: int = 500
+
+
+class TextDecoderStage(Stage):
+    name: ClassVar[str] = "text_decoder"
+
+    def __init__(self, cfg: TextDecoderStageConfig, data: DataConfig, seed: int) -> None:
+        super().__init__()
+        from ..text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector
+
+        self.cfg, self.data_cfg, self.seed = cfg, data, seed
+        self.train_projector = not cfg.projector_path
+        if self.train_projector:
+            self.projector = TextProjector(_preset(PROJECTOR_PRESETS, cfg.projector_preset, cfg.projector,
+                                                   "model.projector"))
+            frozen_proj = None
+        else:
+            frozen_proj = TextProjector.from_pretrained(cfg.projector_path)
+        self.decoder = TextDecoder(_preset(DECODER_PRESETS, cfg.decoder_preset, cfg.decoder, "model.decoder"))
+        self.frozen = _Frozen(projector=frozen_proj, encoder=None, source=None)
+
+    @property
+    def proj(self):
+        return self.projector if self.train_projector else self.frozen.projector
+
+    def setup(self, device: torch.device) -> None:
+        from ..text import load_text_encoder
+
+        self.device = device
+        if self.frozen.projector is not None:
+            self.frozen.projector = _freeze(self.frozen.projector.to(device))
+        self.frozen.encoder = load_text_encoder(self.cfg.text_encoder, max_length=self.cfg.max_length, device=device)
+        if self.frozen.encoder.vocab_size != self.decoder.config.vocab_size:
+            raise ConfigError(f"decoder vocab_size {self.decoder.config.vocab_size} differs from the text "
+                              f"encoder's tokenizer ({self.frozen.encoder.vocab_size})")
+        self.frozen.source = None
+
+    @torch.no_grad()
+    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        import numpy as np
+
+        from ..data.shapes import caption, sample_scene
+
+        # Captions only: no need to render images for this stage.
+        caps = []
+        for j in range(local_batch):
+            rng = np.random.default_rng([self.seed, (step * world + rank) * local_batch + j])
+            caps.append(caption(sample_scene(rng, self.data_cfg.num_objects, split=self.data_cfg.split), rng))
+        ts = self.frozen.encoder.encode(caps)
+        return {"captions": caps, "text_states": ts.states.float(), "text_mask": ts.mask, "input_ids": ts.input_ids}
+
+    def forward(self, batch: dict[str, Any]):
+        out = self.proj(batch["text_states"], batch["text_mask"], sample=self.cfg.latent == "sample")
+        z = out.z if self.train_projector else out.z.detach()
+        ce = self.decoder.loss(z, batch["input_ids"], batch["text_mask"])
+        metrics = {"ce": ce.detach()}
+        loss = ce
+        if self.train_projector:
+            kl = self.projector.kl_loss(out.mean, out.logvar)
+            loss = loss + self.cfg.kl_weight * kl
+            metrics["kl"] = kl.detach()
+            if self.cfg.align_weight > 0:
+                align = self.projector.align_loss(out.z, batch["text_states"], batch["text_mask"])
+                loss = loss + self.cfg.align_weight * align
+                metrics["align"] = align.detach()
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self, step: int):
+        import numpy as np
+
+        from ..data.shapes import caption, sample_scene
+        from ..text import text_roundtrip_accuracy
+
+        rng = np.random.default_rng([self.seed, 777])
+        caps = [caption(sample_scene(rng, None, split="test"), rng) for _ in range(self.cfg.eval_captions)]
+        acc = text_roundtrip_accuracy(self.proj, self.decoder, self.frozen.encoder, caps)
+        return {"text_roundtrip_exact": acc}, {}
+
+    def export(self, out_dir: Path) -> None:
+        self.decoder.save_pretrained(Path(out_dir) / "text_decoder")
+        if self.train_projector:
+            self.projector.save_pretrained(Path(out_dir) / "text_projector")
+
+
+# ------------------------------------------------------------------------------------------------ i2t
+@dataclass
+class I2TStageConfig:
+    tokenizer_path: str = ""
+    projector_path: str = ""
+    decoder_path: str = ""  # optional: enables caption accuracy in evaluation
+    text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
+    flow_preset: str = "shapes"
+    flow: dict[str, Any] = field(default_factory=dict)
+    objective: FlowObjectiveConfig = field(default_factory=FlowObjectiveConfig)
+    target: Literal["mean", "sample"] = "mean"
+    # The ODE from one image latent has one end point, so several paraphrases of one image would be
+    # averaged; "canonical" trains on one fixed template per scene (shapes world only).
+    caption_mode: Literal["canonical", "random"] = "canonical"
+    eval_images: int = 64
+    eval_steps: int = 20
+    eval_guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer_path or not self.projector_path:
+            raise ConfigError("model.tokenizer_path and model.projector_path are required for the i2t stage")
+
+
+class I2TStage(Stage):
+    name: ClassVar[str] = "i2t"
+
+    def __init__(self, cfg: I2TStageConfig, data: DataConfig, seed: int) -> None:
+        super().__init__()
+        from ..flow import FLOW_PRESETS, FlowTransformer
+        from ..text import TextProjector
+        from ..tokenizer import ImageTokenizer
+
+        self.cfg, self.data_cfg, self.seed = cfg, data, seed
+        tok_cfg = ImageTokenizer.read_config(cfg.tokenizer_path)
+        pcfg = TextProjector.read_config(cfg.projector_path)
+        fcfg = _preset(FLOW_PRESETS, cfg.flow_preset, cfg.flow, "model.flow")
+        check_latent_shapes(tok_cfg.num_latent_tokens, tok_cfg.token_channels, pcfg, fcfg)
+        self.flow = FlowTransformer(fcfg)
+        self.objective = _objective(cfg.objective)
+        self.k = tok_cfg.num_latent_tokens
+        self.frozen = _Frozen(tokenizer=None, encoder=None, projector=None, decoder=None, source=None)
+
+    def setup(self, device: torch.device) -> None:
+        from ..text import TextDecoder, TextProjector, load_text_encoder
+
+        self.device = device
+        self.frozen.tokenizer = _load_tokenizer(self.cfg.tokenizer_path, device)
+        self.frozen.projector = _freeze(TextProjector.from_pretrained(self.cfg.projector_path, device=device))
+        if self.cfg.decoder_path:
+            self.frozen.decoder = _freeze(TextDecoder.from_pretrained(self.cfg.decoder_path, device=device))
+        self.frozen.encoder = load_text_encoder(self.cfg.text_encoder, max_length=self.k, device=device)
+        self.frozen.source = build_source(self.data_cfg, self.seed, device)
+
+    @torch.no_grad()
+    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        b = self.frozen.source.get(step, local_batch, rank, world)
+        tok = self.frozen.tokenizer
+        if "image_latents" not in b:
+            b["image_latents"] = tok.encode(b["images"]) * tok.scale_factor
+        caps = b["captions"]
+        if self.cfg.caption_mode == "canonical" and b.get("scenes"):
+            from ..data.shapes import all_captions
+
+            caps = [all_captions(s)[0] for s in b["scenes"]]
+        ts = self.frozen.encoder.encode(caps)
+        out = self.frozen.projector(ts.states.float(), ts.mask, sample=self.cfg.target == "sample")
+        b["text_latents"] = out.z if self.cfg.target == "sample" else out.mean
+        return b
+
+    def forward(self, batch: dict[str, Any]):
+        fm, info = self.objective.loss(self.flow, batch["image_latents"], batch["text_latents"])
+        metrics = {"flow": fm.detach()}
+        for name, v in self.objective.binned_losses(info["t"], info["per_sample"]).items():
+            metrics[f"flow_{name}"] = torch.tensor(v)
+        return fm, metrics
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, steps: int, guidance: float) -> list[str]:
+        from ..sampling import euler_sample
+
+        tok = self.frozen.tokenizer
+        lat = tok.encode(images) * tok.scale_factor
+        z = euler_sample(self.flow, lat, num_steps=steps, guidance_scale=guidance)
+        return self.frozen.decoder.decode(z, self.frozen.encoder)
+
+    @torch.no_grad()
+    def evaluate(self, step: int):
+        if self.frozen.decoder is None:
+            return {}, {}
+        from ..data.shapes import parse, scene_matches, shapes_batch
+        from ..errors import InvalidInputError
+
+        n = self.cfg.eval_images
+        images, _, scenes = shapes_batch(self.seed + 30_000, 0, n, split="test", num_objects=1,
+                                         size=self.data_cfg.size, device=self.device)
+        caps = self.caption(images, self.cfg.eval_steps, self.cfg.eval_guidance)
+        ok = 0
+        for cap, truth in zip(caps, scenes):
+            try:
+                ok += scene_matches(parse(cap), truth)
+            except InvalidInputError:
+                pass
+        return {"caption_exact_1obj": ok / n}, {}
+
+    def export(self, out_dir: Path) -> None:
+        self.flow.save_pretrained(Path(out_dir) / "i2t_flow")
+
+
+STAGES: dict[str, tuple[type[Stage], type]] = {
+    "tokenizer": (TokenizerStage, TokenizerStageConfig),
+    "t2i": (T2IStage, T2IStageConfig),
+    "text_decoder": (TextDecoderStage, TextDecoderStageConfig),
+    "i2t": (I2TStage, I2TStageConfig),
+}

@@ -1,0 +1,312 @@
+"""The one training loop. Every stage (tokenizer, text decoder, T2I, I2T, distillation) is a
+:class:`Stage` handed to :class:`Trainer`; there is no second copy of this loop.
+
+Launch on one device: ``flowtok train configs/shapes/t2i.yaml``. On N GPUs of one node:
+``torchrun --nproc_per_node N -m flowtok.cli train CONFIG`` or ``accelerate launch -m flowtok.cli train CONFIG``
+(both set RANK / WORLD_SIZE / LOCAL_RANK, which is all this loop reads). ``train.batch_size`` is the
+GLOBAL batch: each of the N processes takes ``batch_size / N`` samples per step, so the same config
+gives the same optimisation on any number of GPUs. Several nodes: torchrun's ``--nnodes`` and
+``--rdzv-endpoint`` as usual.
+
+Exact resume: the data of step s and every random draw in it are pure functions of (seed, s, rank),
+so ``--resume latest`` after a kill continues the same loss curve as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import atomic_write_text
+from ..errors import ConfigError
+from . import checkpoint as ckpt
+from .ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64  # global batch over all processes
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 disables the EMA (the raw weights are exported)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    ckpt_every: int = 500
+    keep_last: int = 3
+    log_every: int = 50
+    eval_every: int = 0  # 0: only at the end
+    nan_policy: Literal["skip", "stop"] = "skip"
+    max_consecutive_nan: int = 20
+    compile: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ConfigError("train.steps and train.batch_size must be positive")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+
+
+class Stage(nn.Module):
+    """A training stage: its trainable sub-modules (registered children), frozen helpers (plain
+    attributes, never registered, so DDP and checkpoints ignore them), its data and its loss."""
+
+    name: ClassVar[str] = "stage"
+
+    def setup(self, device: torch.device) -> None:
+        """Move frozen helpers to ``device`` (trainable parts are moved by the trainer)."""
+
+    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Metrics and image grids ([3,H,W] in [0,1]) computed with the EMA weights loaded."""
+        return {}, {}
+
+    def export(self, out_dir: Path) -> None:
+        """Write the trained parts as ``save_pretrained`` folders under ``out_dir``."""
+        raise NotImplementedError
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local
+
+
+class Trainer:
+    def __init__(self, stage: Stage, cfg: TrainConfig, run_dir: str | os.PathLike, seed: int = 0,
+                 device: str | None = None, resolved_config: dict[str, Any] | None = None) -> None:
+        self.stage = stage
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.seed = seed
+        self.rank, self.world, local = _dist_info()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        if device is None:
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if cfg.batch_size % self.world:
+            raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by {self.world} processes")
+        self.local_batch = cfg.batch_size // self.world
+        self.resolved_config = resolved_config or {}
+        self.is_main = self.rank == 0
+
+    # -- helpers -----------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if c.warmup_steps and step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.schedule == "cosine":
+            span = max(1, c.steps - c.warmup_steps)
+            frac = min(1.0, (step - c.warmup_steps) / span)
+            return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return c.lr
+
+    def _autocast(self):
+        use_bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
+        if use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _seed_step(self, step: int) -> None:
+        # Every random draw of a step (dropout, t, noise, null flags) depends only on (seed, step, rank).
+        torch.manual_seed((self.seed * 1_000_003 + step) * 64 + self.rank)
+
+    def _log_jsonl(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, resume: str | None = None) -> Path:
+        cfg, stage = self.cfg, self.stage
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main and self.resolved_config:
+            import yaml
+
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved_config, sort_keys=False))
+        stage.to(self.device)
+        stage.setup(self.device)
+        params = [p for p in stage.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"stage '{stage.name}' has no trainable parameters")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, fused=fused,
+        )
+        ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        start = 0
+        ckpt_dir = self.run_dir / "checkpoints"
+        if resume:
+            found = ckpt.load_checkpoint(Path(resume)) if resume != "latest" else ckpt.load_latest(ckpt_dir)
+            if found is not None:
+                stage.load_state_dict(found.model)
+                opt.load_state_dict(found.optimizer)
+                if ema is not None:
+                    ema.load_state_dict(found.ema)
+                start = found.step
+                log.info("resumed from %s at step %d", found.path, start)
+            else:
+                log.info("no checkpoint in %s; starting from scratch", ckpt_dir)
+        model: nn.Module = stage
+        if self.world > 1:
+            model = nn.parallel.DistributedDataParallel(stage, device_ids=[self.device.index] if
+                                                        self.device.type == "cuda" else None)
+        forward = torch.compile(model) if cfg.compile else model
+
+        writer = None
+        if self.is_main and cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:
+                log.warning("tensorboard is not installed; scalars go to metrics.jsonl only")
+        bar = None
+        if self.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, dynamic_ncols=True)
+
+        nan_run = 0
+        t_last, n_last = time.perf_counter(), 0
+        running: dict[str, float] = {}
+        step = start
+        stage.train()
+        while step < cfg.steps:
+            self._seed_step(step)
+            batch = stage.batch(step, self.local_batch, self.rank, self.world)
+            lr = self.lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with self._autocast():
+                loss, metrics = forward(batch)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                finite = bool(torch.isfinite(gnorm))
+            if not finite:
+                opt.zero_grad(set_to_none=True)
+                nan_run += 1
+                msg = f"non-finite loss or gradient at step {step}"
+                if cfg.nan_policy == "stop" or nan_run > cfg.max_consecutive_nan:
+                    raise FloatingPointError(f"{msg}; stopping (weights and EMA left untouched)")
+                log.warning("%s; step skipped (%d in a row)", msg, nan_run)
+                self._log_jsonl({"step": step, "skipped": "non-finite"})
+                step += 1
+                continue
+            nan_run = 0
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(stage, step)
+            step += 1
+            n_last += self.local_batch * self.world
+            for k, v in {"loss": loss, **metrics}.items():
+                running[k] = running.get(k, 0.0) + float(v)
+            running["_n"] = running.get("_n", 0) + 1
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.perf_counter() - t_last
+                n = running.pop("_n")
+                rec = {k: v / n for k, v in running.items()}
+                rec.update(step=step, lr=lr, samples_per_s=n_last / max(dt, 1e-9))
+                self._log_jsonl(rec)
+                if writer is not None:
+                    for k, v in rec.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
+                running, t_last, n_last = {}, time.perf_counter(), 0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                self._evaluate(ema, step, writer)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                self._save(ckpt_dir, step, stage, ema, opt)
+        if bar is not None:
+            bar.close()
+        self._evaluate(ema, step, writer)
+        out = self.run_dir / "export"
+        if self.is_main:
+            self._with_ema(ema, lambda: stage.export(out))
+        if writer is not None:
+            writer.close()
+        if self.world > 1:
+            dist.barrier()
+        return out
+
+    def _with_ema(self, ema: EMA | None, fn):
+        if ema is None:
+            return fn()
+        backup = {k: v.detach().clone() for k, v in self.stage.state_dict().items()}
+        ema.copy_to(self.stage)
+        self.stage.eval()
+        try:
+            return fn()
+        finally:
+            self.stage.load_state_dict(backup)
+            self.stage.train()
+
+    def _evaluate(self, ema: EMA | None, step: int, writer) -> None:
+        if not self.is_main:
+            return
+        metrics, images = self._with_ema(ema, lambda: self.stage.evaluate(step))
+        if metrics:
+            self._log_jsonl({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+            log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(f"eval/{k}", v, step)
+            for k, img in images.items():
+                writer.add_image(f"eval/{k}", img.clamp(0, 1).cpu(), step)
+        for k, img in images.items():
+            from PIL import Image
+
+            arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+            (self.run_dir / "previews").mkdir(exist_ok=True)
+            Image.fromarray(arr).save(self.run_dir / "previews" / f"{k}-{step:07d}.png")
+
+    def _save(self, ckpt_dir: Path, step: int, stage: Stage, ema: EMA | None, opt) -> None:
+        if not self.is_main:
+            return
+        model_state = {k: v.detach().cpu() for k, v in stage.state_dict().items()}
+        ema_state = ema.state_dict() if ema is not None else model_state
+        ckpt.save_checkpoint(ckpt_dir, step, model_state, {k: v.cpu() for k, v in ema_state.items()},
+                             opt.state_dict(), {"step": step, "samples_seen": step * self.cfg.batch_size,
+                                                "world_size": self.world, "seed": self.seed,
+                                                "stage": stage.name}, keep_last=self.cfg.keep_last)
