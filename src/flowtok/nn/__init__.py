@@ -3,5 +3,9 @@
 from .attention import Attention
 from .embeddings import TimestepEmbedder, sincos_1d, sincos_2d
 from .mlp import Mlp, SwiGLU
+from .rope import RotaryEmbedding2D, rope_2d_tables, rotate_pairs
 
-__all__ = ["Attention", "Mlp", "SwiGLU", "TimestepEmbedder", "sincos_1d", "sincos_2d"]
+__all__ = [
+    "Attention", "Mlp", "RotaryEmbedding2D", "SwiGLU", "TimestepEmbedder", "rope_2d_tables", "rotate_pairs",
+    "sincos_1d", "sincos_2d",
+]
