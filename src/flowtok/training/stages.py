@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import ConfigError
+from ..flow.objective import binned_losses
 from .data import DataConfig, build_source
 from .trainer import Stage
 
@@ -229,7 +230,7 @@ class T2IStage(Stage):
                  if self.cfg.align_weight > 0 else torch.zeros((), device=fm.device))
         loss = fm + self.cfg.kl_weight * kl + self.cfg.align_weight * align
         metrics = {"flow": fm.detach(), "kl": kl.detach(), "align": align.detach()}
-        for name, v in self.objective.binned_losses(info["t"], info["per_sample"]).items():
+        for name, v in binned_losses(info["t"], info["per_sample_loss"]).items():
             metrics[f"flow_{name}"] = torch.tensor(v)
         return loss, metrics
 
@@ -441,7 +442,7 @@ class I2TStage(Stage):
     def forward(self, batch: dict[str, Any]):
         fm, info = self.objective.loss(self.flow, batch["image_latents"], batch["text_latents"])
         metrics = {"flow": fm.detach()}
-        for name, v in self.objective.binned_losses(info["t"], info["per_sample"]).items():
+        for name, v in binned_losses(info["t"], info["per_sample_loss"]).items():
             metrics[f"flow_{name}"] = torch.tensor(v)
         return fm, metrics
 

@@ -1,0 +1,197 @@
+"""``flowtok generate``, ``flowtok caption``, ``flowtok showcase`` and ``flowtok demo``."""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import time
+from pathlib import Path
+
+from .errors import InvalidInputError
+
+DEFAULT_SHOWCASE_PROMPTS = [
+    "a large red circle in the top left",
+    "a small blue square at the center",
+    "a large green triangle on the right",
+    "a yellow star to the left of a purple circle",
+]
+
+
+def _pipeline(args: argparse.Namespace):
+    import torch
+
+    from .pipelines import FlowTokPipeline
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return FlowTokPipeline.from_pretrained(args.model, device=args.device)
+
+
+def _atomic_save_image(img, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    img.save(tmp, format=fmt)
+    os.replace(tmp, path)
+
+
+def _output_paths(out: str, n: int) -> list[Path]:
+    p = Path(out)
+    if n == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}-{i}{p.suffix or '.png'}") for i in range(n)]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.n < 1:
+        raise InvalidInputError(f"--n must be at least 1, got {args.n}")
+    if args.steps < 1:
+        raise InvalidInputError(f"--steps must be at least 1, got {args.steps}")
+    if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise InvalidInputError(f"output file must end in .png, .jpg or .webp: {args.output}")
+    pipe = _pipeline(args)
+    gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
+    images = pipe.text_to_image([args.prompt] * args.n, num_inference_steps=args.steps,
+                                guidance_scale=args.guidance, generator=gen, sampler=args.sampler)
+    for img, path in zip(images, _output_paths(args.output, args.n)):
+        _atomic_save_image(img, path)
+        print(path)
+    return 0
+
+
+def _caption(args: argparse.Namespace) -> int:
+    pipe = _pipeline(args)
+    captions = pipe.image_to_text(list(args.images), num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance, sampler=args.sampler)
+    for path, cap in zip(args.images, captions):
+        print(f"{path}\t{cap}" if args.with_names else cap)
+    return 0
+
+
+def _page(title: str, sections: list[tuple[str, list[tuple[str, str]]]]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:8px;"
+             "width:200px;vertical-align:top}img{width:192px;image-rendering:pixelated;border:1px solid #ccc}"
+             "figcaption{font-size:13px}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    for heading, items in sections:
+        parts.append(f"<h2>{html.escape(heading)}</h2><div>")
+        for src, text in items:
+            parts.append(f"<figure><img src='{html.escape(src)}'><figcaption>{html.escape(text)}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _showcase(args: argparse.Namespace) -> int:
+    """The README's main job: prompts -> images and images -> captions with the bundled model."""
+    import numpy as np
+    import torch
+
+    from .config import atomic_write_text
+    from .data import shapes
+    from .pipelines import BUNDLED_MODEL, PIPELINE_FILE
+
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    sections = []
+    model_ready = args.model is not None or (BUNDLED_MODEL / PIPELINE_FILE).is_file()
+    if model_ready:
+        pipe = _pipeline(args)
+        prompts = args.prompts or DEFAULT_SHOWCASE_PROMPTS
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
+        images = pipe.text_to_image(prompts, generator=gen, num_inference_steps=args.steps)
+        t_gen = time.perf_counter() - t0
+        items = []
+        for i, (p, img) in enumerate(zip(prompts, images)):
+            _atomic_save_image(img, out / "images" / f"t2i-{i}.png")
+            items.append((f"images/t2i-{i}.png", p))
+            print(f"text->image: {p!r} -> {out / 'images' / f't2i-{i}.png'}")
+        sections.append((f"Text to image ({len(prompts)} images, {args.steps} steps, {t_gen:.1f} s)", items))
+        if pipe.i2t_flow is not None and pipe.text_decoder is not None:
+            rng = np.random.default_rng(args.seed)
+            scenes = [shapes.sample_scene(rng, split="test") for _ in range(args.n_captions)]
+            real = [shapes.render(s, size=pipe.tokenizer.config.image_size) for s in scenes]
+            t0 = time.perf_counter()
+            caps = pipe.image_to_text(real, num_inference_steps=args.steps)
+            t_cap = time.perf_counter() - t0
+            items = []
+            for i, (img, cap) in enumerate(zip(real, caps)):
+                _atomic_save_image(img, out / "images" / f"i2t-{i}.png")
+                items.append((f"images/i2t-{i}.png", cap))
+                print(f"image->text: {out / 'images' / f'i2t-{i}.png'} -> {cap!r}")
+            sections.append((f"Image to text ({len(real)} captions, {t_cap:.1f} s)", items))
+        title = f"flowtok showcase: {pipe.model_path.name if pipe.model_path else 'model'}"
+    else:
+        # No trained model yet: show the captioned-shapes world the model is trained on.
+        rng = np.random.default_rng(args.seed)
+        items = []
+        for i in range(args.n_captions * 2):
+            scene = shapes.sample_scene(rng)
+            img = shapes.render(scene, size=128)
+            _atomic_save_image(img, out / "images" / f"shape-{i}.png")
+            items.append((f"images/shape-{i}.png", shapes.caption(scene, rng)))
+        sections.append(("The captioned-shapes world (no bundled model found)", items))
+        title = "flowtok showcase: the shapes world"
+    atomic_write_text(out / "index.html", _page(title, sections))
+    print(f"wrote {out / 'index.html'}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .serving.demo import launch
+
+    launch(model=args.model, host=args.host, port=args.port, device=args.device,
+           max_upload_mb=args.max_upload_mb, queue_size=args.queue_size, concurrency=args.concurrency)
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="pipeline folder or Hub id (default: the bundled flowtok-shapes)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="text -> image", description="Generate images for a prompt.")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", default="out.png", help="output file; with --n > 1, -0, -1, ... are appended")
+    p.add_argument("--n", type=int, default=1, help="number of images")
+    p.add_argument("--steps", type=int, default=20, help="Euler steps")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    _add_model_args(p)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("caption", help="image -> text", description="Print one caption per image on stdout.")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    p.add_argument("--with-names", action="store_true", help="print 'file<TAB>caption'")
+    _add_model_args(p)
+    p.set_defaults(func=_caption)
+
+    p = sub.add_parser("showcase", help="run the bundled model on sample prompts and images; write an HTML page")
+    p.add_argument("--out", default="outputs/demo")
+    p.add_argument("--prompts", nargs="*", default=None)
+    p.add_argument("--n-captions", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    _add_model_args(p)
+    p.set_defaults(func=_showcase)
+
+    p = sub.add_parser("demo", help="web demo (gradio) on localhost: text to image, image to text")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=10.0)
+    p.add_argument("--queue-size", type=int, default=32, help="requests waiting beyond this are refused as busy")
+    p.add_argument("--concurrency", type=int, default=1, help="requests processed at once")
+    _add_model_args(p)
+    p.set_defaults(func=_demo)
+
+

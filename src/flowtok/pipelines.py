@@ -1,0 +1,330 @@
+"""FlowTokPipeline: text -> image and image -> text with one object, diffusers-style.
+
+A pipeline folder holds one sub-folder per component (each ``config.json`` + ``model.safetensors``)
+and ``pipeline.json`` naming them, the text encoder to load, and the default sampling settings::
+
+    flowtok-shapes/
+      pipeline.json
+      tokenizer/  text_projector/  t2i_flow/  i2t_flow/  text_decoder/
+
+The pipeline only orchestrates: the models live in :mod:`flowtok.tokenizer`, :mod:`flowtok.text`
+and :mod:`flowtok.flow`; the ODE solvers in :mod:`flowtok.sampling`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import unicodedata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import atomic_write_text
+from .errors import CheckpointError, InvalidInputError
+
+log = logging.getLogger(__name__)
+
+PIPELINE_FILE = "pipeline.json"
+BUNDLED_MODEL = Path(__file__).parent / "pretrained" / "flowtok-shapes"
+MAX_PROMPT_CHARS = 4096  # far beyond any text encoder's window; longer input is a mistake, not a prompt
+COMPONENTS = ("tokenizer", "text_projector", "t2i_flow", "i2t_flow", "text_decoder")
+
+ImageInput = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
+
+
+def _clean_prompt(prompt: Any, index: int) -> str:
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"prompt {index} is a {type(prompt).__name__}, expected a string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidInputError(f"prompt {index} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    # Control characters carry no meaning for the text encoder; collapse them to spaces.
+    text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in prompt)
+    text = " ".join(text.split())
+    if not text:
+        raise InvalidInputError(f"prompt {index} is empty")
+    return text
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """A local folder, the bundled model (None), or a Hub repo id downloaded to the local cache."""
+    if path is None:
+        if not (BUNDLED_MODEL / PIPELINE_FILE).is_file():
+            raise CheckpointError(f"the bundled model is missing from {BUNDLED_MODEL}")
+        return BUNDLED_MODEL
+    p = Path(path)
+    if p.exists():
+        if not (p / PIPELINE_FILE).is_file():
+            raise CheckpointError(f"{p} is not a flowtok pipeline folder (no {PIPELINE_FILE})")
+        return p
+    text = str(path)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text))
+        except Exception as exc:  # noqa: BLE001 - offline, missing repo, auth: all one user-facing message
+            raise CheckpointError(f"cannot get '{text}' from the Hugging Face Hub: {type(exc).__name__}") from None
+    raise CheckpointError(f"model folder not found: {p}")
+
+
+class FlowTokPipeline:
+    """Text-to-image and image-to-text with FlowTok.
+
+    Example::
+
+        pipe = FlowTokPipeline.from_pretrained()          # the bundled flowtok-shapes model
+        images = pipe.text_to_image("a large red circle in the top left", generator=torch.Generator().manual_seed(0))
+        captions = pipe.image_to_text(images)
+    """
+
+    def __init__(self, tokenizer, text_encoder, text_projector, t2i_flow=None, i2t_flow=None,
+                 text_decoder=None, text_encoder_spec: dict[str, Any] | None = None,
+                 defaults: dict[str, Any] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.text_projector = text_projector
+        self.t2i_flow = t2i_flow
+        self.i2t_flow = i2t_flow
+        self.text_decoder = text_decoder
+        self.text_encoder_spec = text_encoder_spec or {"name": "minilm"}
+        self.defaults = {"num_inference_steps": 20, "guidance_scale": 2.0, "caption_guidance_scale": 1.0,
+                         **(defaults or {})}
+        self.model_path: Path | None = None
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    # ------------------------------------------------------------------------------- loading / saving
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> FlowTokPipeline:
+        from .flow import FlowTransformer
+        from .text import TextDecoder, TextProjector, load_text_encoder
+        from .tokenizer import ImageTokenizer
+
+        root = resolve_model_path(path)
+        try:
+            spec = json.loads((root / PIPELINE_FILE).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{root / PIPELINE_FILE} is not valid JSON: {exc}") from None
+        if not isinstance(spec, dict) or spec.get("pipeline_type") != "flowtok":
+            raise CheckpointError(f"{root / PIPELINE_FILE} does not describe a flowtok pipeline")
+        comps = spec.get("components", {})
+        classes = {"tokenizer": ImageTokenizer, "text_projector": TextProjector, "t2i_flow": FlowTransformer,
+                   "i2t_flow": FlowTransformer, "text_decoder": TextDecoder}
+        loaded: dict[str, Any] = {}
+        for name, klass in classes.items():
+            sub = comps.get(name)
+            loaded[name] = klass.from_pretrained(root / sub) if sub else None
+        if loaded["tokenizer"] is None or loaded["text_projector"] is None:
+            raise CheckpointError(f"{root}: a pipeline needs at least a tokenizer and a text_projector")
+        text_spec = spec.get("text_encoder", {"name": "minilm"})
+        encoder = load_text_encoder(text_spec, max_length=loaded["tokenizer"].config.num_latent_tokens)
+        pipe = cls(loaded["tokenizer"], encoder, loaded["text_projector"], loaded["t2i_flow"], loaded["i2t_flow"],
+                   loaded["text_decoder"], text_encoder_spec=text_spec, defaults=spec.get("defaults"))
+        pipe.model_path = root
+        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
+        return pipe
+
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        comps = {}
+        for name in COMPONENTS:
+            model = getattr(self, name)
+            if model is not None:
+                model.save_pretrained(root / name, dtype=dtype)
+                comps[name] = name
+        spec = {"pipeline_type": "flowtok", "components": comps, "text_encoder": self.text_encoder_spec,
+                "defaults": self.defaults}
+        atomic_write_text(root / PIPELINE_FILE, json.dumps(spec, indent=2) + "\n")
+        return root
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FlowTokPipeline:
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        for name in COMPONENTS:
+            model = getattr(self, name)
+            if model is not None:
+                model.to(device=self.device, dtype=self.dtype).eval()
+        self.text_encoder.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------------------------- encoders
+    def _prompts(self, prompt: str | list[str]) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise InvalidInputError("no prompt given")
+        return [_clean_prompt(p, i) for i, p in enumerate(prompts)]
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str], generator: torch.Generator | None = None,
+                      sample: bool = True):
+        """Text latents [B, K, C] (t = 0 of the T2I flow) and the text states the decoder may read."""
+        ts = self.text_encoder.encode(self._prompts(prompt))
+        states = ts.states.to(self.device, self.dtype)
+        out = self.text_projector(states, ts.mask.to(self.device), sample=sample, generator=generator)
+        return (out.z if sample else out.mean), states
+
+    def _image_tensor(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
+        from .data.readers import load_image
+
+        size = self.tokenizer.config.image_size
+        if isinstance(images, torch.Tensor):
+            t = images if images.dim() == 4 else images[None]
+            if t.dim() != 4 or t.shape[1] != 3:
+                raise InvalidInputError(f"image tensor must be [B,3,H,W], got {tuple(images.shape)}")
+            if not torch.isfinite(t).all():
+                raise InvalidInputError("image tensor contains NaN or inf")
+            if t.shape[-2:] != (size, size):
+                t = torch.nn.functional.interpolate(t.float(), size=(size, size), mode="bilinear",
+                                                    antialias=True, align_corners=False)
+            return t.clamp(0, 1).to(self.device, self.dtype)
+        items = images if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise InvalidInputError("no image given")
+        arrays = []
+        for item in items:
+            if isinstance(item, np.ndarray):
+                if item.dtype != np.uint8 or item.ndim not in (2, 3):
+                    raise InvalidInputError(f"image arrays must be uint8 HxW or HxWxC, got {item.dtype} {item.shape}")
+                item = Image.fromarray(item)
+            arrays.append(_square_resize(load_image(item), size))
+        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+        return batch.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
+        """Scaled image latents [B, K, C] (t = 1 of the T2I flow, t = 0 of the I2T flow)."""
+        return self.tokenizer.encode(self._image_tensor(images)) * self.tokenizer.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, text_states: torch.Tensor | None = None) -> torch.Tensor:
+        if self.tokenizer.config.text_dim == 0:
+            text_states = None
+        return self.tokenizer.decode(latents / self.tokenizer.scale_factor, text_states=text_states).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------ sampling
+    def _solve(self, model, x0: torch.Tensor, steps: int, guidance: float, sampler: str, progress: bool,
+               t_end: float = 1.0) -> torch.Tensor:
+        from .sampling import sample
+
+        if steps < 1:
+            raise InvalidInputError(f"num_inference_steps must be at least 1, got {steps}")
+        return sample(model, x0, method=sampler, num_steps=steps, guidance_scale=guidance, progress=progress,
+                      t_end=t_end)
+
+    @staticmethod
+    def _output(images: torch.Tensor, output_type: str):
+        images = images.float().clamp(0, 1)
+        if output_type == "pt":
+            return images.cpu()
+        arr = images.permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return arr
+        if output_type == "pil":
+            return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+        raise InvalidInputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+
+    @torch.no_grad()
+    def text_to_image(self, prompt: str | list[str], num_inference_steps: int | None = None,
+                      guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                      output_type: Literal["pil", "np", "pt"] = "pil", batch_size: int | None = None,
+                      sampler: Literal["euler", "heun"] = "euler", progress: bool = False,
+                      sample_text_latent: bool = True):
+        """Images for ``prompt`` (a string or a list). FlowTok has no noise: the randomness of several
+        images for one prompt comes from sampling the text projector's posterior with ``generator``;
+        ``sample_text_latent=False`` uses its mean (one image per prompt)."""
+        if self.t2i_flow is None:
+            raise InvalidInputError("this pipeline has no text-to-image flow model")
+        steps = num_inference_steps or self.defaults["num_inference_steps"]
+        guidance = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        prompts = self._prompts(prompt)
+        bs = batch_size or len(prompts)
+        out = []
+        for i in range(0, len(prompts), bs):
+            z, states = self.encode_prompt(prompts[i:i + bs], generator=generator, sample=sample_text_latent)
+            lat = self._solve(self.t2i_flow, z, steps, guidance, sampler, progress)
+            out.append(self.decode_latents(lat, states))
+        return self._output(torch.cat(out), output_type)
+
+    @torch.no_grad()
+    def caption_latents(self, text_latents: torch.Tensor) -> list[str]:
+        if self.text_decoder is None:
+            raise InvalidInputError("this pipeline has no text decoder")
+        return self.text_decoder.decode(text_latents, self.text_encoder)
+
+    @torch.no_grad()
+    def image_to_text(self, images: ImageInput | list[ImageInput], num_inference_steps: int | None = None,
+                      guidance_scale: float | None = None, batch_size: int | None = None,
+                      sampler: Literal["euler", "heun"] = "euler", progress: bool = False) -> list[str]:
+        """One caption per image (PIL images, paths, uint8 arrays or a [B,3,H,W] tensor in [0, 1])."""
+        if self.i2t_flow is None or self.text_decoder is None:
+            raise InvalidInputError("this pipeline has no image-to-text flow model and text decoder")
+        steps = num_inference_steps or self.defaults["num_inference_steps"]
+        guidance = self.defaults["caption_guidance_scale"] if guidance_scale is None else guidance_scale
+        x = self._image_tensor(images)
+        bs = batch_size or x.shape[0]
+        captions: list[str] = []
+        for i in range(0, x.shape[0], bs):
+            lat = self.tokenizer.encode(x[i:i + bs]) * self.tokenizer.scale_factor
+            z = self._solve(self.i2t_flow, lat, steps, guidance, sampler, progress)
+            captions.extend(self.caption_latents(z))
+        return captions
+
+    # ------------------------------------------------------------------------- beyond the paper
+    def roundtrip_image(self, images, **kwargs) -> tuple[list[str], list[Image.Image]]:
+        """image -> caption -> image."""
+        captions = self.image_to_text(images, **kwargs)
+        return captions, self.text_to_image(captions, sample_text_latent=False, **kwargs)
+
+    def roundtrip_text(self, prompt: str | list[str], **kwargs) -> tuple[list[Image.Image], list[str]]:
+        """caption -> image -> caption."""
+        images = self.text_to_image(prompt, sample_text_latent=False, **kwargs)
+        return images, self.image_to_text(images, **kwargs)
+
+    @torch.no_grad()
+    def interpolate(self, start: str | ImageInput, end: str | ImageInput, num_frames: int = 8,
+                    num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                    output_type: Literal["pil", "np", "pt"] = "pil"):
+        """Frames between two prompts, or between a prompt and an image (either order).
+
+        Both ends are brought to the text-latent space (an image through the I2T flow), the text
+        latents are linearly interpolated, and every frame is generated by the T2I flow, so each
+        frame is an image the model would draw for some point between the two descriptions.
+        """
+        if num_frames < 2:
+            raise InvalidInputError(f"num_frames must be at least 2, got {num_frames}")
+        steps = num_inference_steps or self.defaults["num_inference_steps"]
+
+        def text_latent(x):
+            if isinstance(x, str):
+                return self.encode_prompt(x, sample=False)[0]
+            if self.i2t_flow is None:
+                raise InvalidInputError("interpolating from an image needs the image-to-text flow model")
+            lat = self.encode_image(x)
+            return self._solve(self.i2t_flow, lat, steps, self.defaults["caption_guidance_scale"], "euler", False)
+
+        za, zb = text_latent(start), text_latent(end)
+        w = torch.linspace(0, 1, num_frames, device=self.device, dtype=za.dtype)[:, None, None]
+        z = (1 - w) * za + w * zb
+        guidance = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        lat = self._solve(self.t2i_flow, z, steps, guidance, "euler", False)
+        return self._output(self.decode_latents(lat), output_type)
+
+
+def _square_resize(img: Image.Image, size: int) -> np.ndarray:
+    """Centre-crop to a square and resize with antialiasing; returns uint8 HWC."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    img = img.crop((left, top, left + s, top + s))
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC if s < size else Image.Resampling.LANCZOS)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
