@@ -55,6 +55,7 @@ class TrainConfig:
     nan_policy: Literal["skip", "stop"] = "skip"
     max_consecutive_nan: int = 20
     compile: bool = False
+    max_minutes: float = 0.0  # >0: stop (checkpoint, evaluate, export) once this much wall time has passed
     tensorboard: bool = True
     progress: bool = True
 
@@ -205,8 +206,10 @@ class Trainer:
         t_last, n_last = time.perf_counter(), 0
         running: dict[str, float] = {}
         step = start
+        t_begin = time.perf_counter()
+        stop_at = cfg.steps
         stage.train()
-        while step < cfg.steps:
+        while step < stop_at:
             self._seed_step(step)
             batch = stage.batch(step, self.local_batch, self.rank, self.world)
             lr = self.lr_at(step)
@@ -241,7 +244,7 @@ class Trainer:
             running["_n"] = running.get("_n", 0) + 1
             if bar is not None:
                 bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == stop_at:
                 dt = time.perf_counter() - t_last
                 n = running.pop("_n")
                 rec = {k: v / n for k, v in running.items()}
@@ -254,9 +257,16 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
                 running, t_last, n_last = {}, time.perf_counter(), 0
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            if cfg.eval_every and step % cfg.eval_every == 0 and step != stop_at:
                 self._evaluate(ema, step, writer)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if cfg.max_minutes > 0 and stop_at == cfg.steps:
+                over = torch.tensor(float(time.perf_counter() - t_begin > 60 * cfg.max_minutes), device=self.device)
+                if self.world > 1:
+                    dist.all_reduce(over)  # every rank stops at the same step
+                if over.item() > 0:
+                    stop_at = step
+                    log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
+            if step % cfg.ckpt_every == 0 or step == stop_at:
                 self._save(ckpt_dir, step, stage, ema, opt)
         if bar is not None:
             bar.close()
