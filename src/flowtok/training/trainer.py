@@ -240,7 +240,7 @@ class Trainer:
             step += 1
             n_last += self.local_batch * self.world
             for k, v in {"loss": loss, **metrics}.items():
-                running[k] = running.get(k, 0.0) + float(v)
+                running[k] = running.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
             running["_n"] = running.get("_n", 0) + 1
             if bar is not None:
                 bar.update(1)
