@@ -54,9 +54,10 @@ def time_grid(num_steps: int = 20, t_start: float = 0.0, t_end: float = 1.0, tim
         raise InvalidInputError(f"num_steps must be a positive integer, got {num_steps!r}")
     if t_start == t_end:
         raise InvalidInputError(f"t_start and t_end are both {t_start}: an empty interval")
-    # float64 then float32, so that the default grid is exactly i / N rounded once.
-    frac = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
-    return (t_start + (t_end - t_start) * frac).to(device=device, dtype=torch.float32)
+    # float64 then float32, so that the default grid is exactly i / N rounded once; built on the device
+    # itself because a host-to-device copy would be a synchronisation.
+    frac = torch.arange(num_steps + 1, dtype=torch.float64, device=device) / num_steps
+    return (t_start + (t_end - t_start) * frac).float()
 
 
 def _guided(model: VelocityModel, guidance_scale: float, batch: int,
