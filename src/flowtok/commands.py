@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import time
 from pathlib import Path
@@ -149,6 +150,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assemble(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipelines import assemble_pipeline
+
+    comps = {name: getattr(args, name) for name in
+             ("tokenizer", "text_projector", "t2i_flow", "i2t_flow", "text_decoder") if getattr(args, name)}
+    defaults = json.loads(args.defaults) if args.defaults else None
+    dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    out = assemble_pipeline(args.out, comps, text_encoder=json.loads(args.text_encoder), defaults=defaults,
+                            dtype=dtype)
+    print(out)
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="pipeline folder or Hub id (default: the bundled flowtok-shapes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -184,6 +200,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     _add_model_args(p)
     p.set_defaults(func=_showcase)
+
+    p = sub.add_parser("assemble", help="gather trained component folders into one pipeline folder")
+    p.add_argument("--out", required=True)
+    for name in ("tokenizer", "text_projector", "t2i_flow", "i2t_flow", "text_decoder"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=f"{name} folder")
+    p.add_argument("--text-encoder", default='{"name": "minilm"}', help="JSON text encoder spec")
+    p.add_argument("--defaults", default=None, help='JSON sampling defaults, e.g. {"guidance_scale": 2.0}')
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16", help="storage precision")
+    p.set_defaults(func=_assemble)
 
     p = sub.add_parser("demo", help="web demo (gradio) on localhost: text to image, image to text")
     p.add_argument("--host", default="127.0.0.1")

@@ -328,3 +328,36 @@ def _square_resize(img: Image.Image, size: int) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC if s < size else Image.Resampling.LANCZOS)
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def assemble_pipeline(out: str | os.PathLike, components: dict[str, str | os.PathLike],
+                      text_encoder: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None,
+                      dtype: torch.dtype | None = None) -> Path:
+    """Gather trained component folders (as the training stages export them) into one pipeline folder.
+
+    ``components`` maps names from :data:`COMPONENTS` to ``save_pretrained`` folders; each is loaded
+    (so a broken one fails here, not at a user's first call) and re-saved, in ``dtype`` if given.
+    """
+    from .flow import FlowTransformer
+    from .text import TextDecoder, TextProjector
+    from .tokenizer import ImageTokenizer
+
+    classes = {"tokenizer": ImageTokenizer, "text_projector": TextProjector, "t2i_flow": FlowTransformer,
+               "i2t_flow": FlowTransformer, "text_decoder": TextDecoder}
+    unknown = sorted(set(components) - set(classes))
+    if unknown:
+        raise InvalidInputError(f"unknown pipeline component '{unknown[0]}' (known: {', '.join(classes)})")
+    for required in ("tokenizer", "text_projector"):
+        if required not in components:
+            raise InvalidInputError(f"a pipeline needs a {required}")
+    root = Path(out)
+    names = {}
+    for name, src in components.items():
+        model = classes[name].from_pretrained(src)
+        model.save_pretrained(root / name, dtype=dtype)
+        names[name] = name
+    spec = {"pipeline_type": "flowtok", "components": names, "text_encoder": text_encoder or {"name": "minilm"},
+            "defaults": {"num_inference_steps": 20, "guidance_scale": 2.0, "caption_guidance_scale": 1.0,
+                         **(defaults or {})}}
+    atomic_write_text(root / PIPELINE_FILE, json.dumps(spec, indent=2) + "\n")
+    return root

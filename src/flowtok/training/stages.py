@@ -304,6 +304,13 @@ class TextDecoderStage(Stage):
         else:
             frozen_proj = TextProjector.from_pretrained(cfg.projector_path)
         self.decoder = TextDecoder(_preset(DECODER_PRESETS, cfg.decoder_preset, cfg.decoder, "model.decoder"))
+        if self.decoder.config.num_tokens != cfg.max_length:
+            raise ConfigError(f"decoder num_tokens {self.decoder.config.num_tokens} differs from "
+                              f"model.max_length {cfg.max_length}")
+        pc = (self.projector if self.train_projector else frozen_proj).config
+        if pc.latent_channels != self.decoder.config.latent_channels:
+            raise ConfigError(f"decoder reads {self.decoder.config.latent_channels}-channel latents, the "
+                              f"projector makes {pc.latent_channels}")
         self.frozen = _Frozen(projector=frozen_proj, encoder=None, source=None)
 
     @property

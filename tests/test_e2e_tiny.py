@@ -1,0 +1,106 @@
+"""End to end on tiny configs: every stage through the one trainer, a pipeline, and the CLI."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowtok.cli import main
+from flowtok.errors import ConfigError, InvalidInputError
+from flowtok.pipelines import FlowTokPipeline, assemble_pipeline
+from flowtok.training.run import build_run
+
+TRAIN = {"steps": 4, "batch_size": 4, "lr": 1e-3, "ckpt_every": 2, "log_every": 2, "tensorboard": False,
+         "progress": False, "eval_every": 0}
+DATA = {"kind": "shapes", "size": 64, "split": "train"}
+K, C = 4, 4
+
+
+def _run(tmp: Path, name: str, stage: str, model: dict) -> Path:
+    cfg = {"stage": stage, "run_dir": str(tmp / name), "seed": 0, "data": DATA, "train": TRAIN, "model": model}
+    return build_run(cfg, device="cpu").fit()
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("e2e")
+    tok = _run(tmp, "tok", "tokenizer", {"preset": "tiny", "overrides": {"text_dim": 0, "image_size": 64, "patch_size": 16}, "eval_images": 4})
+    t2i = _run(tmp, "t2i", "t2i", {
+        "tokenizer_path": str(tok / "tokenizer"), "projector_preset": "tiny", "projector": {"latent_channels": C},
+        "flow_preset": "tiny", "flow": {"num_tokens": K, "in_channels": C}, "eval_prompts": 4, "eval_steps": 2})
+    dec = _run(tmp, "dec", "text_decoder", {
+        "projector_path": str(t2i / "text_projector"), "decoder_preset": "tiny",
+        "decoder": {"num_tokens": K, "latent_channels": C}, "max_length": K, "eval_captions": 4})
+    i2t = _run(tmp, "i2t", "i2t", {
+        "tokenizer_path": str(tok / "tokenizer"), "projector_path": str(t2i / "text_projector"),
+        "decoder_path": str(dec / "text_decoder"), "flow_preset": "tiny",
+        "flow": {"num_tokens": K, "in_channels": C}, "eval_images": 4, "eval_steps": 2})
+    return assemble_pipeline(tmp / "pipe", {
+        "tokenizer": tok / "tokenizer", "text_projector": t2i / "text_projector", "t2i_flow": t2i / "t2i_flow",
+        "i2t_flow": i2t / "i2t_flow", "text_decoder": dec / "text_decoder"}, dtype=torch.float16)
+
+
+def test_runs_leave_config_metrics_and_checkpoints(tiny_pipeline):
+    root = tiny_pipeline.parent
+    for name in ("tok", "t2i", "dec", "i2t"):
+        assert (root / name / "config.yaml").is_file()
+        assert (root / name / "metrics.jsonl").is_file()
+        assert (root / name / "checkpoints" / "step-0000004" / "manifest.json").is_file()
+
+
+def test_pipeline_both_directions(tiny_pipeline):
+    pipe = FlowTokPipeline.from_pretrained(tiny_pipeline, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    images = pipe.text_to_image(["a red circle", "a blue square"], num_inference_steps=3, generator=g)
+    assert len(images) == 2 and images[0].size == (64, 64)
+    again = pipe.text_to_image(["a red circle", "a blue square"], num_inference_steps=3,
+                               generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(images[0]), np.asarray(again[0]))  # seeded -> reproducible
+    arr = pipe.text_to_image("a red circle", num_inference_steps=2, output_type="np")
+    assert arr.shape == (1, 64, 64, 3) and np.isfinite(arr).all()
+    caps = pipe.image_to_text(images, num_inference_steps=2)
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps)
+    frames = pipe.interpolate("a red circle", images[1], num_frames=3, num_inference_steps=2, output_type="pt")
+    assert frames.shape == (3, 3, 64, 64)
+    caps2, imgs2 = pipe.roundtrip_image(images[:1], num_inference_steps=2)
+    assert len(caps2) == 1 and len(imgs2) == 1
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "\x00\x01", "x" * 5000])
+def test_bad_prompts_raise_one_line(tiny_pipeline, bad):
+    pipe = FlowTokPipeline.from_pretrained(tiny_pipeline, device="cpu")
+    with pytest.raises(InvalidInputError) as exc:
+        pipe.text_to_image(bad, num_inference_steps=1)
+    assert "\n" not in str(exc.value)
+
+
+def test_cli_generate_and_caption(tiny_pipeline, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "a green triangle", "-o", str(out), "--n", "2", "--steps", "2",
+                 "--model", str(tiny_pipeline)]) == 0
+    files = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
+    assert all(Image.open(f).size == (64, 64) for f in files)
+    capsys.readouterr()
+    assert main(["caption", *map(str, files), "--steps", "2", "--model", str(tiny_pipeline)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+
+
+def test_cli_user_errors_exit_2(tiny_pipeline, tmp_path, capsys):
+    not_image = tmp_path / "notes.png"
+    not_image.write_bytes(b"this is not a png")
+    assert main(["caption", str(not_image), "--model", str(tiny_pipeline)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowtok: error:") and len(err.splitlines()) == 1
+    assert main(["generate", "", "--model", str(tiny_pipeline)]) == 2
+    assert main(["generate", "x", "--model", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_text_latent_shape_mismatch_is_a_config_error(tiny_pipeline, tmp_path):
+    tok = tiny_pipeline / "tokenizer"
+    with pytest.raises(ConfigError, match="channels"):
+        _run(tmp_path, "bad", "t2i", {"tokenizer_path": str(tok), "projector_preset": "tiny",
+                                      "flow_preset": "tiny", "flow": {"num_tokens": K, "in_channels": C}})
