@@ -420,13 +420,11 @@ class I2TStage(Stage):
         self.frozen = _Frozen(tokenizer=None, encoder=None, projector=None, decoder=None, source=None)
 
     def setup(self, device: torch.device) -> None:
-        from ..text import TextDecoder, TextProjector, load_text_encoder
+        from ..text import TextProjector, load_text_encoder
 
         self.device = device
         self.frozen.tokenizer = _load_tokenizer(self.cfg.tokenizer_path, device)
         self.frozen.projector = _freeze(TextProjector.from_pretrained(self.cfg.projector_path, device=device))
-        if self.cfg.decoder_path:
-            self.frozen.decoder = _freeze(TextDecoder.from_pretrained(self.cfg.decoder_path, device=device))
         self.frozen.encoder = load_text_encoder(self.cfg.text_encoder, max_length=self.k, device=device)
         self.frozen.source = build_source(self.data_cfg, self.seed, device)
 
@@ -464,8 +462,13 @@ class I2TStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, step: int):
+        from ..text import TextDecoder
+
+        # Loaded here, not in setup: the decoder may be trained at the same time as this stage.
         if self.frozen.decoder is None:
-            return {}, {}
+            if not self.cfg.decoder_path or not Path(self.cfg.decoder_path).is_dir():
+                return {}, {}
+            self.frozen.decoder = _freeze(TextDecoder.from_pretrained(self.cfg.decoder_path, device=self.device))
         from ..data.shapes import parse, scene_matches, shapes_batch
         from ..errors import InvalidInputError
 
