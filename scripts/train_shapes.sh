@@ -17,7 +17,7 @@ case "${1:?phase}" in
     train configs/shapes/tokenizer.yaml run_dir=$RUNS/tokenizer > $RUNS.tokenizer.log 2>&1 &
     MINUTES=$(( MINUTES - 1 )) train configs/shapes/text_autoencoder.yaml run_dir=$RUNS/text_autoencoder \
       > $RUNS.text_autoencoder.log 2>&1 &
-    wait -n; wait -n ;;
+    wait || true ;;
   t2i)
     train configs/shapes/t2i.yaml run_dir=$RUNS/t2i model.tokenizer_path=$RUNS/tokenizer/export/tokenizer \
       > $RUNS.t2i.log 2>&1 ;;
@@ -27,7 +27,7 @@ case "${1:?phase}" in
     train configs/shapes/i2t.yaml run_dir=$RUNS/i2t model.tokenizer_path=$RUNS/tokenizer/export/tokenizer \
       model.projector_path=$RUNS/t2i/export/text_projector \
       model.decoder_path=$RUNS/text_decoder/export/text_decoder > $RUNS.i2t.log 2>&1 &
-    wait -n; wait -n ;;
+    wait || true ;;
   assemble)
     $PY -m flowtok.cli assemble --out "${OUT_MODEL:-src/flowtok/pretrained/flowtok-shapes}" --dtype fp16 \
       --tokenizer $RUNS/tokenizer/export/tokenizer --text-projector $RUNS/t2i/export/text_projector \
