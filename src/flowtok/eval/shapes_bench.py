@@ -1,0 +1,311 @@
+"""Benchmarks on the shapes world, where every prompt has an exact answer.
+
+The functions take plain callables, so they score any model (or a fake one in tests):
+
+* ``generate_fn(prompts, generator) -> [B, 3, H, W]`` in [0, 1] for :func:`evaluate_t2i`;
+* ``caption_fn(images [B, 3, H, W]) -> list[str]`` for :func:`evaluate_i2t`;
+* ``reconstruct_fn(images) -> images`` for :func:`evaluate_recon`.
+
+Prompts come in groups of (object count) x (split): ``seen`` scenes follow the training rule,
+``held_out`` scenes contain a colour-shape pair or a relation never shown in training
+(:func:`flowtok.data.shapes.scene_split`), so the two are always reported apart. Scenes of group
+``(k, split)`` come from ``numpy.random.default_rng([seed, k, split_index])``: a group's prompts do
+not change when other groups are added or removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..data import shapes
+from ..errors import InvalidInputError
+from . import fid as fidlib
+from .recon import PROTOCOL as RECON_PROTOCOL
+from .recon import psnr, ssim
+
+logger = logging.getLogger(__name__)
+
+GenerateFn = Callable[[list[str], torch.Generator], torch.Tensor]
+CaptionFn = Callable[[torch.Tensor], list[str]]
+ReconstructFn = Callable[[torch.Tensor], torch.Tensor]
+
+SPLIT_NAMES = {"train": "seen", "test": "held_out"}
+ATTRIBUTES = ("count", "color", "shape", "size", "position")
+# Real images for the FID reference come from their own stream, never from the prompts scored.
+FID_REFERENCE_SEED = 20_250_313
+
+
+@dataclass
+class BenchItem:
+    """One prompt of the benchmark with its ground truth."""
+
+    num_objects: int
+    split: str  # "train" or "test" (shapes.scene_split)
+    scene: shapes.Scene
+    prompt: str
+    references: list[str] = field(default_factory=list)
+
+    @property
+    def group(self) -> str:
+        return f"{self.num_objects}-{SPLIT_NAMES[self.split]}"
+
+
+def _check_groups(objects: Sequence[int], splits: Sequence[str]) -> None:
+    bad = [k for k in objects if k not in (1, 2, 3)]
+    if bad or not objects:
+        raise InvalidInputError(f"object counts must be among 1, 2, 3, got {list(objects)}")
+    bad_s = [s for s in splits if s not in SPLIT_NAMES]
+    if bad_s or not splits:
+        raise InvalidInputError(f"splits must be among 'train' (seen) and 'test' (held out), got {list(splits)}")
+
+
+def benchmark_items(n_per_group: int, seed: int = 0, objects: Sequence[int] = (1, 2, 3),
+                    splits: Sequence[str] = ("train", "test")) -> list[BenchItem]:
+    """``n_per_group`` prompts for every (object count, split) group, with every paraphrase as reference."""
+    if n_per_group < 1:
+        raise InvalidInputError(f"the number of prompts per group must be >= 1, got {n_per_group}")
+    _check_groups(objects, splits)
+    items = []
+    for k in objects:
+        for split in splits:
+            rng = np.random.default_rng([seed, k, list(SPLIT_NAMES).index(split)])
+            for _ in range(n_per_group):
+                scene = shapes.sample_scene(rng, num_objects=k, split=split)
+                items.append(BenchItem(k, split, scene, shapes.caption(scene, rng), shapes.all_captions(scene)))
+    return items
+
+
+def _accuracy(preds: Sequence[shapes.Scene | None], truths: Sequence[shapes.Scene]) -> dict:
+    """Exact-scene and per-attribute accuracy (fractions) plus the share of unreadable outputs."""
+    n = len(truths)
+    matches = [shapes.attribute_matches(p, t) for p, t in zip(preds, truths)]
+    out: dict = {"n": n, "exact": sum(shapes.scene_matches(p, t) for p, t in zip(preds, truths)) / n}
+    for a in ATTRIBUTES:
+        out[a] = sum(m[a] for m in matches) / n
+    out["unreadable"] = sum(p is None for p in preds) / n
+    return out
+
+
+def _breakdown(items: Sequence[BenchItem], preds: Sequence[shapes.Scene | None]) -> dict:
+    """Accuracy per split (seen / held_out), each with its total and per object count."""
+    out: dict = {}
+    for split, name in SPLIT_NAMES.items():
+        idx = [i for i, it in enumerate(items) if it.split == split]
+        if not idx:
+            continue
+        block: dict = {"all": _accuracy([preds[i] for i in idx], [items[i].scene for i in idx]), "objects": {}}
+        for k in sorted({items[i].num_objects for i in idx}):
+            sub = [i for i in idx if items[i].num_objects == k]
+            block["objects"][str(k)] = _accuracy([preds[i] for i in sub], [items[i].scene for i in sub])
+        out[name] = block
+    return out
+
+
+def _check_images(images: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[:2] != (n, 3):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise InvalidInputError(f"{what} must return a [{n}, 3, H, W] tensor, got {shape}")
+    return images.detach().float().cpu().clamp(0, 1)
+
+
+def _batched(seq: Sequence, batch_size: int) -> Iterable[Sequence]:
+    if batch_size < 1:
+        raise InvalidInputError(f"batch size must be >= 1, got {batch_size}")
+    for start in range(0, len(seq), batch_size):
+        yield seq[start:start + batch_size]
+
+
+def _generate(generate_fn: GenerateFn, prompts: Sequence[str], generator: torch.Generator,
+              batch_size: int) -> torch.Tensor:
+    out = []
+    for chunk in _batched(list(prompts), batch_size):
+        out.append(_check_images(generate_fn(list(chunk), generator), len(chunk), "generate_fn"))
+    return torch.cat(out)
+
+
+def shapes_reference_stats(extractor: fidlib.InceptionFeatures, n: int, size: int, batch_size: int = 32,
+                           split: str = "train", cache_dir: str | None = None) -> tuple[fidlib.FIDStats, dict]:
+    """Inception statistics of ``n`` real shapes images (cached), and a description of the set."""
+    key = f"shapes-{split}-seed{FID_REFERENCE_SEED}-n{n}-{size}px"
+
+    def batches() -> Iterable[torch.Tensor]:
+        for start in range(0, n, batch_size):
+            yield shapes.shapes_batch(FID_REFERENCE_SEED, start, min(batch_size, n - start), split=split,
+                                      size=size)[0]
+
+    stats, path = fidlib.cached_stats(key, extractor, batches, cache_dir)
+    return stats, {"reference_set": key, "reference_n": n, "reference_size": size, "stats_file": str(path)}
+
+
+def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
+                 objects: Sequence[int] = (1, 2, 3), splits: Sequence[str] = ("train", "test"),
+                 batch_size: int = 16, fid_n: int = 0, extractor: fidlib.InceptionFeatures | None = None,
+                 fid_reference: fidlib.FIDStats | None = None, fid_reference_info: dict | None = None,
+                 fid_prompts: Sequence[str] | None = None, cache_dir: str | None = None,
+                 generator_device: str | torch.device = "cpu") -> dict:
+    """Judge accuracy of generated images per group and attribute, and optionally FID.
+
+    The judge (:func:`flowtok.data.shapes.judge`) reads each generated image back into a scene,
+    compared with the scene the prompt describes. With ``fid_n > 0``, ``fid_n`` more images are
+    generated (from ``fid_prompts``, default fresh seen-split shapes prompts) and compared with
+    ``fid_reference`` (default: real shapes renders at the generated size, cached).
+    One ``torch.Generator`` seeded with ``seed`` feeds every call in order, so results depend on
+    ``batch_size`` as well as ``seed``; both are recorded.
+    """
+    items = benchmark_items(n_per_group, seed, objects, splits)
+    generator = torch.Generator(generator_device).manual_seed(seed)
+    t0 = time.perf_counter()
+    images = _generate(generate_fn, [it.prompt for it in items], generator, batch_size)
+    gen_s = time.perf_counter() - t0
+    preds = shapes.judge_batch(images)
+    results: dict = {
+        "task": "t2i",
+        "protocol": {
+            "benchmark": "flowtok shapes world, judge-exact accuracy",
+            "n_per_group": n_per_group, "seed": seed, "objects": list(objects),
+            "splits": [SPLIT_NAMES[s] for s in splits], "n_prompts": len(items), "batch_size": batch_size,
+            "generator": f"torch.Generator('{generator_device}').manual_seed(seed), shared across batches",
+            "judge": "flowtok.data.shapes.judge (exact colour, shape, size, position)",
+            "image_size": int(images.shape[-1]),
+        },
+        "accuracy": _breakdown(items, preds),
+        "timing": {"generate_s": round(gen_s, 3), "images": len(items)},
+    }
+    if fid_n > 0:
+        extractor = extractor if extractor is not None else fidlib.InceptionFeatures()
+        if fid_prompts is None:
+            prompts = [shapes.sample_at(seed, i, "train")[1] for i in range(fid_n)]
+            prompt_info = f"shapes seen-split stream seed {seed}, samples 0..{fid_n - 1}"
+        else:
+            prompts, prompt_info = list(fid_prompts)[:fid_n], "user prompts"
+            if len(prompts) < 2:
+                raise InvalidInputError(f"FID needs at least 2 prompts, got {len(prompts)}")
+        t0 = time.perf_counter()
+        gen_stats = fidlib.stats_from_batches(
+            extractor, (_generate(generate_fn, chunk, generator, batch_size) for chunk in _batched(prompts, batch_size)))
+        if fid_reference is None:
+            fid_reference, fid_reference_info = shapes_reference_stats(
+                extractor, fid_n, int(images.shape[-1]), batch_size, cache_dir=cache_dir)
+        value = fidlib.fid_from_stats(gen_stats, fid_reference)
+        kid = None
+        if fid_reference.features is not None:
+            kid = fidlib.kernel_inception_distance(gen_stats.features, fid_reference.features)
+        results["fid"] = {"fid": value, "kid": kid, "generated_n": gen_stats.n, "prompts": prompt_info,
+                          **(fid_reference_info or {}), "inception": extractor.protocol(),
+                          "seconds": round(time.perf_counter() - t0, 3)}
+    return results
+
+
+def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
+                 objects: Sequence[int] = (1, 2, 3), splits: Sequence[str] = ("train", "test"),
+                 batch_size: int = 16, image_size: int = 128, metrics: bool = True, spice: bool = True) -> dict:
+    """Caption rendered scenes: exact-scene accuracy (via :func:`~flowtok.data.shapes.parse`) and COCO metrics.
+
+    Each image's references are all paraphrases of its scene (:func:`~flowtok.data.shapes.all_captions`),
+    so a caption that describes the scene correctly in any template scores BLEU-1 = 1.
+    """
+    from . import captions as caplib
+
+    items = benchmark_items(n_per_group, seed, objects, splits)
+    preds: list[str] = []
+    t0 = time.perf_counter()
+    for chunk in _batched(items, batch_size):
+        images = shapes.render_batch([it.scene for it in chunk], image_size)
+        out = caption_fn(images)
+        if not isinstance(out, (list, tuple)) or len(out) != len(chunk) or not all(isinstance(c, str) for c in out):
+            raise InvalidInputError(f"caption_fn must return {len(chunk)} strings, got {out!r:.80}")
+        preds.extend(out)
+    cap_s = time.perf_counter() - t0
+
+    def read(text: str) -> shapes.Scene | None:
+        try:
+            return shapes.parse(text)
+        except InvalidInputError:
+            return None
+
+    scenes = [read(p) for p in preds]
+    results: dict = {
+        "task": "i2t",
+        "protocol": {
+            "benchmark": "flowtok shapes world, exact-scene accuracy of parsed captions",
+            "n_per_group": n_per_group, "seed": seed, "objects": list(objects),
+            "splits": [SPLIT_NAMES[s] for s in splits], "n_images": len(items), "batch_size": batch_size,
+            "image_size": image_size, "references": "all paraphrases of the scene (shapes.all_captions)",
+            "parser": "flowtok.data.shapes.parse (unparseable caption = every attribute wrong)",
+        },
+        "accuracy": _breakdown(items, scenes),
+        "timing": {"caption_s": round(cap_s, 3), "images": len(items)},
+        "examples": [{"group": it.group, "prompt_scene": it.prompt, "caption": p}
+                     for it, p in list(zip(items, preds))[:: max(1, len(items) // 6)]],
+    }
+    if metrics:
+        results["protocol"]["caption_metrics"] = caplib.protocol()
+        results["caption_metrics"] = {}
+        for split, name in SPLIT_NAMES.items():
+            idx = [i for i, it in enumerate(items) if it.split == split]
+            if idx:
+                results["caption_metrics"][name] = caplib.caption_metrics(
+                    [preds[i] for i in idx], [items[i].references for i in idx], spice=spice)
+    return results
+
+
+def shapes_image_batches(n: int, seed: int = 0, image_size: int = 128, batch_size: int = 16) -> Iterable[torch.Tensor]:
+    """``n`` rendered shapes images (any split) from the stream ``seed``, in batches."""
+    for start in range(0, n, batch_size):
+        yield shapes.shapes_batch(seed, start, min(batch_size, n - start), split="any", size=image_size)[0]
+
+
+def evaluate_recon(reconstruct_fn: ReconstructFn, images: Iterable[torch.Tensor] | None = None,
+                   n: int = 64, seed: int = 0, image_size: int = 128, batch_size: int = 16, fid: bool = True,
+                   extractor: fidlib.InceptionFeatures | None = None, source: str | None = None) -> dict:
+    """PSNR, SSIM and rFID of ``reconstruct_fn`` over ``images`` (batches) or ``n`` shapes renders.
+
+    rFID is the FID between the originals and their reconstructions (both sets of the same size,
+    so it is biased upwards for small ``n``: compare values only at equal ``n``).
+    """
+    from_shapes = images is None
+    if images is None:
+        images = shapes_image_batches(n, seed, image_size, batch_size)
+        source = source or f"shapes world (any split), stream seed {seed}, {image_size}px"
+    if fid and extractor is None:
+        extractor = fidlib.InceptionFeatures()
+    psnrs, ssims, feats_real, feats_rec = [], [], [], []
+    count, t_rec, t0 = 0, 0.0, time.perf_counter()
+    for batch in images:
+        batch = batch.float().clamp(0, 1)
+        t1 = time.perf_counter()
+        rec = _check_images(reconstruct_fn(batch), batch.shape[0], "reconstruct_fn")
+        t_rec += time.perf_counter() - t1
+        if rec.shape != batch.shape:
+            raise InvalidInputError(f"reconstruct_fn changed the image shape {tuple(batch.shape)} -> {tuple(rec.shape)}")
+        psnrs.append(psnr(rec, batch))
+        ssims.append(ssim(rec, batch))
+        if fid:
+            feats_real.append(extractor.features(batch))
+            feats_rec.append(extractor.features(rec))
+        count += batch.shape[0]
+    if count == 0:
+        raise InvalidInputError("no images to reconstruct")
+    p, s = torch.cat(psnrs), torch.cat(ssims)
+    results: dict = {
+        "task": "recon",
+        "protocol": {"source": source or "user images", "n": count, "batch_size": batch_size,
+                     "image_size": image_size if from_shapes else None, **RECON_PROTOCOL},
+        "psnr": float(p.mean()), "psnr_std": float(p.std()) if count > 1 and torch.isfinite(p).all() else 0.0,
+        "ssim": float(s.mean()), "ssim_std": float(s.std()) if count > 1 else 0.0,
+        "timing": {"reconstruct_s": round(t_rec, 3), "total_s": None},
+    }
+    if fid:
+        a = fidlib.FIDStats.from_features(np.concatenate(feats_real))
+        b = fidlib.FIDStats.from_features(np.concatenate(feats_rec))
+        results["rfid"] = fidlib.fid_from_stats(a, b)
+        results["rkid"] = fidlib.kernel_inception_distance(a.features, b.features)
+        results["protocol"]["rfid"] = {"n": count, "inception": extractor.protocol()}
+    results["timing"]["total_s"] = round(time.perf_counter() - t0, 3)
+    return results
