@@ -143,18 +143,53 @@ def shapes_reference_stats(extractor: fidlib.InceptionFeatures, n: int, size: in
     return stats, {"reference_set": key, "reference_n": n, "reference_size": size, "stats_file": str(path)}
 
 
+def generated_fid(generate_fn: GenerateFn, prompts: Sequence[str], generator: torch.Generator,
+                  batch_size: int = 16, extractor: fidlib.InceptionFeatures | None = None,
+                  reference: fidlib.FIDStats | None = None, reference_info: dict | None = None,
+                  reference_fn: Callable[[int], tuple[fidlib.FIDStats, dict]] | None = None) -> dict:
+    """FID (and KID) of images generated for ``prompts`` against reference statistics.
+
+    The reference is ``reference``, or ``reference_fn(image_size)`` once the generated size is
+    known, or by default real shapes renders at that size (cached).
+    """
+    prompts = list(prompts)
+    if len(prompts) < 2:
+        raise InvalidInputError(f"FID needs at least 2 prompts, got {len(prompts)}")
+    extractor = extractor if extractor is not None else fidlib.InceptionFeatures()
+    t0 = time.perf_counter()
+    size = 0
+
+    def batches() -> Iterable[torch.Tensor]:
+        nonlocal size
+        for chunk in _batched(prompts, batch_size):
+            images = _generate(generate_fn, chunk, generator, batch_size)
+            size = int(images.shape[-1])
+            yield images
+
+    gen_stats = fidlib.stats_from_batches(extractor, batches())
+    gen_s = time.perf_counter() - t0
+    if reference is None:
+        if reference_fn is None:
+            reference, reference_info = shapes_reference_stats(extractor, len(prompts), size, batch_size)
+        else:
+            reference, reference_info = reference_fn(size)
+    kid = None
+    if reference.features is not None:
+        kid = fidlib.kernel_inception_distance(gen_stats.features, reference.features)
+    return {"fid": fidlib.fid_from_stats(gen_stats, reference), "kid": kid, "generated_n": gen_stats.n,
+            "generated_size": size, **(reference_info or {}), "inception": extractor.protocol(),
+            "generate_and_features_s": round(gen_s, 3), "total_s": round(time.perf_counter() - t0, 3)}
+
+
 def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
                  objects: Sequence[int] = (1, 2, 3), splits: Sequence[str] = ("train", "test"),
                  batch_size: int = 16, fid_n: int = 0, extractor: fidlib.InceptionFeatures | None = None,
-                 fid_reference: fidlib.FIDStats | None = None, fid_reference_info: dict | None = None,
-                 fid_prompts: Sequence[str] | None = None, cache_dir: str | None = None,
                  generator_device: str | torch.device = "cpu") -> dict:
     """Judge accuracy of generated images per group and attribute, and optionally FID.
 
     The judge (:func:`flowtok.data.shapes.judge`) reads each generated image back into a scene,
     compared with the scene the prompt describes. With ``fid_n > 0``, ``fid_n`` more images are
-    generated (from ``fid_prompts``, default fresh seen-split shapes prompts) and compared with
-    ``fid_reference`` (default: real shapes renders at the generated size, cached).
+    generated from fresh seen-split prompts and compared with as many real renders (cached stats).
     One ``torch.Generator`` seeded with ``seed`` feeds every call in order, so results depend on
     ``batch_size`` as well as ``seed``; both are recorded.
     """
@@ -178,27 +213,9 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
         "timing": {"generate_s": round(gen_s, 3), "images": len(items)},
     }
     if fid_n > 0:
-        extractor = extractor if extractor is not None else fidlib.InceptionFeatures()
-        if fid_prompts is None:
-            prompts = [shapes.sample_at(seed, i, "train")[1] for i in range(fid_n)]
-            prompt_info = f"shapes seen-split stream seed {seed}, samples 0..{fid_n - 1}"
-        else:
-            prompts, prompt_info = list(fid_prompts)[:fid_n], "user prompts"
-            if len(prompts) < 2:
-                raise InvalidInputError(f"FID needs at least 2 prompts, got {len(prompts)}")
-        t0 = time.perf_counter()
-        gen_stats = fidlib.stats_from_batches(
-            extractor, (_generate(generate_fn, chunk, generator, batch_size) for chunk in _batched(prompts, batch_size)))
-        if fid_reference is None:
-            fid_reference, fid_reference_info = shapes_reference_stats(
-                extractor, fid_n, int(images.shape[-1]), batch_size, cache_dir=cache_dir)
-        value = fidlib.fid_from_stats(gen_stats, fid_reference)
-        kid = None
-        if fid_reference.features is not None:
-            kid = fidlib.kernel_inception_distance(gen_stats.features, fid_reference.features)
-        results["fid"] = {"fid": value, "kid": kid, "generated_n": gen_stats.n, "prompts": prompt_info,
-                          **(fid_reference_info or {}), "inception": extractor.protocol(),
-                          "seconds": round(time.perf_counter() - t0, 3)}
+        prompts = [shapes.sample_at(seed, i, "train")[1] for i in range(fid_n)]
+        results["fid"] = generated_fid(generate_fn, prompts, generator, batch_size, extractor)
+        results["fid"]["prompts"] = f"shapes seen-split stream seed {seed}, samples 0..{fid_n - 1}"
     return results
 
 
