@@ -159,9 +159,10 @@ class FIDStats:
     def from_features(cls, feats: np.ndarray, keep: bool = True) -> FIDStats:
         if feats.ndim != 2 or feats.shape[0] < 2:
             raise InvalidInputError(f"FID needs at least 2 images per set, got {feats.shape[0]}")
-        feats = np.asarray(feats, np.float64)
-        return cls(feats.mean(0), np.cov(feats, rowvar=False), int(feats.shape[0]),
-                   feats.astype(np.float32) if keep else None)
+        # Inception features are float32; rounding here keeps the stats and the kept features consistent.
+        kept = np.asarray(feats, np.float32)
+        feats = kept.astype(np.float64)
+        return cls(feats.mean(0), np.cov(feats, rowvar=False), int(feats.shape[0]), kept if keep else None)
 
     def factor(self) -> np.ndarray | None:
         """``A`` with ``sigma = A.T @ A`` (``[n, d]``), when it is smaller than sigma itself."""
