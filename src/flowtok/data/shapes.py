@@ -311,7 +311,7 @@ def _parsers() -> list[tuple[re.Pattern[str], int, str]]:
             # Escape the literal text and put capture groups in for the placeholders.
             pattern = re.escape(template)
             for i in range(n):
-                pattern = pattern.replace(re.escape("{%d}" % i), f"(?P<o{i}>{obj.replace('(', '(?:')})")
+                pattern = pattern.replace(re.escape(f"{{{i}}}"), f"(?P<o{i}>{obj.replace('(', '(?:')})")
             pattern = pattern.replace(re.escape("{w}"), f"(?P<w>{where_alt})")
             parsers.append((re.compile(pattern), n, kind))
     return parsers

@@ -1,0 +1,386 @@
+"""Readers for users' own image-caption data: an image folder with an index, and webdataset shards.
+
+Both yield ``(image, caption)`` with ``image`` a float tensor ``[3, resolution, resolution]`` in
+[0, 1] (shorter side resized to ``resolution``, then a centre or random crop). Every problem with
+the data is either a one-line :class:`~flowtok.errors.DataError` (``on_error="raise"``, the
+default) or, with ``on_error="skip"``, a logged skip counted by reason in ``reader.skipped``;
+never a traceback from deep inside PIL or tarfile and never a silently wrong sample.
+
+With a ``DataLoader`` and ``num_workers > 0`` each worker keeps its own ``skipped`` counter.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import logging
+import re
+import tarfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import DataError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+# A decoded image larger than this is refused: a small file can decode to gigabytes (a
+# "decompression bomb"). 8192 x 8192 is far above any training resolution.
+MAX_IMAGE_PIXELS = 8192 * 8192
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+_LOGGED_PER_REASON = 10  # skips logged at WARNING per reason; the rest at DEBUG
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit and float grey rescaled, transparency over white."""
+    mode = image.mode
+    if mode.startswith("I;16"):
+        grey = np.asarray(image, dtype=np.float32) / 65535.0 * 255.0
+        return Image.fromarray(np.round(grey).astype(np.uint8), "L").convert("RGB")
+    if mode == "I":
+        arr = np.asarray(image, dtype=np.float64)
+        # Mode I holds 32-bit integers; values above 255 can only come from a 16-bit source.
+        if arr.max(initial=0) > 255:
+            arr = arr / 65535.0 * 255.0
+        return Image.fromarray(np.round(arr.clip(0, 255)).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        if arr.max(initial=0) <= 1.0:  # a float image in [0, 1]
+            arr = arr * 255.0
+        return Image.fromarray(np.round(arr.clip(0, 255)).astype(np.uint8), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        # Transparent pixels keep arbitrary colours under them; white is what a viewer shows.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def load_image(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PIXELS,
+               name: str | None = None) -> Image.Image:
+    """Decode an image file or its bytes into an RGB PIL image, fully loaded.
+
+    Raises :class:`~flowtok.errors.DataError` (one line, naming ``name`` or the path) for a
+    missing file, bytes that are not an image, a truncated or corrupt image, and an image of more
+    than ``max_pixels`` pixels. Applies the EXIF orientation. Grey, 16-bit, float, palette, CMYK
+    and transparent images come out as 8-bit RGB (transparency composited over white).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "<bytes>"
+        stream: io.BytesIO | Path = io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        label = name or str(path)
+        if not path.is_file():
+            raise DataError(f"{label}: image file not found")
+        stream = path
+    try:
+        with warnings.catch_warnings():
+            # PIL warns past its own limit; ours below is the one that decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream)
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise DataError(f"{label}: image of {width}x{height} pixels exceeds the limit of "
+                                f"{max_pixels} pixels (possible decompression bomb)")
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return _to_rgb(image)
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{label}: image too large (possible decompression bomb): {exc}") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{label}: not a readable image file") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{label}: truncated or corrupt image ({reason})") from None
+
+
+def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
+                    rng: np.random.Generator | None = None) -> Image.Image:
+    """Resize the shorter side to ``resolution`` and crop a ``resolution`` square (centre or random)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
+    if crop == "random":
+        rng = rng or np.random.default_rng()
+        left = int(rng.integers(0, new_w - resolution + 1))
+        top = int(rng.integers(0, new_h - resolution + 1))
+    else:
+        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a float tensor ``[3, H, W]`` in [0, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class _ReaderBase:
+    """Shared argument checks, per-reason skip accounting and image preparation."""
+
+    def __init__(self, resolution: int, crop: str, on_error: str, seed: int, max_pixels: int | None) -> None:
+        if not isinstance(resolution, int) or resolution < 8:
+            raise InvalidInputError(f"resolution must be an integer >= 8, got {resolution!r}")
+        if crop not in ("center", "random"):
+            raise InvalidInputError(f"crop must be 'center' or 'random', got {crop!r}")
+        if on_error not in ("raise", "skip"):
+            raise InvalidInputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.resolution, self.crop, self.on_error, self.seed = resolution, crop, on_error, seed
+        self.max_pixels = max_pixels
+        self.epoch = 0
+        self.skipped: collections.Counter[str] = collections.Counter()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Random crops depend on (seed, epoch, sample); call this each epoch for fresh crops."""
+        self.epoch = epoch
+
+    def _problem(self, reason: str, message: str) -> None:
+        """Raise, or count and log a skip, as ``on_error`` says."""
+        if self.on_error == "raise":
+            raise DataError(message)
+        self.skipped[reason] += 1
+        level = logging.WARNING if self.skipped[reason] <= _LOGGED_PER_REASON else logging.DEBUG
+        logger.log(level, "skipping (%s): %s", reason, message)
+        if self.skipped[reason] == _LOGGED_PER_REASON:
+            logger.warning("further '%s' skips are logged at debug level", reason)
+
+    def _prepare(self, source: str | Path | bytes, name: str, rng_key: Sequence[int]) -> torch.Tensor:
+        image = load_image(source, self.max_pixels, name=name)
+        rng = np.random.default_rng([self.seed, self.epoch, *rng_key]) if self.crop == "random" else None
+        return pil_to_tensor(resize_and_crop(image, self.resolution, self.crop, rng))
+
+
+def _reason_of(exc: DataError) -> str:
+    text = str(exc)
+    if "not found" in text:
+        return "missing_file"
+    if "exceeds the limit" in text or "decompression bomb" in text:
+        return "too_large"
+    return "bad_image"
+
+
+class ImageCaptionFolder(_ReaderBase, torch.utils.data.Dataset):
+    """An image folder indexed by ``captions.jsonl`` (``{"file": ..., "caption": ...}`` per line)
+    or ``captions.csv`` (header ``file,caption``); ``file`` is relative to ``root``.
+
+    The index is checked when the dataset is built (bad lines, empty captions and missing files
+    raise or are dropped and counted). Images are decoded on access; with ``on_error="skip"`` an
+    unreadable one is counted and the next sample in order is returned in its place, so an epoch
+    never stops part way.
+    """
+
+    def __init__(self, root: str | Path, resolution: int = 128, crop: str = "center", on_error: str = "raise",
+                 seed: int = 0, max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+        super().__init__(resolution, crop, on_error, seed, max_pixels)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: not a directory")
+        self.records: list[tuple[Path, str]] = []
+        jsonl, csv_path = self.root / "captions.jsonl", self.root / "captions.csv"
+        if jsonl.is_file():
+            self.index_path = jsonl
+            rows = self._read_jsonl(jsonl)
+        elif csv_path.is_file():
+            self.index_path = csv_path
+            rows = self._read_csv(csv_path)
+        else:
+            raise DataError(f"{self.root}: no captions.jsonl or captions.csv index found")
+        for where, file, text in rows:
+            self._add_record(where, file, text)
+        if not self.records:
+            raise DataError(f"{self.index_path}: no usable samples")
+
+    def _read_jsonl(self, path: Path) -> Iterator[tuple[str, object, object]]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    self._problem("bad_record", f"{where}: not valid JSON ({exc.msg})")
+                    continue
+                if not isinstance(row, dict) or "file" not in row or "caption" not in row:
+                    self._problem("bad_record", f"{where}: expected an object with 'file' and 'caption'")
+                    continue
+                yield where, row["file"], row["caption"]
+
+    def _read_csv(self, path: Path) -> Iterator[tuple[str, object, object]]:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
+                raise DataError(f"{path}: the header must name the columns 'file' and 'caption'")
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row["file"], row["caption"]
+
+    def _add_record(self, where: str, file: object, text: object) -> None:
+        if not isinstance(file, str) or not file.strip():
+            self._problem("bad_record", f"{where}: 'file' must be a non-empty string")
+            return
+        if not isinstance(text, str) or not text.strip():
+            self._problem("empty_caption", f"{where}: empty caption for {file}")
+            return
+        path = self.root / file
+        if not path.is_file():
+            self._problem("missing_file", f"{where}: image file not found: {path}")
+            return
+        self.records.append((path, text.strip()))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        n = len(self.records)
+        if not -n <= index < n:
+            raise IndexError(index)
+        index %= n
+        for attempt in range(n):
+            i = (index + attempt) % n
+            path, text = self.records[i]
+            try:
+                return self._prepare(path, str(path), (i,)), text
+            except DataError as exc:
+                self._problem(_reason_of(exc), str(exc))
+        raise DataError(f"{self.root}: every image failed to load")
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """``shard-{000..009}.tar`` / ``{a,b}`` expansion, the webdataset URL convention."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(v).zfill(width) for v in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [out for opt in options for out in _expand_braces(head + opt + tail)]
+
+
+class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
+    """Webdataset tar shards: each sample is ``<key>.<image ext>`` plus ``<key>.txt`` (the caption)
+    or ``<key>.json`` (with a ``caption`` or ``text`` field).
+
+    ``urls_or_dir`` is a folder of ``*.tar``, one shard path, a brace pattern such as
+    ``data/shard-{000000..000009}.tar``, or a list of paths. Shards are split between DataLoader
+    workers. Skip reasons: ``bad_shard`` (not a tar, or cut short: the rest of that shard is
+    lost), ``missing_image``, ``missing_caption``, ``empty_caption``, ``bad_caption``,
+    ``bad_image``, ``too_large``.
+    """
+
+    def __init__(self, urls_or_dir: str | Path | Sequence[str | Path], resolution: int = 128,
+                 crop: str = "center", on_error: str = "raise", seed: int = 0,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+        super().__init__(resolution, crop, on_error, seed, max_pixels)
+        self.shards = self._resolve(urls_or_dir)
+        if not self.shards:
+            raise DataError(f"{urls_or_dir}: no .tar shards found")
+
+    @staticmethod
+    def _resolve(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+        if isinstance(spec, (str, Path)):
+            path = Path(spec)
+            if path.is_dir():
+                return sorted(path.glob("*.tar"))
+            items: list[str | Path] = list(_expand_braces(str(spec)))
+        else:
+            items = list(spec)
+        shards = [Path(s) for s in items]
+        for shard in shards:
+            if not shard.is_file():
+                raise DataError(f"{shard}: shard not found")
+        return shards
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
+        info = torch.utils.data.get_worker_info()
+        shard_ids = range(len(self.shards))
+        if info is not None:
+            shard_ids = shard_ids[info.id::info.num_workers]
+        for shard_id in shard_ids:
+            yield from self._iter_shard(shard_id)
+
+    def _iter_shard(self, shard_id: int) -> Iterator[tuple[torch.Tensor, str]]:
+        shard = self.shards[shard_id]
+        count = 0
+        try:
+            for key, files in self._samples(shard):
+                sample = self._decode(shard, shard_id, count, key, files)
+                count += 1
+                if sample is not None:
+                    yield sample
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            what = "not a tar file" if count == 0 and isinstance(exc, tarfile.ReadError) else "cut short or corrupt"
+            self._problem("bad_shard", f"{shard}: {what} ({exc})")
+
+    @staticmethod
+    def _samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """Consecutive tar members sharing a key (path up to the basename's first dot) form a sample."""
+        with tarfile.open(shard, "r|*") as tar:
+            key, files = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, _, base = member.name.rpartition("/")
+                stem, dot, ext = base.partition(".")
+                if not dot:
+                    continue
+                this_key = f"{directory}/{stem}" if directory else stem
+                if this_key != key and files:
+                    yield key, files  # type: ignore[misc]
+                    files = {}
+                key = this_key
+                data = tar.extractfile(member)
+                files[ext.lower()] = data.read() if data is not None else b""
+            if files:
+                yield key, files  # type: ignore[misc]
+
+    def _decode(self, shard: Path, shard_id: int, index: int, key: str,
+                files: dict[str, bytes]) -> tuple[torch.Tensor, str] | None:
+        where = f"{shard}:{key}"
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+        if image_ext is None:
+            self._problem("missing_image", f"{where}: no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample")
+            return None
+        text = self._caption(where, files)
+        if text is None:
+            return None
+        try:
+            image = self._prepare(files[image_ext], f"{where}.{image_ext}", (shard_id, index))
+        except DataError as exc:
+            self._problem(_reason_of(exc), str(exc))
+            return None
+        return image, text
+
+    def _caption(self, where: str, files: dict[str, bytes]) -> str | None:
+        try:
+            if "txt" in files:
+                text: object = files["txt"].decode("utf-8")
+            elif "json" in files:
+                meta = json.loads(files["json"].decode("utf-8"))
+                text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else meta
+            else:
+                self._problem("missing_caption", f"{where}: no .txt or .json caption in sample")
+                return None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            self._problem("bad_caption", f"{where}: unreadable caption ({type(exc).__name__})")
+            return None
+        if not isinstance(text, str) or not text.strip():
+            self._problem("empty_caption", f"{where}: empty caption")
+            return None
+        return text.strip()
