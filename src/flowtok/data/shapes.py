@@ -536,7 +536,7 @@ def _to_judge_tensor(image: Any) -> torch.Tensor:
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise InvalidInputError(f"a numpy image must be H x W x 3, got shape {image.shape}")
         arr = image[..., :3]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+        t = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float()
         t = t / 255.0 if arr.dtype == np.uint8 else t
     elif isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
