@@ -131,6 +131,22 @@ def test_folder_reads_jsonl_and_csv(tmp_path) -> None:
     assert images.shape == (2, 3, 16, 16) and list(captions) == ["a red thing, wide", "grey"]
 
 
+def test_folder_random_crops_follow_seed_and_epoch(tmp_path) -> None:
+    ramp = np.tile(np.arange(0, 256, 2, dtype=np.uint8), (32, 1))  # 128 x 32, brighter to the right
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    _write_folder(tmp_path, [{"file": "ramp.png", "caption": "a ramp"}])
+    ds = ImageCaptionFolder(tmp_path, resolution=32, crop="random", seed=0)
+    crops = []
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        first, again = ds[0][0], ds[0][0]
+        assert torch.equal(first, again)
+        crops.append(float(first.mean()))
+    assert len(set(crops)) > 1
+    centre = ImageCaptionFolder(tmp_path, resolution=32)[0][0]
+    assert abs(float(centre.mean()) - 127 / 255) < 0.02
+
+
 def _broken_folder(tmp_path: Path) -> Path:
     root = tmp_path / "broken"
     root.mkdir()
