@@ -480,8 +480,6 @@ _CELL_EDGES = (0.35, 0.65)
 # Blur widths (Gaussian sigma, judge pixels) each candidate shape is also tried with, so a soft
 # or JPEG-smeared blob is compared with an equally soft rendering rather than a crisp one.
 _BLUR_SIGMAS = (0.0, 0.8, 1.4)
-
-
 _SDF_SPAN = 1.3           # shape distance tables cover [-1.3, 1.3] radii
 _SDF_RES = 160
 
