@@ -24,17 +24,22 @@ def _pipeline(args: argparse.Namespace):
 
     from .pipelines import FlowTokPipeline
 
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise InvalidInputError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     return FlowTokPipeline.from_pretrained(args.model, device=args.device)
 
 
 def _atomic_save_image(img, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    img.save(tmp, format=fmt)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(tmp, format=fmt)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only folder, a file where a folder should be, a full disk
+        raise InvalidInputError(f"cannot write {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 def _output_paths(out: str, n: int) -> list[Path]:

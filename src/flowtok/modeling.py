@@ -52,7 +52,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise CheckpointError naming the first missing, unexpected or wrongly shaped key."""
+    """Raise CheckpointError naming the first missing, unexpected, wrongly shaped or non-finite key."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -67,6 +67,10 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
             raise CheckpointError(
                 f"{source}: weight '{k}' has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}"
             )
+    for k, v in state.items():
+        # A NaN weight loads without complaint and later yields black images or empty captions.
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: weight '{k}' contains NaN or inf")
 
 
 class PretrainedMixin:

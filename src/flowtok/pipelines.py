@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PIPELINE_FILE = "pipeline.json"
 BUNDLED_MODEL = Path(__file__).parent / "pretrained" / "flowtok-shapes"
 MAX_PROMPT_CHARS = 4096  # far beyond any text encoder's window; longer input is a mistake, not a prompt
+MAX_INFERENCE_STEPS = 1000  # the paper samples with tens of steps; a million is a typo that would look like a hang
 COMPONENTS = ("tokenizer", "text_projector", "t2i_flow", "i2t_flow", "text_decoder")
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
@@ -48,6 +49,26 @@ def _clean_prompt(prompt: Any, index: int) -> str:
     if not text:
         raise InvalidInputError(f"prompt {index} is empty")
     return text
+
+
+def _check_steps(steps: Any, name: str = "num_inference_steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_INFERENCE_STEPS:
+        raise InvalidInputError(f"{name} must be an integer from 1 to {MAX_INFERENCE_STEPS}, got {steps!r}")
+    return int(steps)
+
+
+def _check_guidance(scale: Any) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise InvalidInputError(f"guidance_scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _check_batch_size(batch_size: int | None, n: int) -> int:
+    if batch_size is None:
+        return n
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return batch_size
 
 
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
@@ -173,15 +194,21 @@ class FlowTokPipeline:
         return (out.z if sample else out.mean), states
 
     def _image_tensor(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
-        from .data.readers import load_image
+        from .data.readers import MAX_IMAGE_PIXELS, _to_rgb, load_image
 
         size = self.tokenizer.config.image_size
         if isinstance(images, torch.Tensor):
             t = images if images.dim() == 4 else images[None]
-            if t.dim() != 4 or t.shape[1] != 3:
-                raise InvalidInputError(f"image tensor must be [B,3,H,W], got {tuple(images.shape)}")
+            if t.dim() != 4 or t.shape[1] != 3 or 0 in t.shape:
+                raise InvalidInputError(f"image tensor must be [B,3,H,W] and non-empty, got {tuple(images.shape)}")
+            if not t.is_floating_point():
+                raise InvalidInputError(f"image tensor must be float in [0, 1], got {t.dtype}")
             if not torch.isfinite(t).all():
                 raise InvalidInputError("image tensor contains NaN or inf")
+            lo, hi = float(t.min()), float(t.max())
+            if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
+                # Clamping a [-1, 1] or [0, 255] tensor would caption a different image without a word.
+                raise InvalidInputError(f"image tensor values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
             if t.shape[-2:] != (size, size):
                 t = torch.nn.functional.interpolate(t.float(), size=(size, size), mode="bilinear",
                                                     antialias=True, align_corners=False)
@@ -192,10 +219,21 @@ class FlowTokPipeline:
         arrays = []
         for item in items:
             if isinstance(item, np.ndarray):
-                if item.dtype != np.uint8 or item.ndim not in (2, 3):
-                    raise InvalidInputError(f"image arrays must be uint8 HxW or HxWxC, got {item.dtype} {item.shape}")
-                item = Image.fromarray(item)
-            arrays.append(_square_resize(load_image(item), size))
+                if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
+                    raise InvalidInputError(f"image arrays must be uint8 HxW or HxWxC with C in 1, 3, 4; "
+                                            f"got {item.dtype} {item.shape}")
+                if 0 in item.shape:
+                    raise InvalidInputError(f"image array has no pixels: {item.shape}")
+                item = Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
+            elif not isinstance(item, (Image.Image, str, os.PathLike, bytes)):
+                raise InvalidInputError(f"cannot read an image from a {type(item).__name__}")
+            if isinstance(item, Image.Image):
+                if item.width * item.height > MAX_IMAGE_PIXELS:
+                    raise InvalidInputError(f"image of {item.width}x{item.height} pixels is too large")
+                img = _to_rgb(item)
+            else:
+                img = load_image(item)
+            arrays.append(_square_resize(img, size))
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
         return batch.to(self.device, self.dtype)
 
@@ -215,13 +253,22 @@ class FlowTokPipeline:
                t_end: float = 1.0) -> torch.Tensor:
         from .sampling import sample
 
-        if steps < 1:
-            raise InvalidInputError(f"num_inference_steps must be at least 1, got {steps}")
-        return sample(model, x0, method=sampler, num_steps=steps, guidance_scale=guidance, progress=progress,
-                      t_end=t_end)
+        if model is None:
+            raise InvalidInputError("this pipeline lacks the flow model this call needs")
+        if sampler not in ("euler", "heun"):
+            raise InvalidInputError(f"sampler must be 'euler' or 'heun', got {sampler!r}")
+        out = sample(model, x0, method=sampler, num_steps=_check_steps(steps), guidance_scale=_check_guidance(guidance),
+                     progress=progress, t_end=t_end)
+        if not torch.isfinite(out).all():
+            # A NaN latent decodes to a black image or a garbage caption; say so instead.
+            raise CheckpointError("the flow model produced NaN or inf; its weights may be corrupt "
+                                  f"(model folder: {self.model_path or 'in memory'})")
+        return out
 
     @staticmethod
     def _output(images: torch.Tensor, output_type: str):
+        if not torch.isfinite(images).all():
+            raise CheckpointError("the image decoder produced NaN or inf; its weights may be corrupt")
         images = images.float().clamp(0, 1)
         if output_type == "pt":
             return images.cpu()
@@ -243,10 +290,14 @@ class FlowTokPipeline:
         ``sample_text_latent=False`` uses its mean (one image per prompt)."""
         if self.t2i_flow is None:
             raise InvalidInputError("this pipeline has no text-to-image flow model")
-        steps = num_inference_steps or self.defaults["num_inference_steps"]
+        steps = self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        _check_steps(steps)
+        _check_guidance(guidance)
+        if output_type not in ("pil", "np", "pt"):
+            raise InvalidInputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         prompts = self._prompts(prompt)
-        bs = batch_size or len(prompts)
+        bs = _check_batch_size(batch_size, len(prompts))
         out = []
         for i in range(0, len(prompts), bs):
             z, states = self.encode_prompt(prompts[i:i + bs], generator=generator, sample=sample_text_latent)
@@ -267,10 +318,12 @@ class FlowTokPipeline:
         """One caption per image (PIL images, paths, uint8 arrays or a [B,3,H,W] tensor in [0, 1])."""
         if self.i2t_flow is None or self.text_decoder is None:
             raise InvalidInputError("this pipeline has no image-to-text flow model and text decoder")
-        steps = num_inference_steps or self.defaults["num_inference_steps"]
+        steps = self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
         guidance = self.defaults["caption_guidance_scale"] if guidance_scale is None else guidance_scale
+        _check_steps(steps)
+        _check_guidance(guidance)
         x = self._image_tensor(images)
-        bs = batch_size or x.shape[0]
+        bs = _check_batch_size(batch_size, x.shape[0])
         captions: list[str] = []
         for i in range(0, x.shape[0], bs):
             lat = self.tokenizer.encode(x[i:i + bs]) * self.tokenizer.scale_factor
@@ -299,9 +352,9 @@ class FlowTokPipeline:
         latents are linearly interpolated, and every frame is generated by the T2I flow, so each
         frame is an image the model would draw for some point between the two descriptions.
         """
-        if num_frames < 2:
-            raise InvalidInputError(f"num_frames must be at least 2, got {num_frames}")
-        steps = num_inference_steps or self.defaults["num_inference_steps"]
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 2 <= num_frames <= 1000:
+            raise InvalidInputError(f"num_frames must be an integer from 2 to 1000, got {num_frames!r}")
+        steps = self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
 
         def text_latent(x):
             if isinstance(x, str):
@@ -317,6 +370,9 @@ class FlowTokPipeline:
         guidance = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         lat = self._solve(self.t2i_flow, z, steps, guidance, "euler", False)
         return self._output(self.decode_latents(lat), output_type)
+
+
+_RANGE_SLACK = 0.25  # as the tokenizer: bicubic rings overshoot [0, 1] a little, [0, 255] input much more
 
 
 def _square_resize(img: Image.Image, size: int) -> np.ndarray:

@@ -63,18 +63,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
 
 
-def load_image(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PIXELS,
+def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS,
                name: str | None = None) -> Image.Image:
-    """Decode an image file or its bytes into an RGB PIL image, fully loaded.
+    """Decode an image file, its bytes, or an (possibly lazily opened) PIL image into an RGB PIL image,
+    fully loaded.
 
     Raises :class:`~flowtok.errors.DataError` (one line, naming ``name`` or the path) for a
     missing file, bytes that are not an image, a truncated or corrupt image, and an image of more
     than ``max_pixels`` pixels. Applies the EXIF orientation. Grey, 16-bit, float, palette, CMYK
     and transparent images come out as 8-bit RGB (transparency composited over white).
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
+    opened: Image.Image | None = None
+    if isinstance(source, Image.Image):
+        # The pipeline hands PIL images straight in; a lazily opened one is still undecoded, so it
+        # gets the same size limit and the same one-line errors as a file.
+        label = name or "<PIL image>"
+        opened = source
+        stream: io.BytesIO | Path | None = None
+    elif isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
-        stream: io.BytesIO | Path = io.BytesIO(bytes(source))
+        stream = io.BytesIO(bytes(source))
     else:
         path = Path(source)
         label = name or str(path)
@@ -85,8 +93,10 @@ def load_image(source: str | Path | bytes, max_pixels: int | None = MAX_IMAGE_PI
         with warnings.catch_warnings():
             # PIL warns past its own limit; ours below is the one that decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream)
+            image = opened if opened is not None else Image.open(stream)
             width, height = image.size
+            if width < 1 or height < 1:
+                raise DataError(f"{label}: image has no pixels ({width}x{height})")
             if max_pixels is not None and width * height > max_pixels:
                 raise DataError(f"{label}: image of {width}x{height} pixels exceeds the limit of "
                                 f"{max_pixels} pixels (possible decompression bomb)")

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,15 @@ log = logging.getLogger(__name__)
 
 PREFIX = "step-"
 FILES = ("model.safetensors", "ema.safetensors", "optimizer.pt", "state.json")
+# Test-only fault injection: "<step>:<phase>" SIGKILLs this process at that point of that checkpoint's
+# write (phases: tmpdir, model, ema, optimizer, state, manifest, rename, renamed). A timer cannot hit
+# these windows reliably; tests/test_reliability_resume.py and benchmarks/soak_resume.py use it.
+KILL_ENV = "FLOWTOK_TEST_KILL_AT"
+
+
+def _fault_point(step: int, phase: str) -> None:
+    if os.environ.get(KILL_ENV) == f"{step}:{phase}":
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def _sha256(path: Path) -> str:
@@ -71,20 +81,28 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: dict[str, torch.Tensor], e
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    _fault_point(step, "tmpdir")
     atomic_save_safetensors(model, tmp / "model.safetensors")
+    _fault_point(step, "model")
     atomic_save_safetensors(ema, tmp / "ema.safetensors")
+    _fault_point(step, "ema")
     with open(tmp / "optimizer.pt", "wb") as fh:
         torch.save(optimizer, fh)
         fh.flush()
+        _fault_point(step, "optimizer")
         os.fsync(fh.fileno())
     atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
+    _fault_point(step, "state")
     manifest = {name: _sha256(tmp / name) for name in FILES}
     atomic_write_text(tmp / "manifest.json", json.dumps({"step": step, "sha256": manifest}, indent=2))
+    _fault_point(step, "manifest")
     _fsync_dir(tmp)
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         shutil.rmtree(final)
+    _fault_point(step, "rename")
     os.replace(tmp, final)
     _fsync_dir(ckpt_dir)
+    _fault_point(step, "renamed")
     prune(ckpt_dir, keep_last)
     return final
 

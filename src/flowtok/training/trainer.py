@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import atomic_write_text
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError, FlowTokError
 from . import checkpoint as ckpt
 from .ema import EMA
 
@@ -62,8 +62,29 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 0:
             raise ConfigError("train.steps and train.batch_size must be positive")
-        if self.lr <= 0:
+        if not 0 < self.lr < math.inf:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        # Caught here, not as a ZeroDivisionError or an optimizer traceback after the model is built.
+        for name in ("ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "keep_last", "warmup_steps", "max_consecutive_nan"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas must lie in [0, 1), got {list(self.betas)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.weight_decay < math.inf or not 0 <= self.max_minutes < math.inf:
+            raise ConfigError("train.weight_decay and train.max_minutes must be finite and 0 or more")
+        if math.isnan(self.grad_clip):
+            raise ConfigError("train.grad_clip must be a number (0 or less disables clipping)")
+
+
+class NonFiniteLossError(FlowTokError, FloatingPointError):
+    """Training met a NaN or inf loss or gradient under ``nan_policy: stop`` (or too many in a row)."""
 
 
 class Stage(nn.Module):
@@ -174,6 +195,7 @@ class Trainer:
         if resume:
             found = ckpt.load_checkpoint(Path(resume)) if resume != "latest" else ckpt.load_latest(ckpt_dir)
             if found is not None:
+                self._check_resumable(found)
                 stage.load_state_dict(found.model)
                 opt.load_state_dict(found.optimizer)
                 if ema is not None:
@@ -227,7 +249,9 @@ class Trainer:
                 nan_run += 1
                 msg = f"non-finite loss or gradient at step {step}"
                 if cfg.nan_policy == "stop" or nan_run > cfg.max_consecutive_nan:
-                    raise FloatingPointError(f"{msg}; stopping (weights and EMA left untouched)")
+                    why = "nan_policy is 'stop'" if cfg.nan_policy == "stop" else f"{nan_run} in a row"
+                    raise NonFiniteLossError(f"{msg} ({why}); stopping, weights and EMA left untouched; "
+                                             f"resume from the last checkpoint in {ckpt_dir}")
                 log.warning("%s; step skipped (%d in a row)", msg, nan_run)
                 self._log_jsonl({"step": step, "skipped": "non-finite"})
                 step += 1
@@ -279,6 +303,21 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return out
+
+    def _check_resumable(self, found: ckpt.Checkpoint) -> None:
+        """A checkpoint of another stage or other shapes is a one-line error, not a load_state_dict dump."""
+        from ..modeling import check_state_dict
+
+        kind = found.state.get("stage")
+        if kind is not None and kind != self.stage.name:
+            raise CheckpointError(f"checkpoint {found.path} was written by stage '{kind}', "
+                                  f"this run trains '{self.stage.name}'")
+        check_state_dict(self.stage, found.model, f"checkpoint {found.path}")
+        if found.state.get("world_size", self.world) != self.world:
+            # Each step reads the same samples on any number of processes, but random draws are
+            # seeded per rank, so the run goes on correctly yet not bit-identical to an uninterrupted one.
+            log.warning("checkpoint %s was written by %s processes, resuming on %d: not bit-identical to "
+                        "an uninterrupted run", found.path, found.state.get("world_size"), self.world)
 
     def _with_ema(self, ema: EMA | None, fn):
         if ema is None:
