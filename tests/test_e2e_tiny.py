@@ -104,3 +104,44 @@ def test_text_latent_shape_mismatch_is_a_config_error(tiny_pipeline, tmp_path):
     with pytest.raises(ConfigError, match="channels"):
         _run(tmp_path, "bad", "t2i", {"tokenizer_path": str(tok), "projector_preset": "tiny",
                                       "flow_preset": "tiny", "flow": {"num_tokens": K, "in_channels": C}})
+
+
+def test_pretokenize_then_train_on_latents(tiny_pipeline, tmp_path):
+    tok = str(tiny_pipeline / "tokenizer")
+    lat = tmp_path / "latents"
+    assert main(["pretokenize", "--tokenizer", tok, "--out", str(lat), "--n", "10", "--batch-size", "4",
+                 "--shard-size", "6", "--no-progress"]) == 0
+    from flowtok.training.pretokenize import LatentShards
+
+    shards = LatentShards(lat)
+    assert len(shards) == 10 and len(shards.meta["shards"]) == 2
+    assert shards.tensors["image_latents"].shape == (10, K, C)
+    data = {"kind": "latents", "path": str(lat), "size": 64}
+    model = {"tokenizer_path": tok, "projector_preset": "tiny", "projector": {"latent_channels": C},
+             "flow_preset": "tiny", "flow": {"num_tokens": K, "in_channels": C}, "eval_prompts": 2, "eval_steps": 1}
+    cfg = {"stage": "t2i", "run_dir": str(tmp_path / "t2i"), "data": data, "train": TRAIN, "model": model}
+    out = build_run(cfg, device="cpu").fit()
+    assert (out / "t2i_flow" / "model.safetensors").is_file()
+    i2t = {"tokenizer_path": tok, "projector_path": str(out / "text_projector"), "flow_preset": "tiny",
+           "flow": {"num_tokens": K, "in_channels": C}, "eval_images": 2, "eval_steps": 1}
+    cfg = {"stage": "i2t", "run_dir": str(tmp_path / "i2t"), "data": data, "train": TRAIN, "model": i2t}
+    trainer = build_run(cfg, device="cpu")
+    trainer.fit()
+    assert trainer.stage.frozen.targets.shape == (10, K, C)  # canonical captions encoded once
+
+
+def test_pretokenized_shape_mismatch(tiny_pipeline, tmp_path):
+    lat = tmp_path / "latents"
+    assert main(["pretokenize", "--tokenizer", str(tiny_pipeline / "tokenizer"), "--out", str(lat), "--n", "4",
+                 "--batch-size", "4", "--no-progress"]) == 0
+    model = {"tokenizer_path": str(tiny_pipeline / "tokenizer"), "projector_preset": "tiny",
+             "projector": {"latent_channels": C}, "flow_preset": "tiny", "flow": {"num_tokens": K, "in_channels": C}}
+    cfg = {"stage": "t2i", "run_dir": str(tmp_path / "t2i"), "data": {"kind": "latents", "path": str(lat)},
+           "train": TRAIN, "model": model, "seed": 0}
+    import json
+
+    meta = json.loads((lat / "meta.json").read_text())
+    meta["channels"] = 99
+    (lat / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="pre-tokenised latents"):
+        build_run(cfg, device="cpu").fit()

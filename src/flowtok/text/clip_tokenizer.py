@@ -27,7 +27,6 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-import ftfy
 import regex
 
 from ..errors import CheckpointError
@@ -64,6 +63,8 @@ def byte_symbols() -> dict[int, str]:
 
 def clean_caption(text: str) -> str:
     """CLIP's 'lower' cleaning: fix mojibake, unescape HTML twice, collapse whitespace, lowercase."""
+    import ftfy  # only the CLIP path needs it; importing flowtok.text must not
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()
 

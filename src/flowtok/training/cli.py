@@ -25,3 +25,49 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="'latest' (newest intact checkpoint in the run folder) or a checkpoint folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.set_defaults(func=_train)
+    register_pretokenize(sub)
+
+
+def _pretokenize(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from ..config import from_dict
+    from ..text import load_text_encoder
+    from ..tokenizer import ImageTokenizer
+    from .data import DataConfig, build_source
+    from .pretokenize import pretokenize
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = ImageTokenizer.from_pretrained(args.tokenizer, device=device)
+    data = from_dict(DataConfig, {"kind": args.data, "path": args.path, "size": tok.config.image_size,
+                                  "split": args.split, "num_objects": args.objects, "on_error": args.on_error},
+                     "data")
+    encoder = load_text_encoder(json.loads(args.text_encoder), max_length=tok.config.num_latent_tokens,
+                                device=device)
+    source = build_source(data, args.seed, device)
+    out = pretokenize(source, args.n, args.out, tok, encoder, batch_size=args.batch_size,
+                      shard_size=args.shard_size, progress=not args.no_progress)
+    print(out)
+    return 0
+
+
+def register_pretokenize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretokenize", help="encode a dataset once into image latents + text states shards",
+                       description="Then train a flow stage on them with data.kind=latents data.path=OUT.")
+    p.add_argument("--tokenizer", required=True, help="trained tokenizer folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--data", choices=["shapes", "folder", "webdataset"], default="shapes")
+    p.add_argument("--path", default=None, help="image folder or shard directory (not for shapes)")
+    p.add_argument("--split", choices=["train", "test", "any"], default="train")
+    p.add_argument("--objects", type=int, default=None, help="shapes: fixed number of objects")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--text-encoder", default='{"name": "minilm"}', help="JSON text encoder spec")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=50_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_pretokenize)

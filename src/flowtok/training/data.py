@@ -88,7 +88,9 @@ class LatentSource(IndexedSource):
     def __init__(self, path: str, seed: int, device: torch.device) -> None:
         from .pretokenize import LatentShards
 
-        super().__init__(LatentShards(path), seed, device, workers=1)
+        # The whole set lives on the training device: a step is one index gather, no host work.
+        super().__init__(LatentShards(path, device=device), seed, device, workers=1)
+        self.meta = self.dataset.meta
 
     def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         start = (step * world + rank) * local_batch

@@ -210,12 +210,15 @@ class T2IStage(Stage):
             raise ConfigError(f"text encoder width {self.frozen.encoder.dim} differs from "
                               f"projector text_dim {self.projector.config.text_dim}")
         self.frozen.source = build_source(self.data_cfg, self.seed, device)
+        _check_pretokenized(self.frozen.source, self.frozen.tokenizer, self.frozen.encoder)
 
     @torch.no_grad()
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         b = self.frozen.source.get(step, local_batch, rank, world)
         tok = self.frozen.tokenizer
-        if "image_latents" not in b:
+        if "image_latents_raw" in b:  # pre-tokenised data: unscaled latents
+            b["image_latents"] = b["image_latents_raw"] * tok.scale_factor
+        else:
             b["image_latents"] = tok.encode(b["images"]) * tok.scale_factor
         if "text_states" not in b:
             ts = self.frozen.encoder.encode(b["captions"])
@@ -260,6 +263,20 @@ class T2IStage(Stage):
     def export(self, out_dir: Path) -> None:
         self.projector.save_pretrained(Path(out_dir) / "text_projector")
         self.flow.save_pretrained(Path(out_dir) / "t2i_flow")
+
+
+def _check_pretokenized(source, tokenizer, encoder) -> None:
+    """Pre-tokenised shards must come from the same tokenizer shape and text encoder."""
+    meta = getattr(source, "meta", None)
+    if meta is None:
+        return
+    k, c = tokenizer.latent_shape
+    if (meta["num_tokens"], meta["channels"]) != (k, c):
+        raise ConfigError(f"pre-tokenised latents are {meta['num_tokens']}x{meta['channels']}, "
+                          f"the tokenizer makes {k}x{c}")
+    if meta["text_dim"] != encoder.dim or meta["text_length"] != encoder.max_length:
+        raise ConfigError(f"pre-tokenised text states are {meta['text_length']}x{meta['text_dim']}, "
+                          f"the text encoder makes {encoder.max_length}x{encoder.dim}")
 
 
 def check_latent_shapes(k: int, c: int, pcfg, fcfg) -> None:
@@ -417,7 +434,8 @@ class I2TStage(Stage):
         self.flow = FlowTransformer(fcfg)
         self.objective = _objective(cfg.objective)
         self.k = tok_cfg.num_latent_tokens
-        self.frozen = _Frozen(tokenizer=None, encoder=None, projector=None, decoder=None, source=None)
+        self.frozen = _Frozen(tokenizer=None, encoder=None, projector=None, decoder=None, source=None,
+                              targets=None)
 
     def setup(self, device: torch.device) -> None:
         from ..text import TextProjector, load_text_encoder
@@ -427,13 +445,38 @@ class I2TStage(Stage):
         self.frozen.projector = _freeze(TextProjector.from_pretrained(self.cfg.projector_path, device=device))
         self.frozen.encoder = load_text_encoder(self.cfg.text_encoder, max_length=self.k, device=device)
         self.frozen.source = build_source(self.data_cfg, self.seed, device)
+        _check_pretokenized(self.frozen.source, self.frozen.tokenizer, self.frozen.encoder)
+        self.frozen.targets = None
+        source = self.frozen.source
+        if self.cfg.caption_mode == "canonical" and hasattr(source, "meta"):
+            self.frozen.targets = self._canonical_targets(source.dataset)
+
+    @torch.no_grad()
+    def _canonical_targets(self, shards) -> torch.Tensor | None:
+        """Text latents of every pre-tokenised sample's canonical caption, computed once."""
+        from ..data.shapes import Scene, all_captions
+
+        if not all(r.get("scene") for r in shards.records):
+            return None
+        out = []
+        for i in range(0, len(shards), 2048):
+            caps = [all_captions(Scene.from_dict(r["scene"]))[0] for r in shards.records[i:i + 2048]]
+            ts = self.frozen.encoder.encode(caps)
+            o = self.frozen.projector(ts.states.float(), ts.mask, sample=False)
+            out.append(o.mean)
+        return torch.cat(out)
 
     @torch.no_grad()
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         b = self.frozen.source.get(step, local_batch, rank, world)
         tok = self.frozen.tokenizer
-        if "image_latents" not in b:
+        if "image_latents_raw" in b:
+            b["image_latents"] = b["image_latents_raw"] * tok.scale_factor
+        else:
             b["image_latents"] = tok.encode(b["images"]) * tok.scale_factor
+        if self.frozen.targets is not None and self.cfg.target == "mean":
+            b["text_latents"] = self.frozen.targets.index_select(0, b["index"])
+            return b
         caps = b["captions"]
         if self.cfg.caption_mode == "canonical" and b.get("scenes"):
             from ..data.shapes import all_captions
