@@ -23,6 +23,7 @@ from flowtok.tokenizer import (
     VGGPerceptualLoss,
     get_tokenizer_config,
     hinge_discriminator_loss,
+    latent_scale_factor,
     lecam_regularizer,
     tokenizer_param_counts,
 )
@@ -109,6 +110,13 @@ def test_logvar_is_clamped(model: ImageTokenizer) -> None:
     post = model.encode_posterior(images())
     assert post.logvar.max().item() == TINY.logvar_max
     assert torch.isfinite(post.kl()).all()
+
+
+def test_latent_scale_factor() -> None:
+    z = torch.randn(64, 8, 4, generator=torch.Generator().manual_seed(0)) * 0.25
+    assert latent_scale_factor(z) == pytest.approx(4.0, rel=0.05)
+    with pytest.raises(InvalidInputError):
+        latent_scale_factor(torch.zeros(2, 3, 4))
 
 
 # -- save / load ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from .model import (
     ImageTokenizer,
     TokenizerConfig,
     get_tokenizer_config,
+    latent_scale_factor,
     tokenizer_param_counts,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "VGGPerceptualLoss",
     "get_tokenizer_config",
     "hinge_discriminator_loss",
+    "latent_scale_factor",
     "lecam_regularizer",
     "paper_loss_config",
     "tokenizer_param_counts",
