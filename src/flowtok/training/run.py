@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import apply_overrides, from_dict, load_yaml, to_dict
 from ..errors import ConfigError
 from .data import DataConfig
@@ -36,7 +38,11 @@ def build_run(config: str | Path | dict[str, Any], overrides: list[str] | None =
         raise ConfigError(f"unknown stage '{run.stage}' (choose from {', '.join(STAGES)})")
     stage_cls, stage_cfg_cls = STAGES[run.stage]
     stage_cfg = from_dict(stage_cfg_cls, run.model, "model")
-    stage = stage_cls(stage_cfg, run.data, run.seed)
+    # The initial weights come from ``seed`` too: without this two runs of one config start apart, and a
+    # resumed run could only ever match the run it resumed, never a fresh run of the same config.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.seed)
+        stage = stage_cls(stage_cfg, run.data, run.seed)
     resolved = to_dict(run)
     resolved["model"] = to_dict(stage_cfg)
     return Trainer(stage, run.train, run.run_dir, seed=run.seed, device=device, resolved_config=resolved)
