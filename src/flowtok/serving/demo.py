@@ -90,7 +90,7 @@ def _upload_path(upload: Any, max_bytes: int) -> str:
         raise _user_error("The upload could not be read; please upload the image again.")
     size = Path(path).stat().st_size
     if size > max_bytes:
-        raise _user_error(f"The file is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:g} MB.")
+        raise _user_error(f"The file is {size / 2**20:.3g} MB; the limit is {max_bytes / 2**20:.3g} MB.")
     name = upload.get("orig_name") if isinstance(upload, dict) else None
     try:
         load_image(path, name=name or Path(path).name)  # decodes fully: a broken file fails here
@@ -147,9 +147,12 @@ def build_app(pipeline: FlowTokPipeline, max_upload_mb: float = 10.0, queue_size
             gallery = gr.Gallery(label="Images", columns=MAX_IMAGES, format="png", elem_id="gallery")
             gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
             inputs = [prompt, steps, guidance, seed, n_images]
-            generate.click(text_to_image, inputs, gallery, api_name="generate",
+            # preprocess=False here and below: the handlers check every raw value themselves, so a
+            # malformed API request gets the same clear message as a slip in the browser, where
+            # gradio's own checks would answer a bare "Error".
+            generate.click(text_to_image, inputs, gallery, api_name="generate", preprocess=False,
                            concurrency_limit=concurrency, concurrency_id="model")
-            prompt.submit(text_to_image, inputs, gallery, api_visibility="private",
+            prompt.submit(text_to_image, inputs, gallery, api_visibility="private", preprocess=False,
                           concurrency_limit=concurrency, concurrency_id="model")
         with gr.Tab("Image to text", id="i2t"):
             with gr.Row():
@@ -159,8 +162,7 @@ def build_app(pipeline: FlowTokPipeline, max_upload_mb: float = 10.0, queue_size
                     caption_steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Steps")
                     caption_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                     caption = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
-            # preprocess=False: the handler decodes the file itself, so a file that is not an image
-            # gets a clear message instead of gradio's generic preprocessing error.
+            # The handler decodes the file itself: a file that is not an image gets a clear message.
             caption_button.click(image_to_text, [image, caption_steps], caption, api_name="caption",
                                  preprocess=False, concurrency_limit=concurrency, concurrency_id="model")
     app.queue(max_size=queue_size, default_concurrency_limit=concurrency)
