@@ -156,9 +156,13 @@ def unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
 def detect_kind(state: Mapping[str, torch.Tensor]) -> str | None:
     """'tokenizer-512', 'flow-xl', 'flow-h', 'tokenizer' / 'flow' (other sizes) or None."""
     if "latent_tokens" in state or "encoder.patch_embed.weight" in state:
+        from .tokenizer import TOKENIZER_PRESETS
+
+        # The RoPE table has one row per patch: it tells the image size the tokenizer was saved for.
         table = state.get("encoder.positional_embedding.freqs_cos")
-        if table is not None and table.dim() == 2 and table.shape[0] == (512 // 16) ** 2:
-            return "tokenizer-512"
+        for kind, preset in TOKENIZER_KINDS.items():
+            if table is not None and table.dim() == 2 and table.shape[0] == TOKENIZER_PRESETS[preset].grid_size ** 2:
+                return kind
         return "tokenizer"
     weight = state.get("x_embedder.weight")
     if weight is not None and weight.dim() == 2:
