@@ -1,0 +1,476 @@
+"""Text-to-image throughput: FlowTok (B / XL / H) against a PixArt-alpha-shaped latent DiT, random weights.
+
+Both sides run the same sampler (:func:`flowtok.sampling.euler_sample`, 20 Euler steps, CFG with the
+conditional and null halves in one batch), in bf16, with the same optimisations offered:
+
+* ``eager``          plain PyTorch (SDPA attention in both);
+* ``graph``          the whole 20-step loop replayed as one CUDA graph (:class:`flowtok.sampling.GraphedSampler`);
+* ``compile``        regional ``torch.compile`` of the repeated transformer block;
+* ``compile+graph``  both.
+
+Measured per model, batch and variant: images/s of the flow alone, its achieved TFLOP/s against the
+bf16 ``mm`` rate measured in the same run, and peak memory; for the pipelines, images/s of
+text latent -> image: FlowTok = text projector + flow + the paper's tokenizer decoder (reads the CLIP
+states), PixArt = transformer (120 x 4096 T5 tokens with their mask, 32 x 32 x 4 latent, patch 2) +
+SD VAE decoder. The frozen text encoders (CLIP-L/14 text, T5-XXL encoder) are timed apart: a prompt is
+encoded once, and a server caches the null prompt.
+
+    python benchmarks/sampling.py --out results/sampling.json             # the GPU run (see run_gpu.sh)
+    python benchmarks/sampling.py --tiny --device cpu                     # seconds on a CPU: checks the script
+
+diffusers is a benchmark dependency only; without it the PixArt side is recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import Budget, Results, env_info, free_memory, log, matmul_tflops, pick_device, time_call  # noqa: E402
+
+from flowtok.flow import FLOW_PRESETS, FlowTransformer, flop_count  # noqa: E402
+from flowtok.sampling import GraphedSampler, euler_sample  # noqa: E402
+from flowtok.text import PROJECTOR_PRESETS, TextProjector  # noqa: E402
+from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer  # noqa: E402
+
+FLOWTOK_MODELS = ("FlowTok-B", "FlowTok-XL", "FlowTok-H")
+PIXART = "pixart"
+SD_VAE_SCALE = 0.18215
+
+
+# ----------------------------------------------------------------------------------------- shapes
+@dataclasses.dataclass
+class Shapes:
+    """Everything that differs between the real benchmark and the --tiny CPU check."""
+
+    tiny: bool
+    clip_len: int = 77
+    clip_dim: int = 768
+    t5_len: int = 120
+    t5_dim: int = 4096
+
+    def flow(self, name: str):
+        return dataclasses.replace(FLOW_PRESETS["tiny"], num_tokens=self.clip_len) if self.tiny else FLOW_PRESETS[name]
+
+    def projector(self):
+        base = PROJECTOR_PRESETS["tiny" if self.tiny else "paper"]
+        return dataclasses.replace(base, text_dim=self.clip_dim, latent_channels=self.flow("FlowTok-XL").in_channels)
+
+    def tokenizer(self):
+        if not self.tiny:
+            return TOKENIZER_PRESETS["flowtitok-256"]
+        return dataclasses.replace(TOKENIZER_PRESETS["tiny"], num_latent_tokens=self.clip_len,
+                                   token_channels=self.flow("x").in_channels, text_dim=self.clip_dim,
+                                   text_len=self.clip_len)
+
+    def pixart_kwargs(self) -> dict[str, Any]:
+        # PixArt-alpha 256 px (PixArt-XL-2-256x256): 28 layers, 16 heads x 72, patch 2, 32 x 32 x 4
+        # latent, learned sigma (8 output channels), T5-XXL captions.
+        if self.tiny:
+            return dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, sample_size=8, patch_size=2,
+                        in_channels=4, out_channels=8, cross_attention_dim=16, caption_channels=self.t5_dim,
+                        norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False,
+                        norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
+                        use_additional_conditions=False)
+        return dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=32, patch_size=2,
+                    in_channels=4, out_channels=8, cross_attention_dim=1152, caption_channels=self.t5_dim,
+                    norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False,
+                    norm_eps=1e-6, attention_bias=True, activation_fn="gelu-approximate",
+                    use_additional_conditions=False)
+
+    def vae_kwargs(self) -> dict[str, Any]:
+        if self.tiny:
+            return dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, sample_size=16)
+        # Stable Diffusion's VAE (the one PixArt-alpha uses): 8x downsampling, 4 latent channels.
+        return dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                    latent_channels=4, sample_size=256)
+
+
+def tiny_shapes() -> Shapes:
+    return Shapes(tiny=True, clip_len=8, clip_dim=16, t5_len=6, t5_dim=16)
+
+
+# ------------------------------------------------------------------------------------------ models
+def _randomise_zero_inits(flow: FlowTransformer) -> None:
+    """adaLN-Zero starts every block as the identity; give the zero-initialised Linears real values so
+    that the numbers (FP8 error, say) come from a network that computes something."""
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.normal_(std=0.02)
+
+
+def build_flowtok(name: str, shapes: Shapes, device: torch.device, dtype: torch.dtype):
+    with torch.device(device):
+        flow = FlowTransformer(shapes.flow(name))
+        _randomise_zero_inits(flow)
+        projector = TextProjector(shapes.projector())
+        tokenizer = ImageTokenizer(shapes.tokenizer())
+    return (flow.to(dtype).eval(), projector.to(dtype).eval(), tokenizer.to(dtype).eval())
+
+
+def build_pixart(shapes: Shapes, device: torch.device, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+
+    with torch.device(device):
+        transformer = PixArtTransformer2DModel(**shapes.pixart_kwargs())
+        vae = AutoencoderKL(**shapes.vae_kwargs())
+    return transformer.to(dtype).eval(), vae.to(dtype).eval()
+
+
+class PixArtVelocity:
+    """flowtok's ``model(x, t, null_indicator)`` interface around the PixArt transformer.
+
+    The sampler always hands it the CFG batch [x ; x] (guidance != 1), so the text side is the fixed
+    [cond ; null] pair built once per batch, as a diffusers pipeline does before its loop.
+    """
+
+    def __init__(self, transformer, states: torch.Tensor, mask: torch.Tensor, null_states: torch.Tensor,
+                 null_mask: torch.Tensor) -> None:
+        self.transformer = transformer
+        self.text = torch.cat([states, null_states.expand_as(states)])
+        self.mask = torch.cat([mask, null_mask.expand_as(mask)])
+        self.channels = transformer.config.in_channels
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, null_indicator: torch.Tensor) -> torch.Tensor:
+        out = self.transformer(x, encoder_hidden_states=self.text, timestep=t * 1000,
+                               encoder_attention_mask=self.mask,
+                               added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        return out[:, : self.channels]  # the learned-sigma half is unused by an ODE sampler
+
+
+def t5_batch(batch: int, shapes: Shapes, device: torch.device, dtype: torch.dtype, generator: torch.Generator):
+    """Random T5 states with realistic masks: prompts of 10..L tokens; the null prompt is one token (EOS)."""
+    states = torch.randn(batch, shapes.t5_len, shapes.t5_dim, generator=generator).to(device, dtype)
+    lengths = torch.randint(min(10, shapes.t5_len), shapes.t5_len + 1, (batch,), generator=generator)
+    mask = (torch.arange(shapes.t5_len)[None] < lengths[:, None]).to(device=device, dtype=torch.long)
+    null_states = torch.randn(1, shapes.t5_len, shapes.t5_dim, generator=generator).to(device, dtype)
+    null_mask = torch.zeros(1, shapes.t5_len, dtype=torch.long, device=device)
+    null_mask[:, 0] = 1
+    return states, mask, null_states, null_mask
+
+
+# ------------------------------------------------------------------------------------- variants
+def compile_pixart(transformer) -> None:
+    # The same regional compile as FlowTransformer.compile_blocks; diffusers' block may not trace as a
+    # single graph, so graph breaks are allowed here.
+    for block in transformer.transformer_blocks:
+        block.compile(dynamic=False)
+
+
+def make_sampler(model: Callable, variant: str, steps: int, guidance: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    if "graph" in variant:
+        # One warm-up run before the capture is enough: it triggers compilation and lazy initialisation.
+        return GraphedSampler(model, num_steps=steps, guidance_scale=guidance, warmup=1)
+    return partial(euler_sample, model, num_steps=steps, guidance_scale=guidance)
+
+
+def count_forward_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------- benchmark
+def run_flowtok(name: str, args, shapes: Shapes, device: torch.device, dtype: torch.dtype, results: Results,
+                budget: Budget, mm_rate: float | None) -> None:
+    flow, projector, tokenizer = build_flowtok(name, shapes, device, dtype)
+    cfg = flow.config
+    gen = torch.Generator().manual_seed(0)
+    # FLOPs per sample and forward: the analytic count and PyTorch's counter on a 2-sample batch.
+    x2 = torch.randn(2, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
+    counted = count_forward_flops(lambda: flow(x2, torch.rand(2, device=device), torch.tensor([0, 1], device=device)))
+    per_sample = counted / 2
+    log(f"{name}: {sum(p.numel() for p in flow.parameters()) / 1e6:.1f}M params; forward GFLOP/sample "
+        f"{per_sample / 1e9:.2f} (FlopCounterMode), {flop_count(cfg) / 1e9:.2f} (flop_count)")
+    pipeline = name in args.pipeline_models
+    for variant in sorted(args.variants, key=lambda v: "compile" in v):
+        if "compile" in variant and not getattr(flow, "_bench_compiled", False):
+            flow.compile_blocks()
+            flow._bench_compiled = True
+        reserve = args.reserve_compile if "compile" in variant else args.reserve
+        for batch in args.batches:
+            x0 = torch.randn(batch, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
+            sampler = make_sampler(flow, variant, args.steps, args.guidance)
+
+            def flow_only(sampler=sampler, x0=x0, batch=batch) -> dict[str, Any]:
+                t = time_call(lambda: sampler(x0), device, args.warmup, args.iters)
+                flops = per_sample * 2 * batch * args.steps  # CFG doubles the batch
+                tflops = flops / t["median_s"] / 1e12
+                return {**t, "images_per_s": batch / t["median_s"], "tflops": tflops,
+                        "frac_of_mm": tflops / mm_rate if mm_rate else None}
+
+            results.run(f"{name} flow {variant} b{batch}", flow_only, device, budget, reserve,
+                        model=name, part="flow", variant=variant, batch=batch)
+            if pipeline and variant in args.pipeline_variants:
+                states = torch.randn(batch, shapes.clip_len, shapes.clip_dim, generator=gen).to(device, dtype)
+
+                def whole(sampler=sampler, states=states, batch=batch) -> dict[str, Any]:
+                    def decode(lat: torch.Tensor) -> torch.Tensor:
+                        return torch.cat([to_uint8(tokenizer.decode(lat[i:i + args.decode_chunk],
+                                                                    states[i:i + args.decode_chunk]))
+                                          for i in range(0, lat.shape[0], args.decode_chunk)])
+
+                    def once() -> torch.Tensor:
+                        z = projector(states, sample=True).z
+                        return decode(sampler(z) / tokenizer.scale_factor)
+
+                    # The flow loop is warm from the flow-only item; warm the projector and decoder on
+                    # one chunk instead of paying a whole warm-up pipeline run.
+                    with torch.no_grad():
+                        decode(projector(states[: args.decode_chunk]).z)
+                    t = time_call(once, device, 0, args.iters)
+                    return {**t, "images_per_s": batch / t["median_s"]}
+
+                results.run(f"{name} pipeline {variant} b{batch}", whole, device, budget, reserve,
+                            model=name, part="pipeline", variant=variant, batch=batch)
+            del sampler
+            free_memory(device)
+    if args.fp8 and device.type == "cuda":
+        fp8_check(flow, name, args, device, dtype, results, budget)
+
+
+def fp8_check(flow, name, args, device, dtype, results, budget) -> None:
+    """Velocity error and speed of the FP8 path against bf16, when the library offers one."""
+    if not hasattr(FlowTransformer, "to_fp8"):
+        return
+    import copy
+
+    def measure() -> dict[str, Any]:
+        cfg = flow.config
+        batch = max(args.batches)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2 * batch, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
+        t = torch.rand(2 * batch, generator=gen).to(device)
+        null = (torch.arange(2 * batch) >= batch).to(device)
+        fp8 = copy.deepcopy(flow).to_fp8()
+        with torch.no_grad():
+            ref = flow(x, t, null).float()
+            out = fp8(x, t, null).float()
+        rel = ((out - ref).norm() / ref.norm()).item()
+        x0 = x[:batch]
+        a = time_call(lambda: euler_sample(flow, x0, args.steps, args.guidance), device, 1, args.iters)
+        b = time_call(lambda: euler_sample(fp8, x0, args.steps, args.guidance), device, 1, args.iters)
+        end_ref = euler_sample(flow, x0, args.steps, args.guidance).float()
+        end_fp8 = euler_sample(fp8, x0, args.steps, args.guidance).float()
+        return {"velocity_rel_error": rel, "sample_rel_error": ((end_fp8 - end_ref).norm() / end_ref.norm()).item(),
+                "bf16_images_per_s": batch / a["median_s"], "fp8_images_per_s": batch / b["median_s"],
+                "batch": batch}
+
+    results.run(f"{name} fp8 vs bf16", measure, device, budget, args.reserve_compile, model=name, part="fp8")
+
+
+def run_pixart(args, shapes: Shapes, device: torch.device, dtype: torch.dtype, results: Results, budget: Budget,
+               mm_rate: float | None) -> None:
+    try:
+        transformer, vae = build_pixart(shapes, device, dtype)
+    except ImportError as exc:
+        log(f"[skip] PixArt side: {exc}")
+        results.add({"name": "pixart", "status": "skipped", "reason": f"diffusers unavailable: {exc}"})
+        return
+    gen = torch.Generator().manual_seed(0)
+    size = shapes.pixart_kwargs()["sample_size"]
+    states, mask, null_states, null_mask = t5_batch(1, shapes, device, dtype, gen)
+    probe = PixArtVelocity(transformer, states, mask, null_states, null_mask)
+    x2 = torch.randn(2, 4, size, size, generator=gen).to(device, dtype)
+    per_sample = count_forward_flops(lambda: probe(x2, torch.rand(2, device=device), None)) / 2
+    log(f"PixArt: {sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M params; forward GFLOP/sample "
+        f"{per_sample / 1e9:.2f}; VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M params")
+    pipeline = PIXART in args.pipeline_models
+    compiled = False
+    for variant in sorted(args.variants, key=lambda v: "compile" in v):
+        if "compile" in variant and not compiled:
+            compile_pixart(transformer)
+            compiled = True
+        reserve = args.reserve_compile if "compile" in variant else args.reserve
+        for batch in args.batches:
+            velocity = PixArtVelocity(transformer, *t5_batch(batch, shapes, device, dtype, gen))
+            x0 = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
+            sampler = make_sampler(velocity, variant, args.steps, args.guidance)
+
+            def flow_only(sampler=sampler, x0=x0, batch=batch) -> dict[str, Any]:
+                t = time_call(lambda: sampler(x0), device, args.warmup, args.iters)
+                tflops = per_sample * 2 * batch * args.steps / t["median_s"] / 1e12
+                return {**t, "images_per_s": batch / t["median_s"], "tflops": tflops,
+                        "frac_of_mm": tflops / mm_rate if mm_rate else None}
+
+            results.run(f"pixart flow {variant} b{batch}", flow_only, device, budget, reserve,
+                        model=PIXART, part="flow", variant=variant, batch=batch)
+            if pipeline and variant in args.pipeline_variants:
+                def whole(sampler=sampler, x0=x0, batch=batch) -> dict[str, Any]:
+                    def decode(lat: torch.Tensor) -> torch.Tensor:
+                        return torch.cat([to_uint8(vae.decode(lat[i:i + args.decode_chunk]).sample / 2 + 0.5)
+                                          for i in range(0, lat.shape[0], args.decode_chunk)])
+
+                    def once() -> torch.Tensor:
+                        return decode(sampler(x0) / SD_VAE_SCALE)
+
+                    with torch.no_grad():  # warm the VAE on one chunk (cuDNN picks its kernels)
+                        decode(x0[: args.decode_chunk])
+                    t = time_call(once, device, 0, args.iters)
+                    return {**t, "images_per_s": batch / t["median_s"]}
+
+                results.run(f"pixart pipeline {variant} b{batch}", whole, device, budget, reserve,
+                            model=PIXART, part="pipeline", variant=variant, batch=batch)
+            del sampler, velocity
+            free_memory(device)
+
+
+def run_text_encoders(args, shapes: Shapes, device: torch.device, dtype: torch.dtype, results: Results,
+                      budget: Budget) -> None:
+    """The frozen encoders, timed apart: CLIP-L/14 text (FlowTok) and the T5-XXL encoder (PixArt)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if shapes.tiny:
+        clip_cfg = CLIPTextConfig(hidden_size=shapes.clip_dim, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, max_position_embeddings=shapes.clip_len, vocab_size=100)
+        t5_cfg = T5Config(d_model=shapes.t5_dim, d_ff=32, d_kv=8, num_heads=2, num_layers=1, vocab_size=100,
+                          feed_forward_proj="gated-gelu")
+    else:
+        clip_cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                  num_attention_heads=12, max_position_embeddings=77, vocab_size=49408,
+                                  projection_dim=768)
+        t5_cfg = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                          feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    for label, cls, cfg, length in (("clip-l-text", CLIPTextModel, clip_cfg, shapes.clip_len),
+                                    ("t5-xxl-encoder", T5EncoderModel, t5_cfg, shapes.t5_len)):
+        if not budget.allows(args.reserve):
+            results.add({"name": f"{label} text encoder", "status": "skipped", "reason": "time budget"})
+            continue
+        cfg._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = cls(cfg)
+        model = model.to(dtype).eval()
+        params = sum(p.numel() for p in model.parameters())
+        for batch in args.batches:
+            ids = torch.randint(0, cfg.vocab_size, (batch, length), device=device)
+            mask = torch.ones_like(ids)
+
+            def encode(model=model, ids=ids, mask=mask, params=params) -> dict[str, Any]:
+                with torch.no_grad():
+                    t = time_call(lambda: model(input_ids=ids, attention_mask=mask), device, args.warmup,
+                                  args.iters)
+                return {**t, "prompts_per_s": ids.shape[0] / t["median_s"], "params_m": params / 1e6}
+
+            results.run(f"{label} text encoder b{batch}", encode, device, budget, args.reserve,
+                        model=label, part="text_encoder", batch=batch)
+        del model, encode  # T5-XXL alone holds 9.5 GB
+        free_memory(device)
+
+
+def summarise(results: Results) -> dict[str, Any]:
+    """FlowTok-XL pipeline images/s over PixArt's, per batch: best variant of each, and variant by variant."""
+    ok = [i for i in results.data["items"] if i.get("status") == "ok" and i.get("part") == "pipeline"]
+    summary: dict[str, Any] = {}
+    for batch in sorted({i["batch"] for i in ok}):
+        def rate(model: str, variant: str | None = None, batch: int = batch) -> float | None:
+            vals = [i["images_per_s"] for i in ok if i["model"] == model and i["batch"] == batch
+                    and (variant is None or i["variant"] == variant)]
+            return max(vals) if vals else None
+        for name in FLOWTOK_MODELS:
+            ours, theirs = rate(name), rate(PIXART)
+            if ours and theirs:
+                entry = {"best_vs_best": ours / theirs}
+                for v in sorted({i["variant"] for i in ok}):
+                    a, b = rate(name, v), rate(PIXART, v)
+                    if a and b:
+                        entry[v] = a / b
+                summary[f"{name}/pixart b{batch}"] = entry
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: checks the script on a CPU in seconds")
+    p.add_argument("--models", default="FlowTok-XL,pixart,FlowTok-B,FlowTok-H",
+                   help="in the order run (a time budget skips the last ones first)")
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 64,256; tiny: 2,3)")
+    p.add_argument("--variants", default="eager,compile+graph", help="among eager, graph, compile, compile+graph")
+    p.add_argument("--pipeline-models", default="FlowTok-XL,pixart")
+    p.add_argument("--pipeline-variants", default="eager,compile+graph")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default 20; tiny: 2)")
+    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--decode-chunk", type=int, default=64, help="images per decoder call, both pipelines")
+    p.add_argument("--no-text-encoders", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="FP8 velocity error and speed (Hopper; if the library has it)")
+    p.add_argument("--out", default=None, help="results JSON")
+    p.add_argument("--deadline", type=float, default=None, help="seconds from now; default $BENCH_DEADLINE")
+    p.add_argument("--reserve", type=float, default=15.0, help="seconds an eager item needs to be started")
+    p.add_argument("--reserve-compile", type=float, default=45.0, help="seconds a compiled item needs")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in (args.batches or ("2,3" if args.tiny else "64,256")).split(",")]
+    args.steps = args.steps or (2 if args.tiny else 20)
+    for key in ("models", "variants", "pipeline_models", "pipeline_variants"):
+        setattr(args, key, [s for s in getattr(args, key).split(",") if s])
+    known = {"eager", "graph", "compile", "compile+graph"}
+    if set(args.variants) - known or set(args.pipeline_variants) - known:
+        p.error(f"variants must be among {sorted(known)}")
+    if set(args.models) - {*FLOWTOK_MODELS, PIXART}:
+        p.error(f"models must be among {[*FLOWTOK_MODELS, PIXART]}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    dtype = torch.bfloat16
+    shapes = tiny_shapes() if args.tiny else Shapes(tiny=False)
+    budget = Budget(args.deadline)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "deadline")}
+    results = Results(args.out, env_info(device), settings)
+    mm_rate = matmul_tflops(device, n=256 if args.tiny else 8192)
+    results.data["env"]["bf16_mm_tflops"] = mm_rate
+    log(f"bf16 mm rate: {mm_rate:.1f} TFLOP/s on {results.data['env'].get('gpu', device)}")
+    # The text encoders run right after the last pipeline model, before the flow-only extras, so that a
+    # tight time budget drops the extras first.
+    last_pipeline = max((i for i, m in enumerate(args.models) if m in args.pipeline_models), default=-1)
+    for index, model in enumerate(args.models):
+        if model == PIXART:
+            run_pixart(args, shapes, device, dtype, results, budget, mm_rate)
+        else:
+            run_flowtok(model, args, shapes, device, dtype, results, budget, mm_rate)
+        if index == last_pipeline and not args.no_text_encoders:
+            run_text_encoders(args, shapes, device, dtype, results, budget)
+    if last_pipeline < 0 and not args.no_text_encoders:
+        run_text_encoders(args, shapes, device, dtype, results, budget)
+    results.data["summary"] = summarise(results)
+    results.save()
+    log("\nimages/s (pipeline = text latent -> uint8 image; flow = the 20-step loop alone)")
+    log(f"{'model':12s} {'part':9s} {'variant':14s} {'batch':>5s} {'img/s':>9s} {'TFLOP/s':>8s} {'of mm':>6s} "
+        f"{'peak GiB':>8s}")
+    for i in results.data["items"]:
+        if i.get("status") == "ok" and "images_per_s" in i:
+            frac = f"{i['frac_of_mm']:.0%}" if i.get("frac_of_mm") else ""
+            tfl = f"{i['tflops']:.1f}" if i.get("tflops") else ""
+            log(f"{i['model']:12s} {i['part']:9s} {i['variant']:14s} {i['batch']:5d} {i['images_per_s']:9.1f} "
+                f"{tfl:>8s} {frac:>6s} {i['peak_gib'] if i['peak_gib'] is not None else '':>8}")
+        elif i.get("status") != "ok":
+            log(f"{i['name']}: {i['status']} {i.get('reason', i.get('error', ''))[:120]}")
+    for key, entry in results.data["summary"].items():
+        log(f"ratio {key}: " + ", ".join(f"{k} {v:.2f}x" for k, v in entry.items()))
+    return results.data
+
+
+if __name__ == "__main__":
+    main()
