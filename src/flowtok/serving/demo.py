@@ -144,7 +144,8 @@ def build_app(pipeline: FlowTokPipeline, max_upload_mb: float = 10.0, queue_size
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
                 n_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(label="Images", columns=MAX_IMAGES, format="png", elem_id="gallery")
+            gallery = gr.Gallery(label="Images", columns=MAX_IMAGES, height=320, object_fit="contain",
+                                 preview=False, fit_columns=False, format="png", elem_id="gallery")
             gr.Examples(EXAMPLE_PROMPTS, inputs=prompt)
             inputs = [prompt, steps, guidance, seed, n_images]
             # preprocess=False here and below: the handlers check every raw value themselves, so a
@@ -157,7 +158,7 @@ def build_app(pipeline: FlowTokPipeline, max_upload_mb: float = 10.0, queue_size
         with gr.Tab("Image to text", id="i2t"):
             with gr.Row():
                 image = gr.Image(label=f"Image (up to {max_upload_mb:g} MB)", type="filepath",
-                                 sources=["upload", "clipboard"], elem_id="upload")
+                                 sources=["upload", "clipboard"], height=320, elem_id="upload")
                 with gr.Column():
                     caption_steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Steps")
                     caption_button = gr.Button("Caption", variant="primary", elem_id="caption-button")
