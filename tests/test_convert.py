@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -344,6 +345,10 @@ def test_cli_errors_are_one_line(paper_presets_tiny, tmp_path: Path, capsys) -> 
     torch.save(broken, tmp_path / "missing.pth")
     err = _cli_error(["--from-official", str(tmp_path / "missing.pth"), "--kind", "flow-xl", "--out", out], capsys)
     assert "missing weight 'blocks.1.mlp.fc1.weight'" in err
+    ImageTokenizer(replace(TOK, token_channels=2)).save_pretrained(tmp_path / "tok2")
+    err = _cli_error(["--from-official", str(tmp_path / "xl.pth"), "--kind", "flow-xl", "--tokenizer",
+                      str(tmp_path / "tok2"), "--out", out], capsys)
+    assert f"tokenizer latents are {K} x 2" in err
     err = _cli_error(["--from-official", str(tmp_path / "nope.pth"), "--kind", "flow-xl", "--out", out], capsys)
     assert "not found" in err
     assert not Path(out).exists()

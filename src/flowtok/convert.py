@@ -320,7 +320,8 @@ def convert_flow(path: str | os.PathLike, out: str | os.PathLike, kind: str,
 
     if kind not in FLOW_KINDS:
         raise InvalidInputError(f"unknown flow kind '{kind}' (known: {', '.join(FLOW_KINDS)})")
-    tok = ImageTokenizer.from_pretrained(tokenizer) if tokenizer is not None else None
+    # The config is enough to check compatibility; assemble_pipeline loads the weights below.
+    tok_cfg = ImageTokenizer.read_config(tokenizer) if tokenizer is not None else None
     state = read_checkpoint(path)
     _check_kind(state, kind, str(path))
     flow_state, proj_state = split_flow_state_dict(state)
@@ -338,8 +339,8 @@ def convert_flow(path: str | os.PathLike, out: str | os.PathLike, kind: str,
     flow = _materialise(FlowTransformer, flow_cfg, flow_state, str(path), origin)
     projector = _materialise(TextProjector, proj_cfg, proj_state, str(path))
 
-    if tok is not None:
-        t = tok.config
+    if tok_cfg is not None:
+        t = tok_cfg
         if (t.num_latent_tokens, t.token_channels) != (flow_cfg.num_tokens, flow_cfg.in_channels):
             raise CheckpointError(
                 f"{tokenizer}: tokenizer latents are {t.num_latent_tokens} x {t.token_channels}, the flow model's "
@@ -355,7 +356,7 @@ def convert_flow(path: str | os.PathLike, out: str | os.PathLike, kind: str,
     flow.save_pretrained(out / "t2i_flow", dtype=dtype)
     del flow, projector, state, flow_state, proj_state
     text_encoder = {"name": "clip", "path": str(clip)}
-    if tok is not None:
+    if tokenizer is not None:
         # assemble_pipeline re-loads every component, so a folder that would not load fails now.
         return assemble_pipeline(out, {"tokenizer": tokenizer, "text_projector": out / "text_projector",
                                        "t2i_flow": out / "t2i_flow"},
