@@ -72,15 +72,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 1, iters: int = 3) -> dict[str, float]:
+def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 1, iters: int = 3,
+              max_timed_s: float | None = None) -> dict[str, float]:
     """Median wall time of ``fn()`` after ``warmup`` calls; the first call's time (compile, capture) apart.
 
-    Each call is seconds long (a whole sampling loop or a training step), so a host clock read after a
-    device synchronisation is exact enough and includes any host overhead a user would also pay.
+    Each call is up to seconds long (a whole sampling loop or a training step), so a host clock read
+    after a device synchronisation is exact enough and includes any host overhead a user would also
+    pay. Timed calls stop early once ``max_timed_s`` seconds are timed (at least one call), to fit
+    a benchmark of several-second calls into one device session.
     """
-    times = []
+    times: list[float] = []
     first = None
     for i in range(warmup + iters):
+        if times and max_timed_s is not None and sum(times) >= max_timed_s:
+            break
         sync(device)
         t0 = time.perf_counter()
         fn()
@@ -90,7 +95,7 @@ def time_call(fn: Callable[[], Any], device: torch.device, warmup: int = 1, iter
             first = dt
         if i >= warmup:
             times.append(dt)
-    return {"median_s": statistics.median(times), "min_s": min(times), "first_call_s": first, "iters": iters}
+    return {"median_s": statistics.median(times), "min_s": min(times), "first_call_s": first, "iters": len(times)}
 
 
 def reset_peak(device: torch.device) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -211,7 +212,7 @@ def run_flowtok(name: str, args, shapes: Shapes, device: torch.device, dtype: to
             sampler = make_sampler(flow, variant, args.steps, args.guidance)
 
             def flow_only(sampler=sampler, x0=x0, batch=batch) -> dict[str, Any]:
-                t = time_call(lambda: sampler(x0), device, args.warmup, args.iters)
+                t = time_call(lambda: sampler(x0), device, args.warmup, args.iters, args.item_seconds)
                 flops = per_sample * 2 * batch * args.steps  # CFG doubles the batch
                 tflops = flops / t["median_s"] / 1e12
                 return {**t, "images_per_s": batch / t["median_s"], "tflops": tflops,
@@ -236,45 +237,13 @@ def run_flowtok(name: str, args, shapes: Shapes, device: torch.device, dtype: to
                     # one chunk instead of paying a whole warm-up pipeline run.
                     with torch.no_grad():
                         decode(projector(states[: args.decode_chunk]).z)
-                    t = time_call(once, device, 0, args.iters)
+                    t = time_call(once, device, 0, args.iters, args.item_seconds)
                     return {**t, "images_per_s": batch / t["median_s"]}
 
                 results.run(f"{name} pipeline {variant} b{batch}", whole, device, budget, reserve,
                             model=name, part="pipeline", variant=variant, batch=batch)
             del sampler
             free_memory(device)
-    if args.fp8 and device.type == "cuda":
-        fp8_check(flow, name, args, device, dtype, results, budget)
-
-
-def fp8_check(flow, name, args, device, dtype, results, budget) -> None:
-    """Velocity error and speed of the FP8 path against bf16, when the library offers one."""
-    if not hasattr(FlowTransformer, "to_fp8"):
-        return
-    import copy
-
-    def measure() -> dict[str, Any]:
-        cfg = flow.config
-        batch = max(args.batches)
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(2 * batch, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
-        t = torch.rand(2 * batch, generator=gen).to(device)
-        null = (torch.arange(2 * batch) >= batch).to(device)
-        fp8 = copy.deepcopy(flow).to_fp8()
-        with torch.no_grad():
-            ref = flow(x, t, null).float()
-            out = fp8(x, t, null).float()
-        rel = ((out - ref).norm() / ref.norm()).item()
-        x0 = x[:batch]
-        a = time_call(lambda: euler_sample(flow, x0, args.steps, args.guidance), device, 1, args.iters)
-        b = time_call(lambda: euler_sample(fp8, x0, args.steps, args.guidance), device, 1, args.iters)
-        end_ref = euler_sample(flow, x0, args.steps, args.guidance).float()
-        end_fp8 = euler_sample(fp8, x0, args.steps, args.guidance).float()
-        return {"velocity_rel_error": rel, "sample_rel_error": ((end_fp8 - end_ref).norm() / end_ref.norm()).item(),
-                "bf16_images_per_s": batch / a["median_s"], "fp8_images_per_s": batch / b["median_s"],
-                "batch": batch}
-
-    results.run(f"{name} fp8 vs bf16", measure, device, budget, args.reserve_compile, model=name, part="fp8")
 
 
 def run_pixart(args, shapes: Shapes, device: torch.device, dtype: torch.dtype, results: Results, budget: Budget,
@@ -306,7 +275,7 @@ def run_pixart(args, shapes: Shapes, device: torch.device, dtype: torch.dtype, r
             sampler = make_sampler(velocity, variant, args.steps, args.guidance)
 
             def flow_only(sampler=sampler, x0=x0, batch=batch) -> dict[str, Any]:
-                t = time_call(lambda: sampler(x0), device, args.warmup, args.iters)
+                t = time_call(lambda: sampler(x0), device, args.warmup, args.iters, args.item_seconds)
                 tflops = per_sample * 2 * batch * args.steps / t["median_s"] / 1e12
                 return {**t, "images_per_s": batch / t["median_s"], "tflops": tflops,
                         "frac_of_mm": tflops / mm_rate if mm_rate else None}
@@ -324,7 +293,7 @@ def run_pixart(args, shapes: Shapes, device: torch.device, dtype: torch.dtype, r
 
                     with torch.no_grad():  # warm the VAE on one chunk (cuDNN picks its kernels)
                         decode(x0[: args.decode_chunk])
-                    t = time_call(once, device, 0, args.iters)
+                    t = time_call(once, device, 0, args.iters, args.item_seconds)
                     return {**t, "images_per_s": batch / t["median_s"]}
 
                 results.run(f"pixart pipeline {variant} b{batch}", whole, device, budget, reserve,
@@ -396,6 +365,35 @@ def summarise(results: Results) -> dict[str, Any]:
     return summary
 
 
+def plot(data: dict[str, Any], path: str | Path) -> None:
+    """Two panels: pipeline images/s (FlowTok vs PixArt, per variant), flow images/s of every model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [i for i in data["items"] if i.get("status") == "ok" and "images_per_s" in i]
+    batches = sorted({i["batch"] for i in ok})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, part in zip(axes, ("pipeline", "flow"), strict=True):
+        rows = sorted({(i["model"], i["variant"]) for i in ok if i["part"] == part},
+                      key=lambda mv: ([*FLOWTOK_MODELS, PIXART].index(mv[0]), mv[1]))
+        width = 0.8 / max(len(rows), 1)
+        for k, (model, variant) in enumerate(rows):
+            vals = [next((i["images_per_s"] for i in ok if i["part"] == part and i["model"] == model
+                          and i["variant"] == variant and i["batch"] == b), 0.0) for b in batches]
+            ax.bar([j + k * width for j in range(len(batches))], vals, width, label=f"{model} {variant}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_yscale("log")
+        ax.set_ylabel("images / s")
+        ax.set_title({"pipeline": "text latent -> image (whole pipeline)", "flow": "flow alone (20 steps, CFG)"}[part])
+        ax.legend(fontsize=7)
+    env = data["env"]
+    fig.suptitle(f"{env.get('gpu', env['device'])}, torch {env['torch']}, bf16, {env['date_utc'][:10]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None)
@@ -409,11 +407,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default 20; tiny: 2)")
     p.add_argument("--guidance", type=float, default=4.5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--iters", type=int, default=2, help="timed calls at most ...")
+    p.add_argument("--item-seconds", type=float, default=4.0, help="... and no more once this much is timed")
     p.add_argument("--decode-chunk", type=int, default=64, help="images per decoder call, both pipelines")
     p.add_argument("--no-text-encoders", action="store_true")
-    p.add_argument("--fp8", action="store_true", help="FP8 velocity error and speed (Hopper; if the library has it)")
     p.add_argument("--out", default=None, help="results JSON")
+    p.add_argument("--plot", default=None, help="PNG of the results")
+    p.add_argument("--plot-from", default=None, help="only redraw --plot from this results JSON")
     p.add_argument("--deadline", type=float, default=None, help="seconds from now; default $BENCH_DEADLINE")
     p.add_argument("--reserve", type=float, default=15.0, help="seconds an eager item needs to be started")
     p.add_argument("--reserve-compile", type=float, default=45.0, help="seconds a compiled item needs")
@@ -432,6 +432,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.plot_from:
+        data = json.loads(Path(args.plot_from).read_text())
+        plot(data, args.plot or Path(args.plot_from).with_suffix(".png"))
+        return data
     device = pick_device(args.device)
     dtype = torch.bfloat16
     shapes = tiny_shapes() if args.tiny else Shapes(tiny=False)
@@ -469,6 +473,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(f"{i['name']}: {i['status']} {i.get('reason', i.get('error', ''))[:120]}")
     for key, entry in results.data["summary"].items():
         log(f"ratio {key}: " + ", ".join(f"{k} {v:.2f}x" for k, v in entry.items()))
+    if args.plot:
+        plot(results.data, args.plot)
     return results.data
 
 
