@@ -179,6 +179,8 @@ class FlowTokPipeline:
 
     # ------------------------------------------------------------------------------------- encoders
     def _prompts(self, prompt: str | list[str]) -> list[str]:
+        if not isinstance(prompt, (str, list, tuple)):  # a dict or a generator would be silently iterated
+            raise InvalidInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise InvalidInputError("no prompt given")

@@ -26,6 +26,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # numpy seeds must be >= 0 and the per-step torch seed (seed * 1_000_003 + step) * 64 + rank must fit 64 bits.
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"seed must be an integer from 0 to 2**31 - 1, got {self.seed}")
+
 
 def build_run(config: str | Path | dict[str, Any], overrides: list[str] | None = None,
               device: str | None = None) -> Trainer:
@@ -42,7 +47,15 @@ def build_run(config: str | Path | dict[str, Any], overrides: list[str] | None =
     # resumed run could only ever match the run it resumed, never a fresh run of the same config.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(run.seed)
-        stage = stage_cls(stage_cfg, run.data, run.seed)
+        try:
+            stage = stage_cls(stage_cfg, run.data, run.seed)
+        except (RuntimeError, MemoryError, OverflowError, TypeError) as exc:
+            # Sizes that pass every per-field check can still be absurd (a 10**20-token latent, a
+            # terabyte of weights): torch's allocator message, on one line, beats its traceback.
+            if isinstance(exc, TypeError) and "Overflow" not in str(exc):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"the '{run.stage}' model cannot be built with these sizes: {first}") from None
     resolved = to_dict(run)
     resolved["model"] = to_dict(stage_cfg)
     return Trainer(stage, run.train, run.run_dir, seed=run.seed, device=device, resolved_config=resolved)

@@ -112,6 +112,14 @@ class Stage(nn.Module):
         raise NotImplementedError
 
 
+def _nonfinite_key(batch: dict[str, Any]) -> str | None:
+    """The first floating-point tensor of ``batch`` holding NaN or inf, or None (one host sync when clean)."""
+    floats = [(k, v) for k, v in batch.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not floats or bool(torch.stack([torch.isfinite(v).all() for _, v in floats]).all()):
+        return None
+    return next(k for k, v in floats if not bool(torch.isfinite(v).all()))
+
+
 def _dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -237,9 +245,14 @@ class Trainer:
             lr = self.lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with self._autocast():
-                loss, metrics = forward(batch)
-            finite = bool(torch.isfinite(loss))
+            # Checked before the forward: models refuse NaN input with an error, which would end the run
+            # instead of applying nan_policy.
+            bad_input = _nonfinite_key(batch)
+            finite = bad_input is None
+            if finite:
+                with self._autocast():
+                    loss, metrics = forward(batch)
+                finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -247,7 +260,8 @@ class Trainer:
             if not finite:
                 opt.zero_grad(set_to_none=True)
                 nan_run += 1
-                msg = f"non-finite loss or gradient at step {step}"
+                msg = (f"non-finite values in batch['{bad_input}'] at step {step}" if bad_input is not None
+                       else f"non-finite loss or gradient at step {step}")
                 if cfg.nan_policy == "stop" or nan_run > cfg.max_consecutive_nan:
                     why = "nan_policy is 'stop'" if cfg.nan_policy == "stop" else f"{nan_run} in a row"
                     raise NonFiniteLossError(f"{msg} ({why}); stopping, weights and EMA left untouched; "
