@@ -18,12 +18,16 @@ class EMA:
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
         d = self._decay_at(step)
-        for k, v in module.state_dict().items():
-            s = self.shadow[k]
-            if v.is_floating_point():
-                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
-            else:
-                s.copy_(v)
+        state = module.state_dict()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        # Two fused kernels for all tensors instead of two per tensor: small models are launch-bound.
+        shadow = [self.shadow[k] for k in floats]
+        current = [state[k].detach().float() for k in floats]
+        torch._foreach_mul_(shadow, d)
+        torch._foreach_add_(shadow, current, alpha=1 - d)
+        for k, v in state.items():
+            if not v.is_floating_point():
+                self.shadow[k].copy_(v)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

@@ -21,7 +21,6 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import ConfigError
-from ..flow.objective import binned_losses
 from .data import DataConfig, build_source
 from .trainer import Stage
 
@@ -163,6 +162,9 @@ def _load_tokenizer(path: str, device):
 class T2IStageConfig:
     tokenizer_path: str = ""
     text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
+    # A trained projector folder to keep frozen (e.g. from a text-autoencoder run); empty: train one
+    # jointly with the flow (flow + KL + alignment), as the paper does.
+    projector_path: str = ""
     projector_preset: str = "shapes"
     projector: dict[str, Any] = field(default_factory=dict)
     flow_preset: str = "shapes"
@@ -191,14 +193,22 @@ class T2IStage(Stage):
         self.cfg, self.data_cfg, self.seed = cfg, data, seed
         tok_cfg = ImageTokenizer.read_config(cfg.tokenizer_path)
         k, c = tok_cfg.num_latent_tokens, tok_cfg.token_channels
-        pcfg = _preset(PROJECTOR_PRESETS, cfg.projector_preset, cfg.projector, "model.projector")
         fcfg = _preset(FLOW_PRESETS, cfg.flow_preset, cfg.flow, "model.flow")
+        self.frozen = _Frozen(tokenizer=None, encoder=None, source=None, projector=None)
+        if cfg.projector_path:
+            self.frozen.projector = _freeze(TextProjector.from_pretrained(cfg.projector_path))
+            pcfg = self.frozen.projector.config
+        else:
+            pcfg = _preset(PROJECTOR_PRESETS, cfg.projector_preset, cfg.projector, "model.projector")
+            self.projector = TextProjector(pcfg)
         check_latent_shapes(k, c, pcfg, fcfg)
-        self.projector = TextProjector(pcfg)
         self.flow = FlowTransformer(fcfg)
         self.objective = _objective(cfg.objective)
-        self.frozen = _Frozen(tokenizer=None, encoder=None, source=None)
         self.k = k
+
+    @property
+    def proj(self):
+        return self.frozen.projector if self.frozen.projector is not None else self.projector
 
     def setup(self, device: torch.device) -> None:
         from ..text import load_text_encoder
@@ -206,9 +216,11 @@ class T2IStage(Stage):
         self.device = device
         self.frozen.tokenizer = _load_tokenizer(self.cfg.tokenizer_path, device)
         self.frozen.encoder = load_text_encoder(self.cfg.text_encoder, max_length=self.k, device=device)
-        if self.frozen.encoder.dim != self.projector.config.text_dim:
+        if self.frozen.projector is not None:
+            self.frozen.projector.to(device)
+        if self.frozen.encoder.dim != self.proj.config.text_dim:
             raise ConfigError(f"text encoder width {self.frozen.encoder.dim} differs from "
-                              f"projector text_dim {self.projector.config.text_dim}")
+                              f"projector text_dim {self.proj.config.text_dim}")
         self.frozen.source = build_source(self.data_cfg, self.seed, device)
         _check_pretokenized(self.frozen.source, self.frozen.tokenizer, self.frozen.encoder)
 
@@ -226,6 +238,13 @@ class T2IStage(Stage):
         return b
 
     def forward(self, batch: dict[str, Any]):
+        if self.frozen.projector is not None:
+            with torch.no_grad():
+                out = self.frozen.projector(batch["text_states"], batch.get("text_mask"), sample=True)
+            fm, info = self.objective.loss(self.flow, out.z, batch["image_latents"])
+            metrics = {"flow": fm.detach()}
+            metrics.update(_binned(info["t"], info["per_sample_loss"]))
+            return fm, metrics
         out = self.projector(batch["text_states"], batch.get("text_mask"), sample=True)
         fm, info = self.objective.loss(self.flow, out.z, batch["image_latents"])
         kl = self.projector.kl_loss(out.mean, out.logvar)
@@ -233,8 +252,7 @@ class T2IStage(Stage):
                  if self.cfg.align_weight > 0 else torch.zeros((), device=fm.device))
         loss = fm + self.cfg.kl_weight * kl + self.cfg.align_weight * align
         metrics = {"flow": fm.detach(), "kl": kl.detach(), "align": align.detach()}
-        for name, v in binned_losses(info["t"], info["per_sample_loss"]).items():
-            metrics[f"flow_{name}"] = torch.tensor(v)
+        metrics.update(_binned(info["t"], info["per_sample_loss"]))
         return loss, metrics
 
     @torch.no_grad()
@@ -242,7 +260,7 @@ class T2IStage(Stage):
         from ..sampling import euler_sample
 
         ts = self.frozen.encoder.encode(captions)
-        z = self.projector(ts.states.float(), ts.mask, sample=False).z
+        z = self.proj(ts.states.float(), ts.mask, sample=False).z
         lat = euler_sample(self.flow, z, num_steps=steps, guidance_scale=guidance)
         tok = self.frozen.tokenizer
         text = ts.states.float() if tok.config.text_dim > 0 else None
@@ -253,6 +271,8 @@ class T2IStage(Stage):
         from ..data.shapes import judge_batch, scene_matches, shapes_batch
 
         n = self.cfg.eval_prompts
+        if n <= 0:
+            return {}, {}
         real, captions, scenes = shapes_batch(self.seed + 20_000, 0, n, split="test", num_objects=1,
                                               size=self.data_cfg.size, device=self.device)
         images = self.generate(captions, self.cfg.eval_steps, self.cfg.eval_guidance)
@@ -261,8 +281,17 @@ class T2IStage(Stage):
         return {"judge_acc_1obj": acc}, {"samples": _grid(torch.cat([real[:8], images[:8]]).float())}
 
     def export(self, out_dir: Path) -> None:
-        self.projector.save_pretrained(Path(out_dir) / "text_projector")
+        self.proj.save_pretrained(Path(out_dir) / "text_projector")  # frozen or trained: the one the flow used
         self.flow.save_pretrained(Path(out_dir) / "t2i_flow")
+
+
+def _binned(t: torch.Tensor, per_sample: torch.Tensor, bins: int = 4) -> dict[str, torch.Tensor]:
+    """Flow loss per quarter of t, kept on the device (the trainer syncs only at log steps)."""
+    idx = (t.detach().float() * bins).long().clamp(0, bins - 1)
+    sums = torch.zeros(bins, device=t.device).index_add_(0, idx, per_sample.detach().float())
+    counts = torch.zeros(bins, device=t.device).index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float))
+    means = sums / counts.clamp_min(1)
+    return {f"flow_t{i / bins:.2f}-{(i + 1) / bins:.2f}": means[i] for i in range(bins)}
 
 
 def _check_pretokenized(source, tokenizer, encoder) -> None:
@@ -490,8 +519,7 @@ class I2TStage(Stage):
     def forward(self, batch: dict[str, Any]):
         fm, info = self.objective.loss(self.flow, batch["image_latents"], batch["text_latents"])
         metrics = {"flow": fm.detach()}
-        for name, v in binned_losses(info["t"], info["per_sample_loss"]).items():
-            metrics[f"flow_{name}"] = torch.tensor(v)
+        metrics.update(_binned(info["t"], info["per_sample_loss"]))
         return fm, metrics
 
     @torch.no_grad()

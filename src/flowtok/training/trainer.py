@@ -234,7 +234,8 @@ class Trainer:
 
         nan_run = 0
         t_last, n_last = time.perf_counter(), 0
-        running: dict[str, float] = {}
+        running: dict[str, torch.Tensor] = {}
+        n_running = 0
         step = start
         t_begin = time.perf_counter()
         stop_at = cfg.steps
@@ -252,11 +253,10 @@ class Trainer:
             if finite:
                 with self._autocast():
                     loss, metrics = forward(batch)
-                finite = bool(torch.isfinite(loss))
-            if finite:
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                finite = bool(torch.isfinite(gnorm))
+                # One sync for both: a non-finite loss gives non-finite gradients, which are never applied.
+                finite = bool(torch.isfinite(gnorm) & torch.isfinite(loss.detach()))
             if not finite:
                 opt.zero_grad(set_to_none=True)
                 nan_run += 1
@@ -277,15 +277,16 @@ class Trainer:
                 ema.update(stage, step)
             step += 1
             n_last += self.local_batch * self.world
+            # Metrics stay on the device until a log step, so the loop never waits on the GPU for them.
             for k, v in {"loss": loss, **metrics}.items():
-                running[k] = running.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
-            running["_n"] = running.get("_n", 0) + 1
+                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                running[k] = running[k] + v if k in running else v
+            n_running += 1
             if bar is not None:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == stop_at:
                 dt = time.perf_counter() - t_last
-                n = running.pop("_n")
-                rec = {k: v / n for k, v in running.items()}
+                rec = {k: float(v) / max(n_running, 1) for k, v in running.items()}
                 rec.update(step=step, lr=lr, samples_per_s=n_last / max(dt, 1e-9))
                 self._log_jsonl(rec)
                 if writer is not None:
@@ -294,14 +295,16 @@ class Trainer:
                             writer.add_scalar(f"train/{k}", v, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
-                running, t_last, n_last = {}, time.perf_counter(), 0
+                running, t_last, n_last, n_running = {}, time.perf_counter(), 0, 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step != stop_at:
                 self._evaluate(ema, step, writer)
             if cfg.max_minutes > 0 and stop_at == cfg.steps:
-                over = torch.tensor(float(time.perf_counter() - t_begin > 60 * cfg.max_minutes), device=self.device)
+                over = time.perf_counter() - t_begin > 60 * cfg.max_minutes
                 if self.world > 1:
-                    dist.all_reduce(over)  # every rank stops at the same step
-                if over.item() > 0:
+                    flag = torch.tensor(float(over), device=self.device)
+                    dist.all_reduce(flag)  # every rank stops at the same step
+                    over = flag.item() > 0
+                if over:
                     stop_at = step
                     log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
             if step % cfg.ckpt_every == 0 or step == stop_at:
