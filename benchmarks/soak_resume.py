@@ -7,8 +7,9 @@ the tiny preset at 64 px on CPU, checkpointing every ``--ckpt-every`` steps. Kil
 - *checkpoint kills*: the run SIGKILLs itself at a chosen point of a checkpoint write (before or after
   each file, before or after the rename), through the test-only ``FLOWTOK_TEST_KILL_AT`` hook of
   :mod:`flowtok.training.checkpoint`, because a timer lands in those few milliseconds only by luck;
-- *timer kills*: the parent waits until the run has logged a new step, then a random 0 to
-  ``--window`` seconds, then sends SIGKILL (these land anywhere: a step, a checkpoint, the logging).
+- *timer kills*: the parent waits until the run has logged a new step, then a random time of 0 to
+  ``--window`` steps (timed on the reference run), then sends SIGKILL (these land anywhere: a step, a
+  checkpoint, the logging).
 
 Now and then (``--corrupt-every``) the newest checkpoint is damaged after a kill (truncated weights,
 a flipped byte in the optimizer state) to check that the resume names it and falls back to the one before.
@@ -18,7 +19,7 @@ the steps since that checkpoint may be lost (``ckpt_every``; twice that after a 
 
 CI runs 20 kills through ``tests/test_reliability_resume.py``. By hand, the long soak::
 
-    .venv/bin/python benchmarks/soak_resume.py --kills 100 --steps 200 --out runs/soak
+    .venv/bin/python benchmarks/soak_resume.py --kills 100 --out runs/soak
 
 prints a JSON summary (kills, where they landed, resumes, fallbacks, steps lost, wall time, peak RSS
 of the training processes) and exits non-zero if any check failed.
@@ -140,7 +141,14 @@ class SoakReport:
     failures: list[str] = field(default_factory=list)
 
 
-def soak(out: Path, kills: int = 20, steps: int = 48, ckpt_every: int = 2, seed: int = 0, window: float = 0.3,
+def _step_seconds(metrics: Path, batch: int) -> float:
+    """Median wall time of one step (checkpoint writes included) in the reference run."""
+    rates = sorted(batch / r["samples_per_s"] for r in map(json.loads, metrics.read_text().splitlines())
+                   if r.get("samples_per_s"))
+    return rates[len(rates) // 2]
+
+
+def soak(out: Path, kills: int = 20, steps: int = 80, ckpt_every: int = 2, seed: int = 0, window: float = 3.0,
          corrupt_every: int = 7, timeout: float = 120.0) -> SoakReport:
     """Run the reference and the killed-and-resumed training under ``out`` and compare; see the module doc."""
     t0 = time.perf_counter()
@@ -163,6 +171,8 @@ def soak(out: Path, kills: int = 20, steps: int = 48, ckpt_every: int = 2, seed:
         rep.failures.append(f"reference run failed: {ref.stderr.strip().splitlines()[-1:]}")
         return rep
 
+    # Timer kills are spread over a few steps' time, whatever the machine's speed.
+    step_s = _step_seconds(out / "reference" / "metrics.jsonl", tiny_tokenizer_config(out, 1, 1)["train"]["batch_size"])
     cfg = config("killed")
     run_dir = out / "killed"
     ckpt_dir, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
@@ -188,7 +198,7 @@ def soak(out: Path, kills: int = 20, steps: int = 48, ckpt_every: int = 2, seed:
                 deadline = time.monotonic() + timeout
                 while proc.poll() is None and not _logged_steps(metrics, offset) and time.monotonic() < deadline:
                     time.sleep(0.01)
-                time.sleep(rng.uniform(0, window))
+                time.sleep(rng.uniform(0, window * step_s))
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
             try:
@@ -269,14 +279,15 @@ def _check_resume(rep: SoakReport, text: str, expected: int, fallback_from: Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=100)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default 4 per kill: a run nets about 1.5 steps between kills)")
     p.add_argument("--ckpt-every", type=int, default=2)
-    p.add_argument("--window", type=float, default=0.3, help="timer kills: seconds of random delay at most")
+    p.add_argument("--window", type=float, default=3.0, help="timer kills: random delay of at most this many steps")
     p.add_argument("--corrupt-every", type=int, default=7, help="damage the newest checkpoint every N kills (0: never)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/soak_resume")
     args = p.parse_args(argv)
-    rep = soak(Path(args.out), kills=args.kills, steps=args.steps, ckpt_every=args.ckpt_every, seed=args.seed,
+    rep = soak(Path(args.out), kills=args.kills, steps=args.steps or 4 * args.kills, ckpt_every=args.ckpt_every, seed=args.seed,
                window=args.window, corrupt_every=args.corrupt_every)
     print(json.dumps({"command": " ".join(sys.argv), **asdict(rep)}, indent=2))
     return 1 if rep.failures else 0

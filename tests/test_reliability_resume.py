@@ -32,7 +32,7 @@ def _soak_module():
 
 def test_twenty_sigkills_resume_to_identical_weights(tmp_path):
     soak = _soak_module()
-    rep = soak.soak(tmp_path / "soak", kills=20, steps=48, ckpt_every=2, seed=0, corrupt_every=7)
+    rep = soak.soak(tmp_path / "soak", kills=20, steps=80, ckpt_every=2, seed=0, corrupt_every=7)
     assert rep.failures == []
     assert rep.kills == 20 and rep.timer_kills == 10
     assert sum(rep.checkpoint_kills.values()) == 10
