@@ -125,8 +125,13 @@ class StreamSource:
         from ..data.readers import WebDatasetReader
 
         while True:  # endless epochs
-            yield from WebDatasetReader(self.cfg.path, resolution=self.cfg.size, crop=self.cfg.crop,
-                                        on_error=self.cfg.on_error)
+            got = 0
+            for item in WebDatasetReader(self.cfg.path, resolution=self.cfg.size, crop=self.cfg.crop,
+                                         on_error=self.cfg.on_error):
+                got += 1
+                yield item
+            if got == 0:  # every sample was skipped: stop instead of looping over the shards forever
+                raise DataError(f"no usable sample in {self.cfg.path} (all skipped or the shards are empty)")
 
     def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         start = (step * world + rank) * local_batch
