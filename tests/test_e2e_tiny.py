@@ -145,3 +145,19 @@ def test_pretokenized_shape_mismatch(tiny_pipeline, tmp_path):
     (lat / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="pre-tokenised latents"):
         build_run(cfg, device="cpu").fit()
+
+
+def test_tokenizer_stage_with_patchgan(tmp_path):
+    model = {"preset": "tiny", "overrides": {"text_dim": 0, "image_size": 64, "patch_size": 16}, "eval_images": 2,
+             "loss": {"discriminator_weight": 0.1, "discriminator_start": 2, "perceptual_weight": 1.0}}
+    cfg = {"stage": "tokenizer", "run_dir": str(tmp_path / "gan"), "data": DATA, "train": TRAIN, "model": model}
+    trainer = build_run(cfg, device="cpu")
+    disc = trainer.stage.loss_fn.discriminator
+    before = {k: v.clone() for k, v in disc.state_dict().items()}
+    trainer.fit()
+    import json
+
+    recs = [json.loads(x) for x in (tmp_path / "gan" / "metrics.jsonl").read_text().splitlines()]
+    assert any("disc_hinge" in r for r in recs)  # the discriminator trained from step 2
+    assert any(not torch.equal(before[k], v) for k, v in disc.state_dict().items())
+    assert trainer.stage.loss_fn.perceptual is None  # no VGG weights here: warned and skipped

@@ -68,6 +68,9 @@ class TokenizerStageConfig:
     preset: str = "shapes-128"
     overrides: dict[str, Any] = field(default_factory=dict)
     kl_weight: float = 1e-6
+    # Further TokenizerLossConfig fields: perceptual_weight / perceptual_weights / require_perceptual,
+    # discriminator_weight / discriminator_start / lecam_weight (PatchGAN, hinge + LeCam), reconstruction.
+    loss: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
     eval_images: int = 64
 
@@ -84,6 +87,11 @@ class TokenizerStage(Stage):
         if data.size != tcfg.image_size:
             raise ConfigError(f"data.size {data.size} differs from the tokenizer image_size {tcfg.image_size}")
         self.tokenizer = ImageTokenizer(tcfg)
+        from ..tokenizer import TokenizerLoss, TokenizerLossConfig
+
+        # A registered child: the discriminator (when on) is trained by the same optimizer and checkpointed.
+        self.loss_fn = TokenizerLoss(from_dict(TokenizerLossConfig, {"kl_weight": cfg.kl_weight, **cfg.loss},
+                                               "model.loss"))
         self.frozen = _Frozen(encoder=None, source=None)
 
     def setup(self, device: torch.device) -> None:
@@ -104,15 +112,23 @@ class TokenizerStage(Stage):
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         b = self.frozen.source.get(step, local_batch, rank, world)
         b["text_states"] = self._text(b["captions"])
+        b["step"] = step
         return b
 
     def forward(self, batch: dict[str, Any]):
-        images = batch["images"]
+        images, step = batch["images"], batch["step"]
         recon, posterior = self.tokenizer(images, text_states=batch["text_states"], sample=True)
-        mse = torch.mean((recon.float() - images.float()) ** 2)
-        kl = posterior.kl().mean()
-        loss = mse + self.cfg.kl_weight * kl
-        return loss, {"mse": mse.detach(), "kl": kl.detach()}
+        loss, parts = self.loss_fn(images, recon, posterior, step)
+        metrics = {"mse": torch.mean((recon.detach().float() - images.float()) ** 2), "kl": parts["kl_raw"]}
+        metrics.update({k: v for k, v in parts.items() if k in ("perceptual", "adversarial")})
+        if self.loss_fn.adversarial_active(step):
+            # The generator term cannot move the discriminator and this term cannot move the generator
+            # (reconstructions are detached), so one backward and one optimizer serve both.
+            d_loss, d_parts = self.loss_fn.discriminator_loss(images, recon)
+            loss = loss + d_loss
+            metrics.update(disc_hinge=d_parts["hinge"], disc_logits_real=d_parts["logits_real"],
+                           disc_logits_fake=d_parts["logits_fake"])
+        return loss, metrics
 
     @torch.no_grad()
     def evaluate(self, step: int):
