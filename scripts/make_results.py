@@ -24,6 +24,14 @@ from flowtok.eval import shapes_bench as bench
 from flowtok.pipelines import FlowTokPipeline
 
 
+def _shown(path) -> str:
+    """The model path relative to the working directory when it lies below it (no machine paths in docs)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
@@ -84,7 +92,7 @@ def main() -> None:
 
     env = {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-           "threads": args.threads, "model": str(pipe.model_path), "steps": steps0, "guidance": g0,
+           "threads": args.threads, "model": _shown(pipe.model_path), "steps": steps0, "guidance": g0,
            "command": "python scripts/make_results.py " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
            "elapsed_s": round(elapsed, 1)}
