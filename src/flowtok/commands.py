@@ -15,7 +15,7 @@ DEFAULT_SHOWCASE_PROMPTS = [
     "a large red circle in the top left",
     "a small blue square at the center",
     "a large green triangle on the right",
-    "a yellow star to the left of a purple circle",
+    "a small yellow star to the left of a large purple circle",
 ]
 
 
