@@ -161,3 +161,31 @@ def test_tokenizer_stage_with_patchgan(tmp_path):
     assert any("disc_hinge" in r for r in recs)  # the discriminator trained from step 2
     assert any(not torch.equal(before[k], v) for k, v in disc.state_dict().items())
     assert trainer.stage.loss_fn.perceptual is None  # no VGG weights here: warned and skipped
+
+
+def test_distill_stage_gives_a_few_step_student(tiny_pipeline, tmp_path):
+    import json
+
+    model = {"teacher_path": str(tiny_pipeline / "t2i_flow"), "tokenizer_path": str(tiny_pipeline / "tokenizer"),
+             "projector_path": str(tiny_pipeline / "text_projector"), "teacher_steps": 4, "student_steps": [1, 2],
+             "init_from_teacher": False}
+    train = {**TRAIN, "steps": 30, "log_every": 10, "lr": 3e-3, "ema_decay": 0.0}
+    cfg = {"stage": "distill", "run_dir": str(tmp_path / "d"), "data": DATA, "train": train, "model": model}
+    out = build_run(cfg, device="cpu").fit()
+    recs = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+    assert recs[-1]["segment_mse"] < recs[0]["segment_mse"]
+    # The student is a drop-in flow model: a pipeline with it generates in one step.
+    student_pipe = assemble_pipeline(tmp_path / "student", {
+        "tokenizer": tiny_pipeline / "tokenizer", "text_projector": tiny_pipeline / "text_projector",
+        "t2i_flow": out / "t2i_flow"})
+    pipe = FlowTokPipeline.from_pretrained(student_pipe, device="cpu")
+    img = pipe.text_to_image("a red circle", num_inference_steps=1, guidance_scale=1.0, output_type="np")
+    assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
+
+
+def test_distill_config_errors(tiny_pipeline, tmp_path):
+    model = {"teacher_path": str(tiny_pipeline / "t2i_flow"), "tokenizer_path": str(tiny_pipeline / "tokenizer"),
+             "projector_path": str(tiny_pipeline / "text_projector"), "teacher_steps": 20, "student_steps": [3]}
+    cfg = {"stage": "distill", "run_dir": str(tmp_path / "d"), "data": DATA, "train": TRAIN, "model": model}
+    with pytest.raises(ConfigError, match="divide"):
+        build_run(cfg, device="cpu")

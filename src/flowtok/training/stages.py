@@ -7,6 +7,8 @@
   ``train_projector: true`` it trains both as a text autoencoder.
 - ``i2t``: a second FlowTok transformer, image latent (t=0) -> text latent (t=1); KL and alignment
   weights are 0 in the paper, so the projector is simply frozen here.
+- ``distill``: a 1-, 2- or 4-step student of a trained flow (either direction), see
+  :class:`DistillStageConfig`.
 """
 
 from __future__ import annotations
@@ -575,9 +577,106 @@ class I2TStage(Stage):
         self.flow.save_pretrained(Path(out_dir) / "i2t_flow")
 
 
+# -------------------------------------------------------------------------------------------- distill
+@dataclass
+class DistillStageConfig:
+    """Few-step student of a trained flow, by trajectory-segment distillation.
+
+    The teacher integrates each batch with ``teacher_steps`` Euler steps (guidance ``teacher_guidance``
+    applied there). For every sample a student step count k is drawn from ``student_steps`` and a
+    segment [j/k, (j+1)/k] of that trajectory; the student, a FlowTransformer (initialised from the
+    teacher), is trained so that ONE Euler step of its velocity lands where the teacher landed:
+    x(t_a) + (t_b - t_a) v_student(x(t_a), t_a) = x(t_b). A k-step Euler run of the student on the
+    uniform grid then reproduces the teacher's guided endpoint, so guidance is baked in (sample the
+    student with guidance 1). Chosen over consistency/MeanFlow training because FlowTok's source has
+    no noise: every x0 has one teacher trajectory, so matching it segment by segment is a plain
+    regression with exact targets and no extra network inputs, and the student stays a drop-in
+    FlowTransformer that the pipeline, the samplers and `--steps k` use unchanged.
+    """
+
+    teacher_path: str = ""
+    direction: Literal["t2i", "i2t"] = "t2i"
+    tokenizer_path: str = ""
+    projector_path: str = ""
+    text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
+    teacher_steps: int = 20
+    teacher_guidance: float = 1.0
+    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    init_from_teacher: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.teacher_path or not self.tokenizer_path or not self.projector_path:
+            raise ConfigError("model.teacher_path, model.tokenizer_path and model.projector_path are required")
+        bad = [k for k in self.student_steps if k < 1 or self.teacher_steps % k]
+        if not self.student_steps or bad:
+            raise ConfigError(f"model.student_steps must divide teacher_steps {self.teacher_steps}; got {bad or '[]'}")
+
+
+class DistillStage(Stage):
+    name: ClassVar[str] = "distill"
+
+    def __init__(self, cfg: DistillStageConfig, data: DataConfig, seed: int) -> None:
+        super().__init__()
+        from ..flow import FlowTransformer
+
+        self.cfg, self.data_cfg, self.seed = cfg, data, seed
+        teacher = _freeze(FlowTransformer.from_pretrained(cfg.teacher_path))
+        self.student = FlowTransformer(teacher.config)
+        if cfg.init_from_teacher:
+            self.student.load_state_dict(teacher.state_dict())
+        self.frozen = _Frozen(teacher=teacher, tokenizer=None, projector=None, encoder=None, source=None)
+
+    def setup(self, device: torch.device) -> None:
+        from ..text import TextProjector, load_text_encoder
+
+        self.device = device
+        self.frozen.teacher.to(device)
+        self.frozen.tokenizer = _load_tokenizer(self.cfg.tokenizer_path, device)
+        self.frozen.projector = _freeze(TextProjector.from_pretrained(self.cfg.projector_path, device=device))
+        k = self.frozen.tokenizer.config.num_latent_tokens
+        self.frozen.encoder = load_text_encoder(self.cfg.text_encoder, max_length=k, device=device)
+        self.frozen.source = build_source(self.data_cfg, self.seed, device)
+
+    @torch.no_grad()
+    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        from ..sampling import euler_sample
+
+        b = self.frozen.source.get(step, local_batch, rank, world)
+        tok = self.frozen.tokenizer
+        image = (b["image_latents_raw"] if "image_latents_raw" in b else tok.encode(b["images"])) * tok.scale_factor
+        if "text_states" in b:
+            states, mask = b["text_states"], b["text_mask"]
+        else:
+            ts = self.frozen.encoder.encode(b["captions"])
+            states, mask = ts.states.float(), ts.mask
+        text = self.frozen.projector(states, mask, sample=False).mean
+        x0 = text if self.cfg.direction == "t2i" else image
+        _, traj = euler_sample(self.frozen.teacher, x0, num_steps=self.cfg.teacher_steps,
+                               guidance_scale=self.cfg.teacher_guidance, return_trajectory=True)
+        n, bsz = self.cfg.teacher_steps, x0.shape[0]
+        choices = torch.tensor(self.cfg.student_steps, device=x0.device)
+        ks = choices[torch.randint(len(choices), (bsz,), device=x0.device)]
+        j = (torch.rand(bsz, device=x0.device) * ks).long().clamp(max=ks - 1)
+        ia, ib = j * (n // ks), (j + 1) * (n // ks)
+        rows = torch.arange(bsz, device=x0.device)
+        return {"x_a": traj[ia, rows], "x_b": traj[ib, rows], "t_a": ia.float() / n, "t_b": ib.float() / n}
+
+    def forward(self, batch: dict[str, Any]):
+        null = torch.zeros_like(batch["t_a"], dtype=torch.long)
+        v = self.student(batch["x_a"], batch["t_a"], null)
+        pred = batch["x_a"] + (batch["t_b"] - batch["t_a"])[:, None, None] * v.float()
+        loss = torch.mean((pred - batch["x_b"]) ** 2)
+        return loss, {"segment_mse": loss.detach()}
+
+    def export(self, out_dir: Path) -> None:
+        name = "t2i_flow" if self.cfg.direction == "t2i" else "i2t_flow"
+        self.student.save_pretrained(Path(out_dir) / name)
+
+
 STAGES: dict[str, tuple[type[Stage], type]] = {
     "tokenizer": (TokenizerStage, TokenizerStageConfig),
     "t2i": (T2IStage, T2IStageConfig),
     "text_decoder": (TextDecoderStage, TextDecoderStageConfig),
     "i2t": (I2TStage, I2TStageConfig),
+    "distill": (DistillStage, DistillStageConfig),
 }
