@@ -71,6 +71,16 @@ def _check_batch_size(batch_size: int | None, n: int) -> int:
     return batch_size
 
 
+def _component_classes() -> dict[str, type]:
+    """The model class of each pipeline component (imported lazily: they pull in torch-heavy modules)."""
+    from .flow import FlowTransformer
+    from .text import TextDecoder, TextProjector
+    from .tokenizer import ImageTokenizer
+
+    return {"tokenizer": ImageTokenizer, "text_projector": TextProjector, "t2i_flow": FlowTransformer,
+            "i2t_flow": FlowTransformer, "text_decoder": TextDecoder}
+
+
 def resolve_model_path(path: str | os.PathLike | None) -> Path:
     """A local folder, the bundled model (None), or a Hub repo id downloaded to the local cache."""
     if path is None:
@@ -123,9 +133,7 @@ class FlowTokPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> FlowTokPipeline:
-        from .flow import FlowTransformer
-        from .text import TextDecoder, TextProjector, load_text_encoder
-        from .tokenizer import ImageTokenizer
+        from .text import load_text_encoder
 
         root = resolve_model_path(path)
         try:
@@ -135,8 +143,7 @@ class FlowTokPipeline:
         if not isinstance(spec, dict) or spec.get("pipeline_type") != "flowtok":
             raise CheckpointError(f"{root / PIPELINE_FILE} does not describe a flowtok pipeline")
         comps = spec.get("components", {})
-        classes = {"tokenizer": ImageTokenizer, "text_projector": TextProjector, "t2i_flow": FlowTransformer,
-                   "i2t_flow": FlowTransformer, "text_decoder": TextDecoder}
+        classes = _component_classes()
         loaded: dict[str, Any] = {}
         for name, klass in classes.items():
             sub = comps.get(name)
@@ -196,7 +203,7 @@ class FlowTokPipeline:
         return (out.z if sample else out.mean), states
 
     def _image_tensor(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
-        from .data.readers import MAX_IMAGE_PIXELS, _to_rgb, load_image
+        from .data.readers import MAX_IMAGE_PIXELS, _to_rgb, load_image, resize_and_crop
 
         size = self.tokenizer.config.image_size
         if isinstance(images, torch.Tensor):
@@ -235,7 +242,7 @@ class FlowTokPipeline:
                 img = _to_rgb(item)
             else:
                 img = load_image(item)
-            arrays.append(_square_resize(img, size))
+            arrays.append(np.asarray(resize_and_crop(img, size).convert("RGB"), dtype=np.uint8))
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
         return batch.to(self.device, self.dtype)
 
@@ -377,17 +384,6 @@ class FlowTokPipeline:
 _RANGE_SLACK = 0.25  # as the tokenizer: bicubic rings overshoot [0, 1] a little, [0, 255] input much more
 
 
-def _square_resize(img: Image.Image, size: int) -> np.ndarray:
-    """Centre-crop to a square and resize with antialiasing; returns uint8 HWC."""
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    img = img.crop((left, top, left + s, top + s))
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC if s < size else Image.Resampling.LANCZOS)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
 def assemble_pipeline(out: str | os.PathLike, components: dict[str, str | os.PathLike],
                       text_encoder: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None,
                       dtype: torch.dtype | None = None) -> Path:
@@ -396,12 +392,7 @@ def assemble_pipeline(out: str | os.PathLike, components: dict[str, str | os.Pat
     ``components`` maps names from :data:`COMPONENTS` to ``save_pretrained`` folders; each is loaded
     (so a broken one fails here, not at a user's first call) and re-saved, in ``dtype`` if given.
     """
-    from .flow import FlowTransformer
-    from .text import TextDecoder, TextProjector
-    from .tokenizer import ImageTokenizer
-
-    classes = {"tokenizer": ImageTokenizer, "text_projector": TextProjector, "t2i_flow": FlowTransformer,
-               "i2t_flow": FlowTransformer, "text_decoder": TextDecoder}
+    classes = _component_classes()
     unknown = sorted(set(components) - set(classes))
     if unknown:
         raise InvalidInputError(f"unknown pipeline component '{unknown[0]}' (known: {', '.join(classes)})")

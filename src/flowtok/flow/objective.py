@@ -122,17 +122,34 @@ class FlowObjective:
         return loss, info
 
 
+def _bin_sums(t: torch.Tensor, per_sample_loss: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = (t.detach().float() * bins).long().clamp_(0, bins - 1)
+    sums = torch.zeros(bins, device=t.device).index_add_(0, idx, per_sample_loss.detach().float())
+    counts = torch.zeros(bins, device=t.device).index_add_(0, idx, torch.ones_like(sums[idx]))
+    return sums, counts
+
+
+def _bin_name(i: int, bins: int) -> str:
+    return f"t{i / bins:.2f}-{(i + 1) / bins:.2f}"
+
+
 def binned_losses(t: torch.Tensor, per_sample_loss: torch.Tensor, bins: int = 4) -> dict[str, float]:
     """Mean loss per equal-width bin of t, e.g. ``{"t0.00-0.25": 0.41, ...}``; empty bins are left out.
 
     A cheap diagnostic: the flow is hardest near the middle of the path and easiest at the ends.
     Syncs with the host once (it exists to produce logging numbers).
     """
-    idx = (t.detach().float() * bins).long().clamp_(0, bins - 1)
-    sums = torch.zeros(bins, device=t.device).index_add_(0, idx, per_sample_loss.detach().float())
-    counts = torch.zeros(bins, device=t.device).index_add_(0, idx, torch.ones_like(sums[idx]))
+    sums, counts = _bin_sums(t, per_sample_loss, bins)
     out = {}
     for i, (s, c) in enumerate(zip(sums.tolist(), counts.tolist())):
         if c > 0:
-            out[f"t{i / bins:.2f}-{(i + 1) / bins:.2f}"] = s / c
+            out[_bin_name(i, bins)] = s / c
     return out
+
+
+def binned_loss_tensors(t: torch.Tensor, per_sample_loss: torch.Tensor, bins: int = 4) -> dict[str, torch.Tensor]:
+    """:func:`binned_losses` without the host sync: 0-d tensors on the device (0 for an empty bin),
+    for a training loop that reads its metrics only at log steps."""
+    sums, counts = _bin_sums(t, per_sample_loss, bins)
+    means = sums / counts.clamp_min(1)
+    return {_bin_name(i, bins): means[i] for i in range(bins)}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -145,10 +144,3 @@ class StreamSource:
             self._pos += 1
         images = torch.stack([it[0] for it in items]).to(self.device)
         return {"images": images, "captions": [it[1] for it in items], "scenes": None}
-
-
-def existing(path: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"data path not found: {p}")
-    return p

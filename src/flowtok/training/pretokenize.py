@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +67,7 @@ def pretokenize(source, n: int, out_dir: str | Path, tokenizer, text_encoder, ba
         done += take
         step += 1
         bar.update(take)
-        if sum(len(x) for x in buf["image_latents"]) and len(buf["meta"]) >= shard_size:
+        if len(buf["meta"]) >= shard_size:
             flush()
     flush()
     bar.close()
@@ -124,7 +123,3 @@ class LatentShards:
         return {"image_latents_raw": t["image_latents"].float(), "text_states": t["text_states"].float(),
                 "text_mask": t["text_mask"].bool(), "input_ids": t["input_ids"].long(),
                 "captions": [r["caption"] for r in recs], "scenes": scenes, "index": ix}
-
-
-def shard_count(n: int, shard_size: int) -> int:
-    return max(1, math.ceil(n / shard_size))

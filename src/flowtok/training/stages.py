@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import ConfigError
+from ..flow.objective import binned_loss_tensors
 from .data import DataConfig, build_source
 from .trainer import Stage
 
@@ -169,6 +170,16 @@ def _objective(cfg: FlowObjectiveConfig):
                          logit_std=cfg.logit_std, null_prob=cfg.null_prob)
 
 
+def _flow_bins(info: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"flow_{k}": v for k, v in binned_loss_tensors(info["t"], info["per_sample_loss"]).items()}
+
+
+def _image_latents(batch: dict[str, Any], tokenizer) -> torch.Tensor:
+    """Scaled image latents of a batch: pre-tokenised (stored unscaled) or encoded from its images."""
+    raw = batch["image_latents_raw"] if "image_latents_raw" in batch else tokenizer.encode(batch["images"])
+    return raw * tokenizer.scale_factor
+
+
 def _load_tokenizer(path: str, device):
     from ..tokenizer import ImageTokenizer
 
@@ -246,10 +257,7 @@ class T2IStage(Stage):
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         b = self.frozen.source.get(step, local_batch, rank, world)
         tok = self.frozen.tokenizer
-        if "image_latents_raw" in b:  # pre-tokenised data: unscaled latents
-            b["image_latents"] = b["image_latents_raw"] * tok.scale_factor
-        else:
-            b["image_latents"] = tok.encode(b["images"]) * tok.scale_factor
+        b["image_latents"] = _image_latents(b, tok)
         if "text_states" not in b:
             ts = self.frozen.encoder.encode(b["captions"])
             b["text_states"], b["text_mask"] = ts.states.float(), ts.mask
@@ -261,7 +269,7 @@ class T2IStage(Stage):
                 out = self.frozen.projector(batch["text_states"], batch.get("text_mask"), sample=True)
             fm, info = self.objective.loss(self.flow, out.z, batch["image_latents"])
             metrics = {"flow": fm.detach()}
-            metrics.update(_binned(info["t"], info["per_sample_loss"]))
+            metrics.update(_flow_bins(info))
             return fm, metrics
         out = self.projector(batch["text_states"], batch.get("text_mask"), sample=True)
         fm, info = self.objective.loss(self.flow, out.z, batch["image_latents"])
@@ -270,7 +278,7 @@ class T2IStage(Stage):
                  if self.cfg.align_weight > 0 else torch.zeros((), device=fm.device))
         loss = fm + self.cfg.kl_weight * kl + self.cfg.align_weight * align
         metrics = {"flow": fm.detach(), "kl": kl.detach(), "align": align.detach()}
-        metrics.update(_binned(info["t"], info["per_sample_loss"]))
+        metrics.update(_flow_bins(info))
         return loss, metrics
 
     @torch.no_grad()
@@ -301,15 +309,6 @@ class T2IStage(Stage):
     def export(self, out_dir: Path) -> None:
         self.proj.save_pretrained(Path(out_dir) / "text_projector")  # frozen or trained: the one the flow used
         self.flow.save_pretrained(Path(out_dir) / "t2i_flow")
-
-
-def _binned(t: torch.Tensor, per_sample: torch.Tensor, bins: int = 4) -> dict[str, torch.Tensor]:
-    """Flow loss per quarter of t, kept on the device (the trainer syncs only at log steps)."""
-    idx = (t.detach().float() * bins).long().clamp(0, bins - 1)
-    sums = torch.zeros(bins, device=t.device).index_add_(0, idx, per_sample.detach().float())
-    counts = torch.zeros(bins, device=t.device).index_add_(0, idx, torch.ones_like(per_sample, dtype=torch.float))
-    means = sums / counts.clamp_min(1)
-    return {f"flow_t{i / bins:.2f}-{(i + 1) / bins:.2f}": means[i] for i in range(bins)}
 
 
 def _check_pretokenized(source, tokenizer, encoder) -> None:
@@ -517,10 +516,7 @@ class I2TStage(Stage):
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         b = self.frozen.source.get(step, local_batch, rank, world)
         tok = self.frozen.tokenizer
-        if "image_latents_raw" in b:
-            b["image_latents"] = b["image_latents_raw"] * tok.scale_factor
-        else:
-            b["image_latents"] = tok.encode(b["images"]) * tok.scale_factor
+        b["image_latents"] = _image_latents(b, tok)
         if self.frozen.targets is not None and self.cfg.target == "mean":
             b["text_latents"] = self.frozen.targets.index_select(0, b["index"])
             return b
@@ -537,7 +533,7 @@ class I2TStage(Stage):
     def forward(self, batch: dict[str, Any]):
         fm, info = self.objective.loss(self.flow, batch["image_latents"], batch["text_latents"])
         metrics = {"flow": fm.detach()}
-        metrics.update(_binned(info["t"], info["per_sample_loss"]))
+        metrics.update(_flow_bins(info))
         return fm, metrics
 
     @torch.no_grad()
@@ -643,7 +639,7 @@ class DistillStage(Stage):
 
         b = self.frozen.source.get(step, local_batch, rank, world)
         tok = self.frozen.tokenizer
-        image = (b["image_latents_raw"] if "image_latents_raw" in b else tok.encode(b["images"])) * tok.scale_factor
+        image = _image_latents(b, tok)
         if "text_states" in b:
             states, mask = b["text_states"], b["text_mask"]
         else:
