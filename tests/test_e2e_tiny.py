@@ -26,7 +26,8 @@ def _run(tmp: Path, name: str, stage: str, model: dict) -> Path:
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("e2e")
-    tok = _run(tmp, "tok", "tokenizer", {"preset": "tiny", "overrides": {"text_dim": 0, "image_size": 64, "patch_size": 16}, "eval_images": 4})
+    tok = _run(tmp, "tok", "tokenizer", {"preset": "tiny", "overrides": {"text_dim": 0, "image_size": 64, "patch_size": 16}, "eval_images": 4,
+                                      "scale_images": 40})
     t2i = _run(tmp, "t2i", "t2i", {
         "tokenizer_path": str(tok / "tokenizer"), "projector_preset": "tiny", "projector": {"latent_channels": C},
         "flow_preset": "tiny", "flow": {"num_tokens": K, "in_channels": C}, "eval_prompts": 4, "eval_steps": 2})
@@ -40,6 +41,19 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     return assemble_pipeline(tmp / "pipe", {
         "tokenizer": tok / "tokenizer", "text_projector": t2i / "text_projector", "t2i_flow": t2i / "t2i_flow",
         "i2t_flow": i2t / "i2t_flow", "text_decoder": dec / "text_decoder"}, dtype=torch.float16)
+
+
+def test_tokenizer_export_measures_its_scale_factor(tiny_pipeline):
+    from flowtok.data.shapes import shapes_batch
+    from flowtok.tokenizer import ImageTokenizer
+
+    tok = ImageTokenizer.from_pretrained(tiny_pipeline.parent / "tok" / "export" / "tokenizer")
+    assert tok.scale_factor != 1.0143  # measured, not the preset's
+    images = torch.cat([shapes_batch(0, s, 10, split="train", size=64)[0] for s in range(0, 40, 10)])
+    with torch.no_grad():
+        z = tok.encode(images)
+    # The exported weights are the EMA's; the factor was measured on them (rounded to 4 decimals).
+    assert (z * tok.scale_factor).std().item() == pytest.approx(1.0, abs=2e-3)
 
 
 def test_runs_leave_config_metrics_and_checkpoints(tiny_pipeline):

@@ -11,6 +11,7 @@ import torch
 from flowtok.config import from_dict
 from flowtok.errors import ConfigError, InvalidInputError
 from flowtok.modeling import atomic_save_safetensors
+from flowtok.nn import SwiGLU, count_parameters
 from flowtok.nn.rope import RotaryEmbedding2D
 from flowtok.tokenizer import (
     TOKENIZER_PRESETS,
@@ -201,7 +202,32 @@ def test_paper_swiglu_widths() -> None:
     with torch.device("meta"):
         m = ImageTokenizer(replace(TINY, encoder_width=768, encoder_heads=12, decoder_width=1024, decoder_heads=16))
     assert m.encoder.blocks[0].mlp.w3.in_features == 2048
-    assert m.decoder.blocks[0].mlp.w3.in_features == 2730
+    dec = m.decoder.blocks[0].mlp
+    assert dec.hidden == 2730 and dec.w3.in_features == 2752  # held padded to a multiple of 64
+    sd = m.state_dict()  # checkpoints keep the released (unpadded) shapes
+    assert tuple(sd["decoder.blocks.0.mlp.w12.weight"].shape) == (2 * 2730, 1024)
+    assert tuple(sd["decoder.blocks.0.mlp.w3.weight"].shape) == (1024, 2730)
+
+
+def test_swiglu_padding_changes_nothing() -> None:
+    torch.manual_seed(0)
+    plain = SwiGLU(48, 85, multiple_of=1)
+    padded = SwiGLU(48, 85)
+    assert padded.padded == 128
+    padded.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 5, 48)
+    torch.testing.assert_close(padded(x), plain(x), rtol=0, atol=1e-6)
+    # Training keeps the padding at zero, and the state dict round-trips to the unpadded layer.
+    opt = torch.optim.AdamW(padded.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        padded(x).square().mean().backward()
+        opt.step()
+    assert padded.w12.weight[85:128].abs().max() == 0 and padded.w12.weight[213:].abs().max() == 0
+    assert padded.w3.weight[:, 85:].abs().max() == 0
+    plain.load_state_dict(padded.state_dict())
+    torch.testing.assert_close(plain(x), padded(x), rtol=0, atol=1e-6)
+    assert count_parameters(padded) == count_parameters(plain) == sum(p.numel() for p in plain.parameters())
 
 
 # -- RoPE ----------------------------------------------------------------------------------------

@@ -133,5 +133,7 @@ class PretrainedMixin:
         return model
 
     def num_params(self, trainable_only: bool = False) -> int:
-        params = self.parameters()  # type: ignore[attr-defined]
-        return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+        """Parameters as the checkpoint holds them (inference-only padding not counted)."""
+        from .nn import count_parameters
+
+        return count_parameters(self, trainable_only)  # type: ignore[arg-type]

@@ -2,10 +2,10 @@
 
 from .attention import Attention
 from .embeddings import TimestepEmbedder, sincos_1d, sincos_2d
-from .mlp import Mlp, SwiGLU
+from .mlp import Mlp, SwiGLU, count_parameters
 from .rope import RotaryEmbedding2D, rope_2d_tables, rotate_pairs
 
 __all__ = [
-    "Attention", "Mlp", "RotaryEmbedding2D", "SwiGLU", "TimestepEmbedder", "rope_2d_tables", "rotate_pairs",
+    "Attention", "Mlp", "count_parameters", "RotaryEmbedding2D", "SwiGLU", "TimestepEmbedder", "rope_2d_tables", "rotate_pairs",
     "sincos_1d", "sincos_2d",
 ]

@@ -75,7 +75,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InvalidInputError
 from ..modeling import PretrainedMixin
-from ..nn import Attention, Mlp, SwiGLU
+from ..nn import Attention, Mlp, SwiGLU, count_parameters
 from ..nn.rope import RotaryEmbedding2D
 
 # Images may overshoot [0, 1] a little (bicubic resizing rings); a range far outside it means the
@@ -164,8 +164,8 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     # parameters (the bundled model must stay small). The decoder reads no text: flat-coloured shapes
     # are fully described by the latent, and this keeps tokenizer training independent of the text encoder.
     # Measured: 300 s on one H100 (batch 128, bf16, torch.compile, AdamW lr 1e-3 cosine, L2 + KL 1e-6)
-    # gave 42.6 dB PSNR on held-out shapes (>= 32 dB after ~140 s); latent std 0.25, so set scale_factor
-    # from latent_scale_factor() (about 4) after training rather than keeping the paper's 1.0143.
+    # gave 42.6 dB PSNR on held-out shapes (>= 32 dB after ~140 s). Its latent std is ~0.3, not ~1: the
+    # tokenizer stage's export measures scale_factor (1 / std, 3.09 for the bundled model) on training images.
     "shapes-128": TokenizerConfig(
         image_size=128, patch_size=8, num_latent_tokens=32, token_channels=16,
         encoder_width=256, encoder_depth=4, encoder_heads=4,
@@ -333,6 +333,8 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, SwiGLU):  # apply() visits it after its Linears
+            module.zero_padding()
 
     @property
     def scale_factor(self) -> float:
@@ -449,6 +451,6 @@ def tokenizer_param_counts(preset: str | TokenizerConfig) -> dict[str, int]:
     config = get_tokenizer_config(preset) if isinstance(preset, str) else preset
     with torch.device("meta"):
         model = ImageTokenizer(config)
-    enc = sum(p.numel() for p in model.encoder.parameters())
-    dec = sum(p.numel() for p in model.decoder.parameters())
+    enc = count_parameters(model.encoder)
+    dec = count_parameters(model.decoder)
     return {"encoder": enc, "decoder": dec, "total": enc + dec}

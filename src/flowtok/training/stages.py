@@ -76,6 +76,10 @@ class TokenizerStageConfig:
     loss: dict[str, Any] = field(default_factory=dict)
     text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
     eval_images: int = 64
+    # The exported config's scale_factor is 1 / std of the latents of this many training images, so the
+    # flows see unit-variance latents (0 keeps the preset's value). An unscaled shapes tokenizer (std 0.32)
+    # left the image-to-text flow at 24% exact captions; scaled, 97%.
+    scale_images: int = 2048
 
 
 class TokenizerStage(Stage):
@@ -149,7 +153,25 @@ class TokenizerStage(Stage):
         grid = _grid(torch.cat([images[:8], recon[:8]]).float())
         return {"psnr": psnr, "judge_acc": acc}, {"recon": grid}
 
+    @torch.no_grad()
+    def measure_scale_factor(self, n: int, batch_size: int = 256) -> float:
+        """``1 / std`` of the (mean) latents of the first ``n`` training samples."""
+        from ..tokenizer import latent_scale_factor
+
+        lats = []
+        for step in range(-(-n // batch_size)):
+            images = self.frozen.source.get(step, batch_size, 0, 1)["images"].to(self.device)
+            lats.append(self.tokenizer.encode(images).float().cpu())
+        return latent_scale_factor(torch.cat(lats)[:n])
+
     def export(self, out_dir: Path) -> None:
+        if self.cfg.scale_images > 0:
+            was_training = self.tokenizer.training
+            self.tokenizer.eval()
+            self.tokenizer.config.scale_factor = round(self.measure_scale_factor(self.cfg.scale_images), 4)
+            self.tokenizer.train(was_training)
+            log.info("tokenizer scale_factor set to %s (latent std of %d training images)",
+                        self.tokenizer.config.scale_factor, self.cfg.scale_images)
         self.tokenizer.save_pretrained(Path(out_dir) / "tokenizer")
 
 
