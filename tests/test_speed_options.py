@@ -146,6 +146,18 @@ def test_train_benchmark_tiny(tmp_path):
     assert all(i["model_tflops"] > 0 for i in steps)
 
 
+def test_profile_benchmark_tiny(tmp_path):
+    bench = _bench("profile_sampling")
+    data = bench.main(["--tiny", "--device", "cpu", "--variants", "eager,graph", "--steps", "2", "--top", "5",
+                       "--out", str(tmp_path / "p.json")])
+    names = [i["name"] for i in data["items"]]
+    assert names == ["flow eager b2", "flow graph b2", "decoder b2", "projector b2"]
+    for item in data["items"]:
+        assert item["wall_s"] > 0 and 0 < len(item["top"]) <= 5
+        assert all(r["self_ms"] >= 0 and r["calls"] > 0 for r in item["top"])
+    assert (tmp_path / "p.json").is_file()
+
+
 def test_cpu_benchmark_tiny(tmp_path):
     bench = _bench("cpu")
     data = bench.main(["--random", "tiny", "--steps", "1", "--iters", "1", "--out", str(tmp_path / "c.json")])
