@@ -5,8 +5,9 @@
 #   scripts/train_shapes.sh flows       # T2I flow || I2T flow, both on the frozen text-autoencoder projector
 #   scripts/train_shapes.sh assemble    # gather the exports into src/flowtok/pretrained/flowtok-shapes (fp16)
 # MINUTES: each run's time budget; RUNS: the run root (default runs/shapes); PY: the python to use.
-# The bundled model: tokenizer 7 min, text autoencoder 4 min, latents 100k, T2I 6.3 min, I2T 3.1 min
-# (80k latents), one H100 (see its model card for steps and numbers).
+# The bundled model: tokenizer 7 min, text autoencoder 4 min, latents 100k, T2I 7.2 min, I2T 11 min
+# (MINUTES=11 for the flows phase), one H100 (see its model card and docs/training.md for steps and numbers).
+# The tokenizer's export measures the latent scale factor the flows use (model.scale_images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
