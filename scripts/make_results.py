@@ -47,6 +47,22 @@ def _acc_table(res: dict, title: str) -> list[str]:
     return lines
 
 
+def _few_step_section(fs: dict) -> list[str]:
+    p = fs["protocol"]
+    lines = ["## Few-step generation: teacher against distilled student", "",
+             f"`{fs['env']['command']}` ({fs['env']['elapsed_s'] / 60:.1f} min). One-object scenes, "
+             f"{p['n_per_split']} per split; the teacher (the bundled flow) at guidance {p['teacher_guidance']} "
+             f"for text to image, the student at {p['student_guidance']} (the teacher's guidance is baked in); "
+             f"FID on {p['fid_n']} generated images against as many real renders. Full record: "
+             "[results/few_step.json](results/few_step.json).", "",
+             "| direction | model | steps | seen exact % | held-out exact % | FID |", "| --- | --- | --- | --- | --- | --- |"]
+    for key, v in fs["results"].items():
+        d, name, steps = key.split("/")
+        fid = f"{v['fid']:.1f}" if v.get("fid") is not None else ""
+        lines.append(f"| {d} | {name} | {steps} | {100 * v['seen']:.0f} | {100 * v['held_out']:.0f} | {fid} |")
+    return lines + ["", "![few-step](results/few_step.png)", ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -57,6 +73,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs")
+    ap.add_argument("--t2i-from", default=None, help="use this `flowtok eval t2i` JSON for the text-to-image tables "
+                    "(FID is still computed here with --fid-n)")
+    ap.add_argument("--i2t-from", default=None, help="use this `flowtok eval i2t` JSON for the image-to-text tables")
+    ap.add_argument("--few-step", default=None, help="few_step.json of scripts/few_step.py: adds its table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -73,8 +93,20 @@ def main() -> None:
         return lambda images: pipe.image_to_text(images, num_inference_steps=steps)
 
     t0 = time.perf_counter()
-    t2i = bench.evaluate_t2i(gen_fn(steps0, g0), n_per_group=args.n, batch_size=args.batch_size, fid_n=args.fid_n)
-    i2t = bench.evaluate_i2t(cap_fn(steps0), n_per_group=args.n, batch_size=args.batch_size)
+    if args.t2i_from:
+        t2i = json.loads(Path(args.t2i_from).read_text())
+        if args.fid_n > 0:
+            prompts = [bench.shapes.sample_at(0, i, "train")[1] for i in range(args.fid_n)]
+            t2i["fid"] = bench.generated_fid(gen_fn(steps0, g0), prompts, torch.Generator().manual_seed(0),
+                                             args.batch_size, None)
+            t2i["fid"]["prompts"] = f"shapes seen-split stream seed 0, samples 0..{args.fid_n - 1}"
+    else:
+        t2i = bench.evaluate_t2i(gen_fn(steps0, g0), n_per_group=args.n, batch_size=args.batch_size,
+                                 fid_n=args.fid_n)
+    if args.i2t_from:
+        i2t = json.loads(Path(args.i2t_from).read_text())
+    else:
+        i2t = bench.evaluate_i2t(cap_fn(steps0), n_per_group=args.n, batch_size=args.batch_size)
     recon = bench.evaluate_recon(lambda x: pipe.tokenizer.decode(pipe.tokenizer.encode(x)).clamp(0, 1),
                                  n=args.recon_n, batch_size=args.batch_size, fid=args.fid_n > 0)
     steps_grid, guid_grid = [1, 2, 4, 8, 20], [1.0, 1.5, 2.0, 3.0, 4.0]
@@ -140,6 +172,8 @@ def main() -> None:
               + (f", rFID {r['rfid']:.2f} (rKID {r['rkid']:.4f})" if "rfid" in r else "") + ".",
               "", "## Plots", "", "![accuracy against steps](results/accuracy_vs_steps.png)", "",
               "![accuracy against guidance](results/accuracy_vs_guidance.png)", ""]
+    if args.few_step:
+        lines += _few_step_section(json.loads(Path(args.few_step).read_text()))
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     print(f"wrote {out / 'results.md'} in {elapsed / 60:.1f} min")
 

@@ -37,6 +37,6 @@ case "${1:?phase}" in
     $PY -m flowtok.cli assemble --out "${OUT_MODEL:-src/flowtok/pretrained/flowtok-shapes}" --dtype fp16 \
       --tokenizer $RUNS/tokenizer/export/tokenizer --text-projector $P/text_projector \
       --t2i-flow $RUNS/t2i/export/t2i_flow --i2t-flow $RUNS/i2t/export/i2t_flow \
-      --text-decoder $P/text_decoder --defaults '{"guidance_scale": 1.0}' ;;
+      --text-decoder $P/text_decoder --defaults '{"guidance_scale": 3.0}' ;;
   *) echo "unknown phase $1" >&2; exit 2 ;;
 esac
