@@ -54,7 +54,7 @@ def _few_step_section(fs: dict) -> list[str]:
              f"{p['n_per_split']} per split; the teacher (the bundled flow) at guidance {p['teacher_guidance']} "
              f"for text to image, the student at {p['student_guidance']} (the teacher's guidance is baked in); "
              f"FID on {p['fid_n']} generated images against as many real renders. Full record: "
-             "[results/few_step.json](results/few_step.json).", "",
+             "[results/few_step.json](results/few_step.json)." + (f" {fs['note']}" if fs.get("note") else ""), "",
              "| direction | model | steps | seen exact % | held-out exact % | FID |", "| --- | --- | --- | --- | --- | --- |"]
     for key, v in fs["results"].items():
         d, name, steps = key.split("/")
@@ -63,24 +63,8 @@ def _few_step_section(fs: dict) -> list[str]:
     return lines + ["", "![few-step](results/few_step.png)", ""]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--n", type=int, default=100, help="prompts / images per group (object count x split)")
-    ap.add_argument("--sweep-n", type=int, default=50, help="per split, one-object prompts, for the plots")
-    ap.add_argument("--fid-n", type=int, default=500)
-    ap.add_argument("--recon-n", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="docs")
-    ap.add_argument("--t2i-from", default=None, help="use this `flowtok eval t2i` JSON for the text-to-image tables "
-                    "(FID is still computed here with --fid-n)")
-    ap.add_argument("--i2t-from", default=None, help="use this `flowtok eval i2t` JSON for the image-to-text tables")
-    ap.add_argument("--few-step", default=None, help="few_step.json of scripts/few_step.py: adds its table")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    (out / "results").mkdir(parents=True, exist_ok=True)
+def compute(args, out: Path, steps_grid: list[int], guid_grid: list[float]):
+    """Run every evaluation of the page; writes and returns the result records."""
     pipe = FlowTokPipeline.from_pretrained(args.model, device="cpu")
     steps0, g0 = pipe.defaults["num_inference_steps"], pipe.defaults["guidance_scale"]
 
@@ -109,7 +93,6 @@ def main() -> None:
         i2t = bench.evaluate_i2t(cap_fn(steps0), n_per_group=args.n, batch_size=args.batch_size)
     recon = bench.evaluate_recon(lambda x: pipe.tokenizer.decode(pipe.tokenizer.encode(x)).clamp(0, 1),
                                  n=args.recon_n, batch_size=args.batch_size, fid=args.fid_n > 0)
-    steps_grid, guid_grid = [1, 2, 4, 8, 20], [1.0, 1.5, 2.0, 3.0, 4.0]
     sweep: dict[str, dict] = {"t2i_steps": {}, "t2i_guidance": {}, "i2t_steps": {}}
     for s in steps_grid:
         r = bench.evaluate_t2i(gen_fn(s, g0), n_per_group=args.sweep_n, objects=(1,), batch_size=args.batch_size)
@@ -126,11 +109,43 @@ def main() -> None:
            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
            "threads": args.threads, "model": _shown(pipe.model_path), "steps": steps0, "guidance": g0,
            "command": "python scripts/make_results.py " + " ".join(
-               f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+               f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+               if v is not None and v is not False and k != "few_step"),
            "elapsed_s": round(elapsed, 1)}
     for name, res in {"t2i": t2i, "i2t": i2t, "recon": recon, "sweeps": sweep, "env": env}.items():
         atomic_write_text(out / "results" / f"{name}.json", json.dumps(res, indent=2, default=str) + "\n")
+    return t2i, i2t, recon, sweep, env
 
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--n", type=int, default=100, help="prompts / images per group (object count x split)")
+    ap.add_argument("--sweep-n", type=int, default=50, help="per split, one-object prompts, for the plots")
+    ap.add_argument("--fid-n", type=int, default=500)
+    ap.add_argument("--recon-n", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="docs")
+    ap.add_argument("--t2i-from", default=None, help="use this `flowtok eval t2i` JSON for the text-to-image tables "
+                    "(FID is still computed here with --fid-n)")
+    ap.add_argument("--i2t-from", default=None, help="use this `flowtok eval i2t` JSON for the image-to-text tables")
+    ap.add_argument("--few-step", default=None, help="few_step.json of scripts/few_step.py: adds its table")
+    ap.add_argument("--page-only", action="store_true",
+                    help="only rebuild results.md and the plots from the JSONs of an earlier run under --out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    steps_grid, guid_grid = [1, 2, 4, 8, 20], [1.0, 1.5, 2.0, 3.0, 4.0]
+    if args.page_only:
+        t2i, i2t, recon, sweep, env = (json.loads((out / "results" / f"{n}.json").read_text())
+                                       for n in ("t2i", "i2t", "recon", "sweeps", "env"))
+        sweep = {k: {(float(x) if k == "t2i_guidance" else int(x)): v for x, v in d.items()} for k, d in sweep.items()}
+    else:
+        t2i, i2t, recon, sweep, env = compute(args, out, steps_grid, guid_grid)
+    steps0, g0, elapsed = env["steps"], env["guidance"], env["elapsed_s"]
     splits = list(sweep["t2i_steps"][steps_grid[0]])
     plot_curve(steps_grid, {f"text->image, {s}": [sweep["t2i_steps"][x][s] for x in steps_grid] for s in splits}
                | {f"image->text, {s}": [sweep["i2t_steps"][x][s] for x in steps_grid] for s in splits},
@@ -141,7 +156,7 @@ def main() -> None:
                title=f"flowtok-shapes: text->image accuracy against guidance ({steps0} steps)")
 
     lines = ["# Results: the bundled flowtok-shapes model", "",
-             f"Regenerated by `{env['command']}` on {env['date_utc']} ({env['machine']}, {args.threads} CPU threads, "
+             f"Regenerated by `{env['command']}` on {env['date_utc']} ({env['machine']}, {env['threads']} CPU threads, "
              f"torch {env['torch']}; {elapsed / 60:.1f} min). Model: `{env['model']}`; {steps0} Euler steps, "
              f"guidance {g0} unless a plot says otherwise. Full protocols: [results/](results/).", "",
              "Groups: *seen* prompts follow the training rule; *held_out* prompts contain a colour-shape pair "
