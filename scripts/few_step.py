@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--note", default="", help="how the students were trained (shown with the table)")
+    ap.add_argument("--reuse", default=None, help="an earlier few_step.json: copy its rows instead of measuring "
+                    "them again, except for the groups named in --recompute")
+    ap.add_argument("--recompute", default="", help="comma-separated groups to measure, e.g. t2i/student")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps_grid = [int(s) for s in args.steps.split(",")]
@@ -51,8 +54,16 @@ def main() -> None:
             flows[key]["student"] = FlowTransformer.from_pretrained(path, dtype=pipe.dtype).eval()
 
     rows: dict[str, dict] = {}
+    reused: set[str] = set()
+    if args.reuse:
+        keep = {g for g in args.recompute.split(",") if g}
+        old = json.loads(Path(args.reuse).read_text())["results"]
+        rows.update({k: v for k, v in old.items() if k.rsplit("/", 1)[0] not in keep})
+        reused = {k.rsplit("/", 1)[0] for k in rows}
     t0 = time.perf_counter()
     for name, flow in flows["t2i"].items():
+        if f"t2i/{name}" in reused:
+            continue
         guidance = g0 if name == "teacher" else 1.0
         for s in steps_grid:
             pipe.t2i_flow = flow
@@ -68,6 +79,8 @@ def main() -> None:
             print(f"t2i {name:7s} {s:2d} steps: {rows[f't2i/{name}/{s}']}", flush=True)
     pipe.t2i_flow = flows["t2i"]["teacher"]
     for name, flow in flows["i2t"].items():
+        if f"i2t/{name}" in reused:
+            continue
         for s in steps_grid:
             pipe.i2t_flow = flow
             r = bench.evaluate_i2t(lambda images, s=s: pipe.image_to_text(images, num_inference_steps=s),
@@ -82,7 +95,7 @@ def main() -> None:
                       "command": "python scripts/few_step.py " + " ".join(
                           f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v and k != "note"),
                       "elapsed_s": round(time.perf_counter() - t0, 1)},
-              "note": args.note, "students": {"t2i": args.t2i_student, "i2t": args.i2t_student},
+              "note": args.note, "reused": sorted(reused), "students": {"t2i": args.t2i_student, "i2t": args.i2t_student},
               "protocol": {"objects": 1, "n_per_split": args.n, "fid_n": args.fid_n, "teacher_guidance": g0,
                            "student_guidance": 1.0},
               "results": rows}

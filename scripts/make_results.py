@@ -109,8 +109,8 @@ def compute(args, out: Path, steps_grid: list[int], guid_grid: list[float]):
            "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
            "threads": args.threads, "model": _shown(pipe.model_path), "steps": steps0, "guidance": g0,
            "command": "python scripts/make_results.py " + " ".join(
-               f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
-               if v is not None and v is not False and k != "few_step"),
+               f"--{k.replace('_', '-')}" + ("" if v is True else f" {Path(v).name if k.endswith('_from') else v}")
+               for k, v in vars(args).items() if v is not None and v is not False and k != "few_step"),
            "elapsed_s": round(elapsed, 1)}
     for name, res in {"t2i": t2i, "i2t": i2t, "recon": recon, "sweeps": sweep, "env": env}.items():
         atomic_write_text(out / "results" / f"{name}.json", json.dumps(res, indent=2, default=str) + "\n")
@@ -162,7 +162,10 @@ def main() -> None:
              "Groups: *seen* prompts follow the training rule; *held_out* prompts contain a colour-shape pair "
              "or a relation combination that never occurs in training (compositional generalisation). "
              "Exact = every object's colour, shape, size and position read back correctly by the shapes judge "
-             "(text->image) or by parsing the caption (image->text).", "",
+             "(text->image) or by parsing the caption (image->text)."
+             + (" The accuracy tables come from `flowtok eval` runs given with `--t2i-from` / `--i2t-from`; "
+                "their options are recorded in results/t2i.json and results/i2t.json."
+                if "_from" in env["command"] else ""), "",
              "## Text to image (judge-exact accuracy, %)", ""]
     lines += _acc_table(t2i, "group")
     if "fid" in t2i:
