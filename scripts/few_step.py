@@ -28,6 +28,17 @@ from flowtok.flow import FlowTransformer
 from flowtok.pipelines import FlowTokPipeline
 
 
+def markdown_table(rows: dict[str, dict]) -> list[str]:
+    """The rows of a few_step.json (``direction/model/steps`` -> accuracies, FID) as a Markdown table."""
+    lines = ["| direction | model | steps | seen exact % | held-out exact % | FID |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, v in rows.items():
+        d, name, steps = key.split("/")
+        fid = f"{v['fid']:.1f}" if v.get("fid") is not None else ""
+        lines.append(f"| {d} | {name} | {steps} | {100 * v['seen']:.0f} | {100 * v['held_out']:.0f} | {fid} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="pipeline folder (default: the bundled model)")
@@ -107,11 +118,7 @@ def main() -> None:
                 curves[f"{key} {name}, {split}"] = [rows[f"{key}/{name}/{s}"][split] for s in steps_grid]
     plot_curve(steps_grid, curves, out / "few_step.png", "Euler steps", "exact accuracy (1 object)",
                title="teacher vs distilled student against steps", logx=True)
-    print("\n| direction | model | steps | seen | held-out | FID |\n| --- | --- | --- | --- | --- | --- |")
-    for k, v in rows.items():
-        d, name, s = k.split("/")
-        fid = f"{v['fid']:.1f}" if v.get("fid") is not None else ""
-        print(f"| {d} | {name} | {s} | {100 * v['seen']:.0f} | {100 * v['held_out']:.0f} | {fid} |")
+    print("\n" + "\n".join(markdown_table(rows)))
 
 
 if __name__ == "__main__":

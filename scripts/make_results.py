@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from few_step import markdown_table  # scripts/, this file's folder, is on sys.path
 
 from flowtok.config import atomic_write_text
 from flowtok.eval import plot_curve
@@ -54,13 +55,8 @@ def _few_step_section(fs: dict) -> list[str]:
              f"{p['n_per_split']} per split; the teacher (the bundled flow) at guidance {p['teacher_guidance']} "
              f"for text to image, the student at {p['student_guidance']} (the teacher's guidance is baked in); "
              f"FID on {p['fid_n']} generated images against as many real renders. Full record: "
-             "[results/few_step.json](results/few_step.json)." + (f" {fs['note']}" if fs.get("note") else ""), "",
-             "| direction | model | steps | seen exact % | held-out exact % | FID |", "| --- | --- | --- | --- | --- | --- |"]
-    for key, v in fs["results"].items():
-        d, name, steps = key.split("/")
-        fid = f"{v['fid']:.1f}" if v.get("fid") is not None else ""
-        lines.append(f"| {d} | {name} | {steps} | {100 * v['seen']:.0f} | {100 * v['held_out']:.0f} | {fid} |")
-    return lines + ["", "![few-step](results/few_step.png)", ""]
+             "[results/few_step.json](results/few_step.json)." + (f" {fs['note']}" if fs.get("note") else ""), ""]
+    return lines + markdown_table(fs["results"]) + ["", "![few-step](results/few_step.png)", ""]
 
 
 def compute(args, out: Path, steps_grid: list[int], guid_grid: list[float]):

@@ -6,6 +6,6 @@ from .mlp import Mlp, SwiGLU, count_parameters
 from .rope import RotaryEmbedding2D, rope_2d_tables, rotate_pairs
 
 __all__ = [
-    "Attention", "Mlp", "count_parameters", "RotaryEmbedding2D", "SwiGLU", "TimestepEmbedder", "rope_2d_tables", "rotate_pairs",
-    "sincos_1d", "sincos_2d",
+    "Attention", "Mlp", "RotaryEmbedding2D", "SwiGLU", "TimestepEmbedder", "count_parameters", "rope_2d_tables",
+    "rotate_pairs", "sincos_1d", "sincos_2d",
 ]

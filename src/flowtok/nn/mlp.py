@@ -59,37 +59,29 @@ class SwiGLU(nn.Module):
         extra = self.padded - self.hidden
         return extra * (2 * self.w12.in_features + self.w3.out_features + (2 if self.w12.bias is not None else 0))
 
-    def _pad_state(self, sd: dict, prefix: str) -> None:
-        h, extra = self.hidden, self.padded - self.hidden
-        for name in ("weight", "bias"):
-            key = prefix + name
-            if key in sd and sd[key].shape[0] == 2 * h:
-                a, b = sd[key][:h], sd[key][h:]
-                pad = a.new_zeros((extra, *a.shape[1:]))
-                sd[key] = torch.cat([a, pad, b, pad])
-
-    def _pad_w3(self, sd: dict, prefix: str) -> None:
-        key = prefix + "weight"
-        if key in sd and sd[key].shape[-1] == self.hidden:
-            w = sd[key]
-            sd[key] = torch.cat([w, w.new_zeros(w.shape[0], self.padded - self.hidden)], dim=1)
-
     @staticmethod
     def _pad_hook(module: SwiGLU, state_dict: dict, prefix: str, *args) -> None:
-        module._pad_state(state_dict, prefix + "w12.")
-        module._pad_w3(state_dict, prefix + "w3.")
+        """Checkpoint (logical shapes) -> held shapes: zero rows after each half of w12, zero columns on w3."""
+        h, p = module.hidden, module.padded
+        for key in (prefix + "w12.weight", prefix + "w12.bias"):
+            v = state_dict.get(key)
+            if v is not None and v.shape[0] == 2 * h:
+                pad = v.new_zeros((p - h, *v.shape[1:]))
+                state_dict[key] = torch.cat([v[:h], pad, v[h:], pad])
+        v = state_dict.get(prefix + "w3.weight")
+        if v is not None and v.shape[-1] == h:
+            state_dict[prefix + "w3.weight"] = torch.cat([v, v.new_zeros(v.shape[0], p - h)], dim=1)
 
     @staticmethod
     def _unpad_hook(module: SwiGLU, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        """Held shapes -> checkpoint (logical) shapes."""
         h, p = module.hidden, module.padded
-        for name in ("weight", "bias"):
-            key = prefix + "w12." + name
+        for key in (prefix + "w12.weight", prefix + "w12.bias"):
             if key in state_dict:
                 v = state_dict[key]
                 state_dict[key] = torch.cat([v[:h], v[p:p + h]])
-        key = prefix + "w3.weight"
-        if key in state_dict:
-            state_dict[key] = state_dict[key][:, :h]
+        if prefix + "w3.weight" in state_dict:
+            state_dict[prefix + "w3.weight"] = state_dict[prefix + "w3.weight"][:, :h]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.w12(x).chunk(2, dim=-1)

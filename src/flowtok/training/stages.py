@@ -155,7 +155,7 @@ class TokenizerStage(Stage):
 
     @torch.no_grad()
     def measure_scale_factor(self, n: int, batch_size: int = 256) -> float:
-        """``1 / std`` of the (mean) latents of the first ``n`` training samples."""
+        """``1 / std`` of the latents (posterior mode) of the first ``n`` training samples."""
         from ..tokenizer import latent_scale_factor
 
         lats = []
@@ -165,13 +165,10 @@ class TokenizerStage(Stage):
         return latent_scale_factor(torch.cat(lats)[:n])
 
     def export(self, out_dir: Path) -> None:
-        if self.cfg.scale_images > 0:
-            was_training = self.tokenizer.training
-            self.tokenizer.eval()
+        if self.cfg.scale_images > 0:  # the tokenizer has no train/eval-dependent layers
             self.tokenizer.config.scale_factor = round(self.measure_scale_factor(self.cfg.scale_images), 4)
-            self.tokenizer.train(was_training)
             log.info("tokenizer scale_factor set to %s (latent std of %d training images)",
-                        self.tokenizer.config.scale_factor, self.cfg.scale_images)
+                     self.tokenizer.config.scale_factor, self.cfg.scale_images)
         self.tokenizer.save_pretrained(Path(out_dir) / "tokenizer")
 
 
