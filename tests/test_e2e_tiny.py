@@ -9,6 +9,7 @@ from PIL import Image
 
 from flowtok.cli import main
 from flowtok.errors import ConfigError, InvalidInputError
+from flowtok.flow import FlowTransformer
 from flowtok.pipelines import FlowTokPipeline, assemble_pipeline
 from flowtok.training.run import build_run
 
@@ -177,12 +178,17 @@ def test_tokenizer_stage_with_patchgan(tmp_path):
     assert trainer.stage.loss_fn.perceptual is None  # no VGG weights here: warned and skipped
 
 
-def test_distill_stage_gives_a_few_step_student(tiny_pipeline, tmp_path):
+def test_distill_stage_gives_a_few_step_student(tiny_pipeline, tmp_path, monkeypatch):
     import json
 
-    model = {"teacher_path": str(tiny_pipeline / "t2i_flow"), "tokenizer_path": str(tiny_pipeline / "tokenizer"),
-             "projector_path": str(tiny_pipeline / "text_projector"), "teacher_steps": 4, "student_steps": [1, 2],
-             "init_from_teacher": False}
+    import flowtok.data.shapes as shapes
+
+    def no_render(*a, **k):
+        raise AssertionError("text-to-image distillation rendered images")
+
+    monkeypatch.setattr(shapes, "shapes_batch", no_render)  # prompts are all it needs
+    model = {"teacher_path": str(tiny_pipeline / "t2i_flow"), "projector_path": str(tiny_pipeline / "text_projector"),
+             "teacher_steps": 4, "student_steps": [1, 2], "init_from_teacher": False, "source_latent": "sample"}
     train = {**TRAIN, "steps": 30, "log_every": 10, "lr": 3e-3, "ema_decay": 0.0}
     cfg = {"stage": "distill", "run_dir": str(tmp_path / "d"), "data": DATA, "train": train, "model": model}
     out = build_run(cfg, device="cpu").fit()
@@ -203,3 +209,21 @@ def test_distill_config_errors(tiny_pipeline, tmp_path):
     cfg = {"stage": "distill", "run_dir": str(tmp_path / "d"), "data": DATA, "train": TRAIN, "model": model}
     with pytest.raises(ConfigError, match="divide"):
         build_run(cfg, device="cpu")
+    cfg["model"] = {**model, "student_steps": [1], "direction": "i2t", "source_latent": "sample"}
+    with pytest.raises(ConfigError, match="t2i only"):
+        build_run(cfg, device="cpu")
+    cfg["model"] = {**model, "student_steps": [1], "direction": "i2t", "tokenizer_path": ""}
+    with pytest.raises(ConfigError, match="tokenizer_path is required"):
+        build_run(cfg, device="cpu")
+
+
+def test_distill_stage_image_to_text(tiny_pipeline, tmp_path):
+    model = {"teacher_path": str(tiny_pipeline / "i2t_flow"), "tokenizer_path": str(tiny_pipeline / "tokenizer"),
+             "projector_path": str(tiny_pipeline / "text_projector"), "direction": "i2t", "teacher_steps": 2,
+             "student_steps": [1]}
+    cfg = {"stage": "distill", "run_dir": str(tmp_path / "d"), "data": DATA, "train": TRAIN, "model": model}
+    out = build_run(cfg, device="cpu").fit()
+    teacher = FlowTransformer.from_pretrained(tiny_pipeline / "i2t_flow")
+    student = FlowTransformer.from_pretrained(out / "i2t_flow")
+    assert student.config == teacher.config
+    assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))

@@ -199,6 +199,20 @@ def _image_latents(batch: dict[str, Any], tokenizer) -> torch.Tensor:
     return raw * tokenizer.scale_factor
 
 
+def _shapes_captions(seed: int, data: DataConfig, step: int, local_batch: int, rank: int, world: int) -> list[str]:
+    """The captions of a shapes-world batch, drawn without rendering its images."""
+    import numpy as np
+
+    from ..data.shapes import caption, sample_scene
+
+    start = (step * world + rank) * local_batch
+    caps = []
+    for j in range(local_batch):
+        rng = np.random.default_rng([seed, start + j])
+        caps.append(caption(sample_scene(rng, data.num_objects, split=data.split), rng))
+    return caps
+
+
 def _load_tokenizer(path: str, device):
     from ..tokenizer import ImageTokenizer
 
@@ -413,15 +427,8 @@ class TextDecoderStage(Stage):
 
     @torch.no_grad()
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
-        import numpy as np
-
-        from ..data.shapes import caption, sample_scene
-
         # Captions only: no need to render images for this stage.
-        caps = []
-        for j in range(local_batch):
-            rng = np.random.default_rng([self.seed, (step * world + rank) * local_batch + j])
-            caps.append(caption(sample_scene(rng, self.data_cfg.num_objects, split=self.data_cfg.split), rng))
+        caps = _shapes_captions(self.seed, self.data_cfg, step, local_batch, rank, world)
         ts = self.frozen.encoder.encode(caps)
         return {"captions": caps, "text_states": ts.states.float(), "text_mask": ts.mask, "input_ids": ts.input_ids}
 
@@ -607,21 +614,33 @@ class DistillStageConfig:
     no noise: every x0 has one teacher trajectory, so matching it segment by segment is a plain
     regression with exact targets and no extra network inputs, and the student stays a drop-in
     FlowTransformer that the pipeline, the samplers and `--steps k` use unchanged.
+
+    Text to image needs prompts only: on the shapes world the stage samples captions without rendering
+    images, and with other data it never encodes the images. ``source_latent: sample`` starts the
+    teacher's trajectories from draws of the projector's posterior instead of its mean (the T2I flow was
+    trained on such draws), so the student learns a neighbourhood of each prompt rather than one point.
+    The teacher integrates in bf16 on CUDA (``teacher_precision: auto``), fp32 elsewhere.
     """
 
     teacher_path: str = ""
     direction: Literal["t2i", "i2t"] = "t2i"
-    tokenizer_path: str = ""
+    tokenizer_path: str = ""  # required for i2t only
     projector_path: str = ""
     text_encoder: dict[str, Any] = field(default_factory=lambda: {"name": "minilm"})
     teacher_steps: int = 20
     teacher_guidance: float = 1.0
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     init_from_teacher: bool = True
+    source_latent: Literal["mean", "sample"] = "mean"  # t2i: the text latent the trajectories start from
+    teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
 
     def __post_init__(self) -> None:
-        if not self.teacher_path or not self.tokenizer_path or not self.projector_path:
-            raise ConfigError("model.teacher_path, model.tokenizer_path and model.projector_path are required")
+        if not self.teacher_path or not self.projector_path:
+            raise ConfigError("model.teacher_path and model.projector_path are required")
+        if self.direction == "i2t" and not self.tokenizer_path:
+            raise ConfigError("model.tokenizer_path is required for direction i2t (its flow starts from images)")
+        if self.source_latent == "sample" and self.direction != "t2i":
+            raise ConfigError("model.source_latent=sample applies to direction t2i only (i2t starts from images)")
         bad = [k for k in self.student_steps if k < 1 or self.teacher_steps % k]
         if not self.student_steps or bad:
             raise ConfigError(f"model.student_steps must divide teacher_steps {self.teacher_steps}; got {bad or '[]'}")
@@ -646,28 +665,41 @@ class DistillStage(Stage):
 
         self.device = device
         self.frozen.teacher.to(device)
-        self.frozen.tokenizer = _load_tokenizer(self.cfg.tokenizer_path, device)
+        if self.cfg.tokenizer_path:  # text to image needs no tokenizer: prompts in, teacher latents out
+            self.frozen.tokenizer = _load_tokenizer(self.cfg.tokenizer_path, device)
         self.frozen.projector = _freeze(TextProjector.from_pretrained(self.cfg.projector_path, device=device))
-        k = self.frozen.tokenizer.config.num_latent_tokens
+        k = self.frozen.teacher.config.num_tokens
         self.frozen.encoder = load_text_encoder(self.cfg.text_encoder, max_length=k, device=device)
-        self.frozen.source = build_source(self.data_cfg, self.seed, device)
+        prompts_only = self.cfg.direction == "t2i" and self.data_cfg.kind == "shapes"
+        self.frozen.source = None if prompts_only else build_source(self.data_cfg, self.seed, device)
 
-    @torch.no_grad()
-    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
-        from ..sampling import euler_sample
-
-        b = self.frozen.source.get(step, local_batch, rank, world)
-        tok = self.frozen.tokenizer
-        image = _image_latents(b, tok)
+    def _source_latents(self, step: int, local_batch: int, rank: int, world: int) -> torch.Tensor:
+        if self.frozen.source is None:  # t2i on the shapes world: captions, no images rendered
+            caps = _shapes_captions(self.seed, self.data_cfg, step, local_batch, rank, world)
+            b: dict[str, Any] = {"captions": caps}
+        else:
+            b = self.frozen.source.get(step, local_batch, rank, world)
+        if self.cfg.direction == "i2t":
+            return _image_latents(b, self.frozen.tokenizer)
         if "text_states" in b:
             states, mask = b["text_states"], b["text_mask"]
         else:
             ts = self.frozen.encoder.encode(b["captions"])
             states, mask = ts.states.float(), ts.mask
-        text = self.frozen.projector(states, mask, sample=False).mean
-        x0 = text if self.cfg.direction == "t2i" else image
-        _, traj = euler_sample(self.frozen.teacher, x0, num_steps=self.cfg.teacher_steps,
-                               guidance_scale=self.cfg.teacher_guidance, return_trajectory=True)
+        out = self.frozen.projector(states, mask, sample=self.cfg.source_latent == "sample")
+        return out.z if self.cfg.source_latent == "sample" else out.mean
+
+    @torch.no_grad()
+    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        from ..sampling import euler_sample
+
+        x0 = self._source_latents(step, local_batch, rank, world).float()
+        bf16 = self.cfg.teacher_precision == "bf16" or (self.cfg.teacher_precision == "auto"
+                                                       and x0.device.type == "cuda")
+        with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
+            _, traj = euler_sample(self.frozen.teacher, x0, num_steps=self.cfg.teacher_steps,
+                                   guidance_scale=self.cfg.teacher_guidance, return_trajectory=True)
+        traj = traj.float()
         n, bsz = self.cfg.teacher_steps, x0.shape[0]
         choices = torch.tensor(self.cfg.student_steps, device=x0.device)
         ks = choices[torch.randint(len(choices), (bsz,), device=x0.device)]
