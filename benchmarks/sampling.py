@@ -6,7 +6,10 @@ conditional and null halves in one batch), in bf16, with the same optimisations 
 * ``eager``          plain PyTorch (SDPA attention in both);
 * ``graph``          the whole 20-step loop replayed as one CUDA graph (:class:`flowtok.sampling.GraphedSampler`);
 * ``compile``        regional ``torch.compile`` of the repeated transformer block;
-* ``compile+graph``  both.
+* ``compile+graph``  both;
+* ``...+fp8``        any of these with the transformer blocks' Linears in FP8 (e4m3, rowwise scales,
+  :mod:`flowtok.nn.fp8`; Hopper / Ada only), applied alike to both sides, with the velocity error of
+  one forward against bf16 recorded.
 
 Measured per model, batch and variant: images/s of the flow alone, its achieved TFLOP/s against the
 bf16 ``mm`` rate measured in the same run, and peak memory; for the pipelines, images/s of
@@ -24,6 +27,7 @@ diffusers is a benchmark dependency only; without it the PixArt side is recorded
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Budget, Results, env_info, free_memory, log, matmul_tflops, pick_device, time_call  # noqa: E402
 
 from flowtok.flow import FLOW_PRESETS, FlowTransformer, flop_count  # noqa: E402
+from flowtok.nn.fp8 import fp8_supported, quantize_linears  # noqa: E402
 from flowtok.sampling import GraphedSampler, euler_sample  # noqa: E402
 from flowtok.text import PROJECTOR_PRESETS, TextProjector  # noqa: E402
 from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer  # noqa: E402
@@ -163,11 +168,43 @@ def t5_batch(batch: int, shapes: Shapes, device: torch.device, dtype: torch.dtyp
 
 
 # ------------------------------------------------------------------------------------- variants
-def compile_pixart(transformer) -> None:
+def compile_options(args) -> dict[str, Any]:
+    """``torch.compile`` options of both sides: inductor's default mode unless --compile-mode says
+    otherwise (max-autotune-no-cudagraphs: Triton GEMM templates with fused epilogues)."""
+    return {"mode": args.compile_mode} if args.compile_mode else {}
+
+
+def compile_pixart(transformer, **options: Any) -> None:
     # The same regional compile as FlowTransformer.compile_blocks; diffusers' block may not trace as a
     # single graph, so graph breaks are allowed here.
     for block in transformer.transformer_blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, **options)
+
+
+def variant_order(variant: str) -> tuple[bool, bool]:
+    """Eager before compiled, bf16 before FP8: each model is compiled once, its FP8 copy after."""
+    return "fp8" in variant, "compile" in variant
+
+
+def fp8_copy(model: torch.nn.Module, blocks: str, name: str, forward: Callable[[torch.nn.Module], torch.Tensor],
+             results: Results, device: torch.device) -> torch.nn.Module | None:
+    """A copy of ``model`` whose ``blocks`` Linears run in FP8 (the same rule on both sides: every
+    16-aligned Linear inside the repeated blocks except adaLN modulations), plus the relative velocity
+    error of one forward against the bf16 model. None where the device has no FP8 matmuls."""
+    if not fp8_supported(device) and device.type == "cuda":
+        results.add({"name": f"{name} fp8", "status": "skipped", "reason": "no FP8 matmuls on this GPU"})
+        return None
+    quant = copy.deepcopy(model)
+    replaced = quantize_linears(getattr(quant, blocks), keep=lambda n, _: "adaLN_modulation" in n,
+                                emulate=device.type != "cuda")
+    with torch.no_grad():
+        ref, out = forward(model).float(), forward(quant).float()
+    err = float((out - ref).norm() / ref.norm())
+    cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
+    results.add({"name": f"{name} fp8 velocity error", "status": "ok", "model": name, "part": "fp8_error",
+                 "rel_l2_error": err, "cosine": cos, "fp8_linears": len(replaced)})
+    log(f"{name}: FP8 velocity error vs bf16 {err:.4f} (relative L2), cosine {cos:.5f}, {len(replaced)} Linears")
+    return quant
 
 
 def make_sampler(model: Callable, variant: str, steps: int, guidance: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -202,14 +239,22 @@ def run_flowtok(name: str, args, shapes: Shapes, device: torch.device, dtype: to
     log(f"{name}: {sum(p.numel() for p in flow.parameters()) / 1e6:.1f}M params; forward GFLOP/sample "
         f"{per_sample / 1e9:.2f} (FlopCounterMode), {flop_count(cfg) / 1e9:.2f} (flop_count)")
     pipeline = name in args.pipeline_models
-    for variant in sorted(args.variants, key=lambda v: "compile" in v):
-        if "compile" in variant and not getattr(flow, "_bench_compiled", False):
-            flow.compile_blocks()
-            flow._bench_compiled = True
+    models = {False: flow}
+    if any("fp8" in v for v in args.variants):
+        xe = torch.randn(8, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
+        te, ne = torch.rand(8, generator=gen).to(device), (torch.arange(8) % 2).to(device)
+        models[True] = fp8_copy(flow, "blocks", name, lambda m: m(xe, te, ne), results, device)
+    for variant in sorted(args.variants, key=variant_order):
+        model = models["fp8" in variant]
+        if model is None:
+            continue
+        if "compile" in variant and not getattr(model, "_bench_compiled", False):
+            model.compile_blocks(**compile_options(args))
+            model._bench_compiled = True
         reserve = args.reserve_compile if "compile" in variant else args.reserve
         for batch in args.batches:
             x0 = torch.randn(batch, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
-            sampler = make_sampler(flow, variant, args.steps, args.guidance)
+            sampler = make_sampler(model, variant, args.steps, args.guidance)
 
             def flow_only(sampler=sampler, x0=x0, batch=batch) -> dict[str, Any]:
                 t = time_call(lambda: sampler(x0), device, args.warmup, args.iters, args.item_seconds)
@@ -263,14 +308,25 @@ def run_pixart(args, shapes: Shapes, device: torch.device, dtype: torch.dtype, r
     log(f"PixArt: {sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M params; forward GFLOP/sample "
         f"{per_sample / 1e9:.2f}; VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M params")
     pipeline = PIXART in args.pipeline_models
-    compiled = False
-    for variant in sorted(args.variants, key=lambda v: "compile" in v):
-        if "compile" in variant and not compiled:
-            compile_pixart(transformer)
-            compiled = True
+    models = {False: transformer}
+    if any("fp8" in v for v in args.variants):
+        xe = torch.randn(8, 4, size, size, generator=gen).to(device, dtype)
+        te = torch.rand(8, generator=gen).to(device)
+        text = t5_batch(4, shapes, device, dtype, gen)
+        models[True] = fp8_copy(transformer, "transformer_blocks", PIXART,
+                                lambda m: PixArtVelocity(m, *text)(xe, te, None), results, device)
+    compiled: set[bool] = set()
+    for variant in sorted(args.variants, key=variant_order):
+        fp8 = "fp8" in variant
+        model = models[fp8]
+        if model is None:
+            continue
+        if "compile" in variant and fp8 not in compiled:
+            compile_pixart(model, **compile_options(args))
+            compiled.add(fp8)
         reserve = args.reserve_compile if "compile" in variant else args.reserve
         for batch in args.batches:
-            velocity = PixArtVelocity(transformer, *t5_batch(batch, shapes, device, dtype, gen))
+            velocity = PixArtVelocity(model, *t5_batch(batch, shapes, device, dtype, gen))
             x0 = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
             sampler = make_sampler(velocity, variant, args.steps, args.guidance)
 
@@ -401,7 +457,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default="FlowTok-XL,pixart,FlowTok-B,FlowTok-H",
                    help="in the order run (a time budget skips the last ones first)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 64,256; tiny: 2,3)")
-    p.add_argument("--variants", default="eager,compile+graph", help="among eager, graph, compile, compile+graph")
+    p.add_argument("--variants", default="eager,compile+graph", help="among eager, graph, compile, compile+graph; "
+                   "fp8, graph+fp8, compile+fp8, compile+graph+fp8 add FP8 Linears (Hopper / Ada)")
     p.add_argument("--pipeline-models", default="FlowTok-XL,pixart")
     p.add_argument("--pipeline-variants", default="eager,compile+graph")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default 20; tiny: 2)")
@@ -409,6 +466,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=2, help="timed calls at most ...")
     p.add_argument("--item-seconds", type=float, default=4.0, help="... and no more once this much is timed")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune",
+                                                             "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the compiled variants, both sides (default: inductor's default)")
     p.add_argument("--decode-chunk", type=int, default=64, help="images per decoder call, both pipelines")
     p.add_argument("--no-text-encoders", action="store_true")
     p.add_argument("--out", default=None, help="results JSON")
@@ -423,6 +483,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("models", "variants", "pipeline_models", "pipeline_variants"):
         setattr(args, key, [s for s in getattr(args, key).split(",") if s])
     known = {"eager", "graph", "compile", "compile+graph"}
+    known |= {f"{v}+fp8" for v in known} | {"fp8"}
+    known.discard("eager+fp8")
     if set(args.variants) - known or set(args.pipeline_variants) - known:
         p.error(f"variants must be among {sorted(known)}")
     if set(args.models) - {*FLOWTOK_MODELS, PIXART}:

@@ -40,12 +40,12 @@ from common import (  # noqa: E402
 from flowtok.flow import FLOW_PRESETS, FlowObjective, FlowTransformer, flop_count  # noqa: E402
 
 
-def build(preset: str, tiny: bool, device: torch.device, compiled: bool):
+def build(preset: str, tiny: bool, device: torch.device, compiled: bool, compile_mode: str | None = None):
     cfg = dataclasses.replace(FLOW_PRESETS["tiny"]) if tiny else FLOW_PRESETS[preset]
     with torch.device(device):
         model = FlowTransformer(cfg)
     if compiled:
-        model.compile_blocks()
+        model.compile_blocks(**({"mode": compile_mode} if compile_mode else {}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.03, fused=device.type == "cuda")
     return model, opt
 
@@ -95,7 +95,7 @@ def run_preset(preset: str, compiled: bool, search_only: bool, args, device, res
     if not budget.allows(reserve):
         results.add({"name": f"{preset} train {variant}", "status": "skipped", "reason": "time budget"})
         return
-    model, opt = build(preset, args.tiny, device, compiled)
+    model, opt = build(preset, args.tiny, device, compiled, args.compile_mode)
     tags = {"model": preset, "variant": variant}
     largest = None
     tries = 0
@@ -139,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default 1280,1024,896,768,640,512,384,256; tiny 8,4)")
     p.add_argument("--ckpt-batches", default=None, help="run with checkpointing (default 1024,2048; tiny 8)")
     p.add_argument("--search-presets", default="FlowTok-H", help="only the largest-batch search, eager")
+    p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the compiled variant (default: inductor's default)")
     p.add_argument("--max-tries", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=3)

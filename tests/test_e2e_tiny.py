@@ -227,3 +227,15 @@ def test_distill_stage_image_to_text(tiny_pipeline, tmp_path):
     student = FlowTransformer.from_pretrained(out / "i2t_flow")
     assert student.config == teacher.config
     assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
+
+
+def test_pipeline_fp8_needs_fp8_hardware(tiny_pipeline):
+    from flowtok.nn.fp8 import fp8_supported
+
+    pipe = FlowTokPipeline.from_pretrained(tiny_pipeline, device="cpu")
+    if fp8_supported():
+        pipe.to("cuda", torch.bfloat16).quantize_fp8()
+        assert pipe.text_to_image("a red circle", output_type="np").shape[0] == 1
+        return
+    with pytest.raises(InvalidInputError, match="compute capability 8.9"):
+        pipe.quantize_fp8()

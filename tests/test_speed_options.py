@@ -118,14 +118,18 @@ def test_time_call_stops_at_the_timed_budget():
 
 def test_sampling_benchmark_tiny(tmp_path):
     bench = _bench("sampling")
-    data = bench.main(["--tiny", "--device", "cpu", "--models", "FlowTok-XL,pixart", "--variants", "eager,graph",
+    data = bench.main(["--tiny", "--device", "cpu", "--models", "FlowTok-XL,pixart", "--variants", "eager,graph,fp8",
                        "--pipeline-variants", "eager,graph", "--iters", "1", "--no-text-encoders",
                        "--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
     items = data["items"]
     assert not [i for i in items if i["status"] == "error"], items
-    ours = {(i["part"], i["variant"], i["batch"]) for i in items if i.get("model") == "FlowTok-XL"}
-    assert ours == {(p, v, b) for p in ("flow", "pipeline") for v in ("eager", "graph") for b in (2, 3)}
-    assert all(i["images_per_s"] > 0 for i in items if i["status"] == "ok")
+    ours = {(i["part"], i["variant"], i["batch"]) for i in items
+            if i.get("model") == "FlowTok-XL" and i["part"] in ("flow", "pipeline")}
+    assert ours == {(p, v, b) for p in ("flow", "pipeline") for v in ("eager", "graph") for b in (2, 3)} | {
+        ("flow", "fp8", b) for b in (2, 3)}
+    err = next(i for i in items if i["name"] == "FlowTok-XL fp8 velocity error")  # FP8 emulated on the CPU
+    assert 0 < err["rel_l2_error"] < 0.05 and err["fp8_linears"] > 0
+    assert all(i["images_per_s"] > 0 for i in items if i["status"] == "ok" and i["part"] != "fp8_error")
     if any(i.get("model") == "pixart" and i["status"] == "ok" for i in items):  # diffusers installed
         assert set(data["summary"]) == {"FlowTok-XL/pixart b2", "FlowTok-XL/pixart b3"}
     else:

@@ -28,7 +28,10 @@ def _pipeline(args: argparse.Namespace):
         if args.threads < 1:
             raise InvalidInputError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return FlowTokPipeline.from_pretrained(args.model, device=args.device)
+    pipe = FlowTokPipeline.from_pretrained(args.model, device=args.device)
+    if getattr(args, "fp8", False):
+        pipe.quantize_fp8()
+    return pipe
 
 
 def _atomic_save_image(img, path: Path) -> None:
@@ -54,7 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise InvalidInputError(f"--n must be at least 1, got {args.n}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise InvalidInputError(f"--steps must be at least 1, got {args.steps}")
     if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise InvalidInputError(f"output file must end in .png, .jpg or .webp: {args.output}")
@@ -174,6 +177,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="pipeline folder or Hub id (default: the bundled flowtok-shapes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--fp8", action="store_true", help="FP8 flow transformers (needs a Hopper / Ada GPU)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -181,7 +185,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="output file; with --n > 1, -0, -1, ... are appended")
     p.add_argument("--n", type=int, default=1, help="number of images")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 20 for the bundle)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
@@ -190,7 +194,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("caption", help="image -> text", description="Print one caption per image on stdout.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 20 for the bundle)")
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
     p.add_argument("--with-names", action="store_true", help="print 'file<TAB>caption'")

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, atomic_write_text, from_dict, to_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidInputError
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -81,6 +81,11 @@ class PretrainedMixin:
     config: Any
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        from .nn.fp8 import FP8Linear
+
+        if any(isinstance(m, FP8Linear) for m in self.modules()):  # type: ignore[attr-defined]
+            raise InvalidInputError(f"this {self.model_type} is FP8-quantised for inference; save it before "
+                                    "quantize_fp8() (its full-precision weights are gone)")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.state_dict()  # type: ignore[attr-defined]

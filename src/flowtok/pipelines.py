@@ -184,6 +184,16 @@ class FlowTokPipeline:
         self.text_encoder.to(self.device)
         return self
 
+    def quantize_fp8(self) -> FlowTokPipeline:
+        """Run both flow transformers in FP8 on a Hopper / Ada GPU (:meth:`FlowTransformer.quantize_fp8`);
+        the tokenizer, projector and text decoder keep their dtype. Inference only: the pipeline can no
+        longer be saved. Raises on a device without FP8 matmuls. Returns self."""
+        for name in ("t2i_flow", "i2t_flow"):
+            model = getattr(self, name)
+            if model is not None:
+                model.quantize_fp8()
+        return self
+
     # ------------------------------------------------------------------------------------- encoders
     def _prompts(self, prompt: str | list[str]) -> list[str]:
         if not isinstance(prompt, (str, list, tuple)):  # a dict or a generator would be silently iterated

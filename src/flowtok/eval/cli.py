@@ -165,6 +165,8 @@ def cmd_t2i(args: argparse.Namespace) -> int:
     if args.n < 0 or args.fid_n < 0:
         raise InvalidInputError("--n and --fid-n must be >= 0")
     pipe = load_pipeline(args.model, args.device)
+    if args.fp8:
+        pipe.quantize_fp8()
 
     def generate(prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         return pipe.text_to_image(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -206,6 +208,8 @@ def cmd_i2t(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise InvalidInputError(f"--n must be >= 1, got {args.n}")
     pipe = load_pipeline(args.model, args.device)
+    if args.fp8:
+        pipe.quantize_fp8()
 
     def caption(images):
         return pipe.image_to_text(images, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -267,6 +271,7 @@ def _common(p: argparse.ArgumentParser, n_default: int, out: str) -> None:
 def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's, 20)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--fp8", action="store_true", help="FP8 flow transformers (needs a Hopper / Ada GPU)")
     p.add_argument("--objects", default="1,2,3", help="object counts to test, e.g. 1,2")
     p.add_argument("--split", choices=sorted(SPLIT_CHOICES), default="both",
                    help="seen (training rule), held_out (unseen combinations) or both, reported apart")

@@ -169,6 +169,21 @@ class FlowTransformer(nn.Module, PretrainedMixin):
             block.compile(**options)
         return self
 
+    def quantize_fp8(self, emulate: bool = False) -> FlowTransformer:
+        """FP8 inference on Hopper / Ada GPUs: the blocks' attention and MLP Linears become
+        :class:`flowtok.nn.fp8.FP8Linear` (e4m3 weights with per-channel scales, inputs quantised per
+        token). The adaLN modulation, the embedders and the final layer keep their dtype: they are a
+        sliver of the FLOPs and set every scale and gate. In place, inference only (no backward, no
+        ``save_pretrained`` afterwards); call it before :meth:`compile_blocks`. ``emulate=True`` computes
+        the same quantised numbers with float matmuls on any device, to check the numerics. Returns self.
+        """
+        from ..nn.fp8 import quantize_linears
+
+        for block in self.blocks:
+            quantize_linears(block, keep=lambda name, _: name.startswith("adaLN_modulation"),
+                             emulate=True if emulate else False)
+        return self.requires_grad_(False)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, null_indicator: torch.Tensor) -> torch.Tensor:
         """x: [B, K, C]; t: [B] flow time in [0, 1]; null_indicator: [B] bool/long, 1 = null (CFG).
 

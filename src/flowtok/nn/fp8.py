@@ -1,0 +1,120 @@
+"""FP8 (e4m3) inference for the Linear layers of a transformer, for Hopper / Ada GPUs.
+
+:class:`FP8Linear` holds its weight in ``float8_e4m3fn`` with one scale per output channel and
+quantises its input on the fly with one scale per row (token), then multiplies with
+``torch._scaled_mm``, which runs the matmul on FP8 tensor cores (twice the bf16 rate on an H100) and
+rescales in its epilogue. Rowwise scales keep a token with a large activation from crushing the
+precision of the others. Under ``torch.compile`` the amax, divide and cast of the input fuse into one
+kernel with whatever precedes them.
+
+It is an inference option: there is no backward. Every dimension the FP8 kernels see must be a
+multiple of 16, so :func:`quantize_linears` skips Linears whose widths are not, and rows are padded
+when their count is not. On a CPU (or an older GPU) ``emulate=True`` computes the same quantised
+numbers with a float matmul: slow, but it lets the numerics be checked anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+_ALIGN = 16
+
+
+def fp8_supported(device: torch.device | str | None = None) -> bool:
+    """True on a CUDA device of compute capability 8.9 (Ada) or 9.0+ (Hopper) with FP8 matmuls."""
+    if not torch.cuda.is_available() or not hasattr(torch, "float8_e4m3fn"):
+        return False
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]) with x ~= q * scale."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / E4M3_MAX
+    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+class FP8Linear(nn.Module):
+    """A frozen ``nn.Linear`` computed in FP8 (see the module docstring). The matmul writes bf16 (what
+    rowwise-scaled FP8 kernels produce); the result is returned in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear, emulate: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if self.in_features % _ALIGN or self.out_features % _ALIGN:
+            raise InvalidInputError(f"FP8Linear needs widths that are multiples of {_ALIGN}, "
+                                    f"got {self.in_features} -> {self.out_features}")
+        self.emulate = emulate
+        q, scale = _quantize_rows(linear.weight.detach())
+        self.register_buffer("weight_fp8", q)  # [out, in]; .t() is the column-major operand _scaled_mm wants
+        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, out]
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(dtype) would cast the e4m3 weight and its float32 scales like any float buffer: keep their
+        # dtypes, follow only the device.
+        keep = {"weight_fp8": self.weight_fp8, "weight_scale": self.weight_scale}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            self._buffers[name] = old.to(self._buffers[name].device)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3, rowwise scales"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        rows = x2.shape[0]
+        pad = -rows % _ALIGN
+        if pad:
+            x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
+        q, scale = _quantize_rows(x2)
+        if self.emulate:
+            w = self.weight_fp8.float() * self.weight_scale.t()
+            y = ((q.float() * scale) @ w.t()).to(torch.bfloat16)
+        else:
+            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                                 out_dtype=torch.bfloat16)
+        if pad:
+            y = y[:rows]
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
+
+
+def quantize_linears(root: nn.Module, keep: Callable[[str, nn.Linear], bool] | None = None,
+                     emulate: bool | None = None) -> list[str]:
+    """Replace, in place, every ``nn.Linear`` under ``root`` with an :class:`FP8Linear`.
+
+    Skipped: Linears whose widths are not multiples of 16, and those for which ``keep(name, layer)``
+    returns True (they stay as they are). ``emulate=None`` emulates unless the weights sit on a GPU
+    that :func:`fp8_supported`; ``emulate=False`` there raises instead. Returns the replaced names.
+    """
+    done = []
+    for name, module in list(root.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            if child.in_features % _ALIGN or child.out_features % _ALIGN or (keep and keep(full, child)):
+                continue
+            native = fp8_supported(child.weight.device)
+            if emulate is False and not native:
+                raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "
+                                        f"{full} sits on {child.weight.device}")
+            setattr(module, child_name, FP8Linear(child, emulate=not native if emulate is None else emulate))
+            done.append(full)
+    return done

@@ -1,0 +1,78 @@
+"""FP8 inference layers: checked in emulation (same quantised numbers, float matmul) on the CPU."""
+
+import pytest
+import torch
+from torch import nn
+
+from flowtok.errors import InvalidInputError
+from flowtok.flow import FLOW_PRESETS, FlowTransformer
+from flowtok.nn.fp8 import E4M3_MAX, FP8Linear, fp8_supported, quantize_linears
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+def test_fp8_linear_is_close_to_the_float_layer_but_quantised():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    q = FP8Linear(lin, emulate=True)
+    assert q.weight_fp8.dtype == torch.float8_e4m3fn and q.weight_scale.shape == (1, 48)
+    assert float(q.weight_fp8.float().abs().max()) == E4M3_MAX  # each output row uses the full e4m3 range
+    x = torch.randn(3, 7, 64)
+    ref, out = lin(x), q(x)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    err = _rel(out, ref)
+    assert 1e-4 < err < 0.05, err  # e4m3 keeps 3 mantissa bits: a few percent, not zero
+
+
+def test_fp8_rows_are_scaled_independently_and_padding_changes_nothing():
+    torch.manual_seed(1)
+    q = FP8Linear(nn.Linear(32, 32), emulate=True)
+    x = torch.randn(16, 32)
+    x[3] *= 1e4  # one huge token must not wipe out the precision of the others
+    full = q(x)
+    alone = torch.cat([q(x[i:i + 1]) for i in range(16)])  # 1 row, padded to 16
+    assert torch.equal(full, alone)
+    ref = nn.functional.linear(x, q.weight_fp8.float() * q.weight_scale.t(), q.bias)
+    assert _rel(full[:3], ref[:3]) < 0.05
+
+
+def test_quantize_linears_skips_unaligned_and_kept_layers():
+    net = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10), nn.Linear(10, 32), nn.Linear(32, 32))
+    done = quantize_linears(net, keep=lambda name, _: name == "4", emulate=True)
+    assert done == ["0"]
+    assert isinstance(net[0], FP8Linear) and all(isinstance(net[i], nn.Linear) for i in (2, 3, 4))
+
+
+def test_flow_transformer_fp8_velocity_error_and_guards(tmp_path):
+    torch.manual_seed(0)
+    flow = FlowTransformer(FLOW_PRESETS["tiny"])
+    with torch.no_grad():  # give the zero-initialised adaLN layers values so the blocks compute something
+        for name, p in flow.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.normal_(std=0.05)
+    x, t, null = torch.randn(4, 8, 4), torch.rand(4), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        ref = flow(x, t, null)
+        flow.quantize_fp8(emulate=True)
+        out = flow(x, t, null)
+    assert 0 < _rel(out, ref) < 0.05
+    block = flow.blocks[0]
+    assert isinstance(block.attn.qkv, FP8Linear) and isinstance(block.adaLN_modulation[1], nn.Linear)
+    assert not any(p.requires_grad for p in flow.parameters())
+    flow.to(torch.bfloat16)  # a dtype move keeps the e4m3 weights and their float32 scales
+    assert block.attn.qkv.weight_fp8.dtype == torch.float8_e4m3fn
+    assert block.attn.qkv.weight_scale.dtype == torch.float32
+    with torch.no_grad():
+        assert _rel(flow(x.bfloat16(), t, null), ref) < 0.08
+    with pytest.raises(InvalidInputError, match="FP8-quantised"):
+        flow.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.skipif(fp8_supported(), reason="this machine has FP8 matmuls")
+def test_fp8_without_fp8_hardware_is_a_one_line_error():
+    with pytest.raises(InvalidInputError, match="compute capability 8.9"):
+        FlowTransformer(FLOW_PRESETS["tiny"]).quantize_fp8()
