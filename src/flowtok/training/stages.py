@@ -616,9 +616,11 @@ class DistillStageConfig:
     FlowTransformer that the pipeline, the samplers and `--steps k` use unchanged.
 
     Text to image needs prompts only: on the shapes world the stage samples captions without rendering
-    images, and with other data it never encodes the images. ``source_latent: sample`` starts the
-    teacher's trajectories from draws of the projector's posterior instead of its mean (the T2I flow was
-    trained on such draws), so the student learns a neighbourhood of each prompt rather than one point.
+    images, and with other data it never encodes the images. ``source_latent: sample`` (``auto``, the
+    default) starts the teacher's trajectories from draws of the projector's posterior instead of its
+    mean (the T2I flow was trained on such draws), so the student learns a neighbourhood of each prompt
+    rather than one point; on the shapes benchmark that lifted a one-step student from 95.6% to 98.4%
+    exact on held-out one-object prompts (teacher at 20 steps: 99.8%).
     The teacher integrates in bf16 on CUDA (``teacher_precision: auto``), fp32 elsewhere.
     """
 
@@ -631,7 +633,9 @@ class DistillStageConfig:
     teacher_guidance: float = 1.0
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
     init_from_teacher: bool = True
-    source_latent: Literal["mean", "sample"] = "mean"  # t2i: the text latent the trajectories start from
+    # t2i: the text latent the trajectories start from; auto = sample (measured: held-out one-object prompts
+    # 98.4% exact at one step from posterior draws, 95.6% from the mean; docs/results.md)
+    source_latent: Literal["auto", "mean", "sample"] = "auto"
     teacher_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
 
     def __post_init__(self) -> None:
@@ -639,8 +643,9 @@ class DistillStageConfig:
             raise ConfigError("model.teacher_path and model.projector_path are required")
         if self.direction == "i2t" and not self.tokenizer_path:
             raise ConfigError("model.tokenizer_path is required for direction i2t (its flow starts from images)")
-        if self.source_latent == "sample" and self.direction != "t2i":
-            raise ConfigError("model.source_latent=sample applies to direction t2i only (i2t starts from images)")
+        if self.source_latent != "auto" and self.direction != "t2i":
+            raise ConfigError(f"model.source_latent={self.source_latent} applies to direction t2i only "
+                              "(i2t starts from images)")
         bad = [k for k in self.student_steps if k < 1 or self.teacher_steps % k]
         if not self.student_steps or bad:
             raise ConfigError(f"model.student_steps must divide teacher_steps {self.teacher_steps}; got {bad or '[]'}")
@@ -686,8 +691,9 @@ class DistillStage(Stage):
         else:
             ts = self.frozen.encoder.encode(b["captions"])
             states, mask = ts.states.float(), ts.mask
-        out = self.frozen.projector(states, mask, sample=self.cfg.source_latent == "sample")
-        return out.z if self.cfg.source_latent == "sample" else out.mean
+        draw = self.cfg.source_latent != "mean"
+        out = self.frozen.projector(states, mask, sample=draw)
+        return out.z if draw else out.mean
 
     @torch.no_grad()
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
