@@ -169,3 +169,13 @@ def test_cpu_benchmark_tiny(tmp_path):
     assert items["cold start"]["status"] == "ok" and items["cold start"]["total_s"] > 0
     assert items["text_to_image 4 images 1 steps"]["images_per_s"] > 0
     assert items["image_to_text 1 caption 1 steps"]["captions_per_s"] > 0
+
+
+def test_fp8_gemm_benchmark_tiny(tmp_path):
+    bench = _bench("fp8_gemm")
+    data = bench.main(["--tiny", "--device", "cpu", "--iters", "1", "--warmup", "0", "--out", str(tmp_path / "f.json")])
+    items = data["items"]
+    assert [i["shape"] for i in items] == ["qkv", "attn_out", "mlp_in", "mlp_out"]
+    for i in items:  # every form computes the same product, within FP8's precision
+        assert i["bf16_rel_err"] < 0.01 and 0 < i["fp8_rowwise_rel_err"] < 0.06 and i["fp8_tensorwise_rel_err"] < 0.08
+    assert (tmp_path / "f.json").is_file()
