@@ -9,7 +9,8 @@ conditional and null halves in one batch), in bf16, with the same optimisations 
 * ``compile+graph``  both;
 * ``...+fp8``        any of these with the transformer blocks' Linears in FP8 (e4m3, rowwise scales,
   :mod:`flowtok.nn.fp8`; Hopper / Ada only), applied alike to both sides, with the velocity error of
-  one forward against bf16 recorded.
+  one forward against bf16 recorded;
+* ``...+fp8s``       the same with static per-tensor scales calibrated on other inputs (all t).
 
 Measured per model, batch and variant: images/s of the flow alone, its achieved TFLOP/s against the
 bf16 ``mm`` rate measured in the same run, and peak memory; for the pipelines, images/s of
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Budget, Results, env_info, free_memory, log, matmul_tflops, pick_device, time_call  # noqa: E402
 
 from flowtok.flow import FLOW_PRESETS, FlowTransformer, flop_count  # noqa: E402
-from flowtok.nn.fp8 import fp8_supported, quantize_linears  # noqa: E402
+from flowtok.nn.fp8 import calibrate_input_amax, fp8_supported, quantize_linears  # noqa: E402
 from flowtok.sampling import GraphedSampler, euler_sample  # noqa: E402
 from flowtok.text import PROJECTOR_PRESETS, TextProjector  # noqa: E402
 from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer  # noqa: E402
@@ -181,29 +182,40 @@ def compile_pixart(transformer, **options: Any) -> None:
         block.compile(dynamic=False, **options)
 
 
-def variant_order(variant: str) -> tuple[bool, bool]:
-    """Eager before compiled, bf16 before FP8: each model is compiled once, its FP8 copy after."""
-    return "fp8" in variant, "compile" in variant
+def fp8_kind(variant: str) -> str:
+    """'' (bf16), 'fp8' (dynamic rowwise scales) or 'fp8s' (static calibrated scales)."""
+    return "fp8s" if "fp8s" in variant else "fp8" if "fp8" in variant else ""
+
+
+def variant_order(variant: str) -> tuple[str, bool]:
+    """Eager before compiled, bf16 before FP8: each model is compiled once, its FP8 copies after."""
+    return fp8_kind(variant), "compile" in variant
 
 
 def fp8_copy(model: torch.nn.Module, blocks: str, name: str, forward: Callable[[torch.nn.Module], torch.Tensor],
-             results: Results, device: torch.device) -> torch.nn.Module | None:
+             results: Results, device: torch.device, calibrate: Callable[[torch.nn.Module], Any] | None = None,
+             ) -> torch.nn.Module | None:
     """A copy of ``model`` whose ``blocks`` Linears run in FP8 (the same rule on both sides: every
-    16-aligned Linear inside the repeated blocks except adaLN modulations), plus the relative velocity
-    error of one forward against the bf16 model. None where the device has no FP8 matmuls."""
+    16-aligned Linear inside the repeated blocks except adaLN modulations; static scales measured by
+    ``calibrate(copy)`` when given), plus the relative velocity error of one forward against the bf16
+    model. None where the device has no FP8 matmuls."""
+    kind = "fp8s" if calibrate is not None else "fp8"
     if not fp8_supported(device) and device.type == "cuda":
-        results.add({"name": f"{name} fp8", "status": "skipped", "reason": "no FP8 matmuls on this GPU"})
+        results.add({"name": f"{name} {kind}", "status": "skipped", "reason": "no FP8 matmuls on this GPU"})
         return None
     quant = copy.deepcopy(model)
-    replaced = quantize_linears(getattr(quant, blocks), keep=lambda n, _: "adaLN_modulation" in n,
-                                emulate=device.type != "cuda")
+    keep = lambda n, _: "adaLN_modulation" in n  # noqa: E731
+    amax = None
+    if calibrate is not None:
+        amax = calibrate_input_amax(getattr(quant, blocks), lambda: calibrate(quant), keep)
+    replaced = quantize_linears(getattr(quant, blocks), keep=keep, emulate=device.type != "cuda", input_amax=amax)
     with torch.no_grad():
         ref, out = forward(model).float(), forward(quant).float()
     err = float((out - ref).norm() / ref.norm())
     cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
-    results.add({"name": f"{name} fp8 velocity error", "status": "ok", "model": name, "part": "fp8_error",
-                 "rel_l2_error": err, "cosine": cos, "fp8_linears": len(replaced)})
-    log(f"{name}: FP8 velocity error vs bf16 {err:.4f} (relative L2), cosine {cos:.5f}, {len(replaced)} Linears")
+    results.add({"name": f"{name} {kind} velocity error", "status": "ok", "model": name, "part": "fp8_error",
+                 "variant": kind, "rel_l2_error": err, "cosine": cos, "fp8_linears": len(replaced)})
+    log(f"{name}: {kind} velocity error vs bf16 {err:.4f} (relative L2), cosine {cos:.5f}, {len(replaced)} Linears")
     return quant
 
 
@@ -239,13 +251,18 @@ def run_flowtok(name: str, args, shapes: Shapes, device: torch.device, dtype: to
     log(f"{name}: {sum(p.numel() for p in flow.parameters()) / 1e6:.1f}M params; forward GFLOP/sample "
         f"{per_sample / 1e9:.2f} (FlopCounterMode), {flop_count(cfg) / 1e9:.2f} (flop_count)")
     pipeline = name in args.pipeline_models
-    models = {False: flow}
-    if any("fp8" in v for v in args.variants):
+    models: dict[str, Any] = {"": flow}
+    kinds = {fp8_kind(v) for v in args.variants} - {""}
+    if kinds:
         xe = torch.randn(8, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
         te, ne = torch.rand(8, generator=gen).to(device), (torch.arange(8) % 2).to(device)
-        models[True] = fp8_copy(flow, "blocks", name, lambda m: m(xe, te, ne), results, device)
+        xc = torch.randn(16, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
+        tc, nc = torch.linspace(0, 1, 16).to(device), (torch.arange(16) % 2).to(device)
+        for kind in sorted(kinds):
+            models[kind] = fp8_copy(flow, "blocks", name, lambda m: m(xe, te, ne), results, device,
+                                    calibrate=(lambda m: m(xc, tc, nc)) if kind == "fp8s" else None)
     for variant in sorted(args.variants, key=variant_order):
-        model = models["fp8" in variant]
+        model = models[fp8_kind(variant)]
         if model is None:
             continue
         if "compile" in variant and not getattr(model, "_bench_compiled", False):
@@ -308,16 +325,23 @@ def run_pixart(args, shapes: Shapes, device: torch.device, dtype: torch.dtype, r
     log(f"PixArt: {sum(p.numel() for p in transformer.parameters()) / 1e6:.1f}M params; forward GFLOP/sample "
         f"{per_sample / 1e9:.2f}; VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M params")
     pipeline = PIXART in args.pipeline_models
-    models = {False: transformer}
-    if any("fp8" in v for v in args.variants):
+    models: dict[str, Any] = {"": transformer}
+    kinds = {fp8_kind(v) for v in args.variants} - {""}
+    if kinds:
         xe = torch.randn(8, 4, size, size, generator=gen).to(device, dtype)
         te = torch.rand(8, generator=gen).to(device)
         text = t5_batch(4, shapes, device, dtype, gen)
-        models[True] = fp8_copy(transformer, "transformer_blocks", PIXART,
-                                lambda m: PixArtVelocity(m, *text)(xe, te, None), results, device)
-    compiled: set[bool] = set()
+        xc = torch.randn(16, 4, size, size, generator=gen).to(device, dtype)
+        tc = torch.linspace(0, 1, 16).to(device)
+        text_c = t5_batch(8, shapes, device, dtype, gen)
+        for kind in sorted(kinds):
+            models[kind] = fp8_copy(transformer, "transformer_blocks", PIXART,
+                                    lambda m: PixArtVelocity(m, *text)(xe, te, None), results, device,
+                                    calibrate=(lambda m: PixArtVelocity(m, *text_c)(xc, tc, None))
+                                    if kind == "fp8s" else None)
+    compiled: set[str] = set()
     for variant in sorted(args.variants, key=variant_order):
-        fp8 = "fp8" in variant
+        fp8 = fp8_kind(variant)
         model = models[fp8]
         if model is None:
             continue
@@ -458,7 +482,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="in the order run (a time budget skips the last ones first)")
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 64,256; tiny: 2,3)")
     p.add_argument("--variants", default="eager,compile+graph", help="among eager, graph, compile, compile+graph; "
-                   "fp8, graph+fp8, compile+fp8, compile+graph+fp8 add FP8 Linears (Hopper / Ada)")
+                   "fp8, graph+fp8, compile+fp8, compile+graph+fp8 add FP8 Linears (Hopper / Ada); "
+                   "fp8s instead of fp8: static calibrated scales")
     p.add_argument("--pipeline-models", default="FlowTok-XL,pixart")
     p.add_argument("--pipeline-variants", default="eager,compile+graph")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default 20; tiny: 2)")
@@ -483,8 +508,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("models", "variants", "pipeline_models", "pipeline_variants"):
         setattr(args, key, [s for s in getattr(args, key).split(",") if s])
     known = {"eager", "graph", "compile", "compile+graph"}
-    known |= {f"{v}+fp8" for v in known} | {"fp8"}
-    known.discard("eager+fp8")
+    known |= {f"{v}+{q}" for v in known for q in ("fp8", "fp8s")} | {"fp8", "fp8s"}
+    known -= {"eager+fp8", "eager+fp8s"}
     if set(args.variants) - known or set(args.pipeline_variants) - known:
         p.error(f"variants must be among {sorted(known)}")
     if set(args.models) - {*FLOWTOK_MODELS, PIXART}:

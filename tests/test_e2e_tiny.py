@@ -239,3 +239,17 @@ def test_pipeline_fp8_needs_fp8_hardware(tiny_pipeline):
         return
     with pytest.raises(InvalidInputError, match="compute capability 8.9"):
         pipe.quantize_fp8()
+
+
+def test_pipeline_fp8_calibrated_on_prompts(tiny_pipeline):
+    from flowtok.nn.fp8 import FP8Linear
+
+    pipe = FlowTokPipeline.from_pretrained(tiny_pipeline, device="cpu")
+    ref = pipe.text_to_image("a red circle", output_type="np", generator=torch.Generator().manual_seed(0))
+    pipe.quantize_fp8(calibration_prompts=["a red circle", "two blue squares"], emulate=True)
+    for flow in (pipe.t2i_flow, pipe.i2t_flow):  # both calibrated: t2i on the prompts, i2t on their images
+        layers = [m for m in flow.modules() if isinstance(m, FP8Linear)]
+        assert layers and all(m.static for m in layers)
+    img = pipe.text_to_image("a red circle", output_type="np", generator=torch.Generator().manual_seed(0))
+    assert img.shape == ref.shape and np.abs(img - ref).mean() < 0.05
+    assert len(pipe.image_to_text(torch.from_numpy(img).permute(0, 3, 1, 2))) == 1

@@ -76,3 +76,30 @@ def test_flow_transformer_fp8_velocity_error_and_guards(tmp_path):
 def test_fp8_without_fp8_hardware_is_a_one_line_error():
     with pytest.raises(InvalidInputError, match="compute capability 8.9"):
         FlowTransformer(FLOW_PRESETS["tiny"]).quantize_fp8()
+
+
+def test_calibrated_static_scales():
+    from flowtok.nn.fp8 import calibrate_input_amax
+
+    torch.manual_seed(0)
+    flow = FlowTransformer(FLOW_PRESETS["tiny"])
+    with torch.no_grad():
+        for name, p in flow.named_parameters():
+            if "adaLN_modulation" in name or "final_layer.linear" in name:
+                p.normal_(std=0.05)
+    x, t, null = torch.randn(6, 8, 4), torch.rand(6), torch.tensor([0, 1, 0, 1, 0, 1])
+    with torch.no_grad():
+        ref = flow(x, t, null)
+    amax = calibrate_input_amax(flow.blocks, lambda: flow(x, t, null), keep=lambda n, _: "adaLN" in n)
+    assert set(amax) == {f"{i}.{layer}" for i in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert all(v > 0 for v in amax.values())
+    flow.quantize_fp8(emulate=True, calibrate=lambda: flow(x, t, null))
+    qkv = flow.blocks[0].attn.qkv
+    assert qkv.static and qkv.input_scale.shape == () and qkv.weight_scale.shape == ()
+    assert float(qkv.input_scale) == pytest.approx(amax["0.attn.qkv"] / E4M3_MAX)
+    with torch.no_grad():
+        out = flow(x, t, null)
+        assert 0 < _rel(out, ref) < 0.05
+        assert torch.isfinite(flow(x * 50, t, null)).all()  # beyond the calibrated range: saturates, no inf
+    with pytest.raises(InvalidInputError, match="input_amax"):
+        FP8Linear(nn.Linear(16, 16), emulate=True, input_amax=float("nan"))

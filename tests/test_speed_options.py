@@ -118,7 +118,7 @@ def test_time_call_stops_at_the_timed_budget():
 
 def test_sampling_benchmark_tiny(tmp_path):
     bench = _bench("sampling")
-    data = bench.main(["--tiny", "--device", "cpu", "--models", "FlowTok-XL,pixart", "--variants", "eager,graph,fp8",
+    data = bench.main(["--tiny", "--device", "cpu", "--models", "FlowTok-XL,pixart", "--variants", "eager,graph,fp8,fp8s",
                        "--pipeline-variants", "eager,graph", "--iters", "1", "--no-text-encoders",
                        "--out", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")])
     items = data["items"]
@@ -126,9 +126,10 @@ def test_sampling_benchmark_tiny(tmp_path):
     ours = {(i["part"], i["variant"], i["batch"]) for i in items
             if i.get("model") == "FlowTok-XL" and i["part"] in ("flow", "pipeline")}
     assert ours == {(p, v, b) for p in ("flow", "pipeline") for v in ("eager", "graph") for b in (2, 3)} | {
-        ("flow", "fp8", b) for b in (2, 3)}
-    err = next(i for i in items if i["name"] == "FlowTok-XL fp8 velocity error")  # FP8 emulated on the CPU
-    assert 0 < err["rel_l2_error"] < 0.05 and err["fp8_linears"] > 0
+        ("flow", v, b) for v in ("fp8", "fp8s") for b in (2, 3)}
+    for kind in ("fp8", "fp8s"):  # FP8 emulated on the CPU; fp8s calibrated on other inputs
+        err = next(i for i in items if i["name"] == f"FlowTok-XL {kind} velocity error")
+        assert 0 < err["rel_l2_error"] < 0.05 and err["fp8_linears"] > 0
     assert all(i["images_per_s"] > 0 for i in items if i["status"] == "ok" and i["part"] != "fp8_error")
     if any(i.get("model") == "pixart" and i["status"] == "ok" for i in items):  # diffusers installed
         assert set(data["summary"]) == {"FlowTok-XL/pixart b2", "FlowTok-XL/pixart b3"}

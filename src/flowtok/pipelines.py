@@ -184,14 +184,34 @@ class FlowTokPipeline:
         self.text_encoder.to(self.device)
         return self
 
-    def quantize_fp8(self) -> FlowTokPipeline:
+    def quantize_fp8(self, calibration_prompts: str | list[str] | None = None,
+                     calibration_images: ImageInput | list[ImageInput] | None = None,
+                     emulate: bool = False) -> FlowTokPipeline:
         """Run both flow transformers in FP8 on a Hopper / Ada GPU (:meth:`FlowTransformer.quantize_fp8`);
         the tokenizer, projector and text decoder keep their dtype. Inference only: the pipeline can no
-        longer be saved. Raises on a device without FP8 matmuls. Returns self."""
-        for name in ("t2i_flow", "i2t_flow"):
-            model = getattr(self, name)
-            if model is not None:
-                model.quantize_fp8()
+        longer be saved. Raises on a device without FP8 matmuls. Returns self.
+
+        With ``calibration_prompts`` the layers get static scales measured while generating those prompts
+        (the text-to-image flow) and captioning ``calibration_images``, or else the images just generated
+        (the image-to-text flow); without, inputs are scaled per token on the fly. ``emulate=True``
+        computes the same quantised numbers with float matmuls on any device (a numerics check, slow).
+        """
+        from .nn.fp8 import fp8_supported
+
+        if not emulate and not fp8_supported(self.device):
+            raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "
+                                    f"this pipeline runs on {self.device}")
+        prompts = self._prompts(calibration_prompts) if calibration_prompts is not None else None
+        made: dict[str, Any] = {}
+        if self.t2i_flow is not None:
+            run = None if prompts is None else (
+                lambda: made.setdefault("images", self.text_to_image(prompts, output_type="pt")))
+            self.t2i_flow.quantize_fp8(emulate=emulate, calibrate=run)
+        if self.i2t_flow is not None:
+            images = calibration_images if calibration_images is not None else made.get("images")
+            run = None if prompts is None or images is None or self.text_decoder is None else (
+                lambda: self.image_to_text(images))
+            self.i2t_flow.quantize_fp8(emulate=emulate, calibrate=run)
         return self
 
     # ------------------------------------------------------------------------------------- encoders

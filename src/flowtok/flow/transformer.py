@@ -31,6 +31,7 @@ checkpointing on in every block; here it is the ``grad_checkpointing`` config sw
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidInputError
 from ..modeling import PretrainedMixin
 from ..nn import TimestepEmbedder, sincos_1d
 from ..nn.dit import DiTBlock, FinalLayer
@@ -169,19 +170,31 @@ class FlowTransformer(nn.Module, PretrainedMixin):
             block.compile(**options)
         return self
 
-    def quantize_fp8(self, emulate: bool = False) -> FlowTransformer:
+    def quantize_fp8(self, emulate: bool = False, calibrate: Callable[[], Any] | None = None) -> FlowTransformer:
         """FP8 inference on Hopper / Ada GPUs: the blocks' attention and MLP Linears become
-        :class:`flowtok.nn.fp8.FP8Linear` (e4m3 weights with per-channel scales, inputs quantised per
-        token). The adaLN modulation, the embedders and the final layer keep their dtype: they are a
-        sliver of the FLOPs and set every scale and gate. In place, inference only (no backward, no
-        ``save_pretrained`` afterwards); call it before :meth:`compile_blocks`. ``emulate=True`` computes
-        the same quantised numbers with float matmuls on any device, to check the numerics. Returns self.
-        """
-        from ..nn.fp8 import quantize_linears
+        :class:`flowtok.nn.fp8.FP8Linear`. The adaLN modulation, the embedders and the final layer keep
+        their dtype: they are a sliver of the FLOPs and set every scale and gate.
 
-        for block in self.blocks:
-            quantize_linears(block, keep=lambda name, _: name.startswith("adaLN_modulation"),
-                             emulate=True if emulate else False)
+        Without ``calibrate``: e4m3 weights with per-channel scales, inputs quantised per token on the fly.
+        With ``calibrate``, a callable that runs this model on representative inputs (a few sampling calls
+        on real prompts, say): each layer's largest input is recorded and becomes a static per-tensor
+        scale, which makes input quantisation a fusable cast and the GEMMs cuBLAS's fast tensorwise ones.
+        In place, inference only (no backward, no ``save_pretrained`` afterwards); call it before
+        :meth:`compile_blocks`. ``emulate=True`` computes the same quantised numbers with float matmuls on
+        any device, to check the numerics. Returns self.
+        """
+        from ..nn.fp8 import calibrate_input_amax, fp8_supported, quantize_linears
+
+        device = next(self.parameters()).device
+        if not emulate and not fp8_supported(device):
+            raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "
+                                    f"this model sits on {device}")
+
+        def keep(name: str, _layer: nn.Module) -> bool:
+            return "adaLN_modulation" in name
+
+        amax = calibrate_input_amax(self.blocks, calibrate, keep) if calibrate is not None else None
+        quantize_linears(self.blocks, keep=keep, emulate=True if emulate else False, input_amax=amax)
         return self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, null_indicator: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,12 @@ rescales in its epilogue. Rowwise scales keep a token with a large activation fr
 precision of the others. Under ``torch.compile`` the amax, divide and cast of the input fuse into one
 kernel with whatever precedes them.
 
+Dynamic per-row input scales cost a reduction over every row before every GEMM; measured on an H100
+(``benchmarks/fp8_gemm.py``) that costs about what FP8 saves. With ``input_amax`` (calibrated by
+:func:`calibrate_input_amax` on a few real inputs) the layer instead uses one static scale per tensor for
+its input and its weight, so quantising the input is a plain elementwise cast that fuses into whatever
+kernel produced it, and the GEMM takes cuBLAS's tensorwise FP8 path with fast accumulation.
+
 It is an inference option: there is no backward. Every dimension the FP8 kernels see must be a
 multiple of 16, so :func:`quantize_linears` skips Linears whose widths are not, and rows are padded
 when their count is not. On a CPU (or an older GPU) ``emulate=True`` computes the same quantised
@@ -16,6 +22,7 @@ numbers with a float matmul: slow, but it lets the numerics be checked anywhere.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,34 +51,57 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class FP8Linear(nn.Module):
-    """A frozen ``nn.Linear`` computed in FP8 (see the module docstring). The matmul writes bf16 (what
-    rowwise-scaled FP8 kernels produce); the result is returned in the input's dtype."""
+def _quantize_tensor(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (e4m3, float32 scalar scale) with one scale for the whole tensor, from a given amax."""
+    scale = (amax.float().clamp(min=1e-12) / E4M3_MAX).reshape(())
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
 
-    def __init__(self, linear: nn.Linear, emulate: bool = False) -> None:
+
+class FP8Linear(nn.Module):
+    """A frozen ``nn.Linear`` computed in FP8 (see the module docstring). The matmul writes bf16; the
+    result is returned in the input's dtype.
+
+    ``input_amax=None``: dynamic per-row input scales and per-channel weight scales. A float: static
+    per-tensor scales (input: that amax, typically from :func:`calibrate_input_amax`; weight: its own
+    amax); inputs beyond the calibrated range saturate at the largest e4m3 value.
+    """
+
+    def __init__(self, linear: nn.Linear, emulate: bool = False, input_amax: float | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if self.in_features % _ALIGN or self.out_features % _ALIGN:
             raise InvalidInputError(f"FP8Linear needs widths that are multiples of {_ALIGN}, "
                                     f"got {self.in_features} -> {self.out_features}")
+        if input_amax is not None and not (input_amax > 0 and torch.isfinite(torch.tensor(input_amax))):
+            raise InvalidInputError(f"FP8Linear input_amax must be a positive finite number, got {input_amax}")
         self.emulate = emulate
-        q, scale = _quantize_rows(linear.weight.detach())
+        self.static = input_amax is not None
+        weight = linear.weight.detach()
+        if self.static:
+            q, scale = _quantize_tensor(weight, weight.abs().amax())
+            self.register_buffer("input_scale", torch.tensor(input_amax / E4M3_MAX, dtype=torch.float32))
+        else:
+            q, scale = _quantize_rows(weight)
+            scale = scale.reshape(1, -1).contiguous()  # [1, out]
+            self.register_buffer("input_scale", None)
         self.register_buffer("weight_fp8", q)  # [out, in]; .t() is the column-major operand _scaled_mm wants
-        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, out]
+        self.register_buffer("weight_scale", scale)
         bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("bias", bias)
 
     def _apply(self, fn, recurse: bool = True):
         # .to(dtype) would cast the e4m3 weight and its float32 scales like any float buffer: keep their
         # dtypes, follow only the device.
-        keep = {"weight_fp8": self.weight_fp8, "weight_scale": self.weight_scale}
+        keep = {k: self._buffers[k] for k in ("weight_fp8", "weight_scale", "input_scale")
+                if self._buffers.get(k) is not None}
         super()._apply(fn, recurse)
         for name, old in keep.items():
             self._buffers[name] = old.to(self._buffers[name].device)
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3, rowwise scales"
+        mode = "static per-tensor scales" if self.static else "rowwise scales"
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3, {mode}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -80,13 +110,19 @@ class FP8Linear(nn.Module):
         pad = -rows % _ALIGN
         if pad:
             x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
-        q, scale = _quantize_rows(x2)
+        if self.static:
+            scale = self.input_scale
+            q = (x2.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            w_scale = self.weight_scale
+        else:
+            q, scale = _quantize_rows(x2)
+            w_scale = self.weight_scale
         if self.emulate:
-            w = self.weight_fp8.float() * self.weight_scale.t()
+            w = self.weight_fp8.float() * (w_scale if self.static else w_scale.t())
             y = ((q.float() * scale) @ w.t()).to(torch.bfloat16)
         else:
-            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
-                                 out_dtype=torch.bfloat16)
+            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=w_scale, out_dtype=torch.bfloat16,
+                                 use_fast_accum=self.static)
         if pad:
             y = y[:rows]
         y = y.to(x.dtype)
@@ -95,13 +131,45 @@ class FP8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
 
+@torch.no_grad()
+def calibrate_input_amax(root: nn.Module, run: Callable[[], Any],
+                         keep: Callable[[str, nn.Linear], bool] | None = None) -> dict[str, float]:
+    """Largest |input| each eligible ``nn.Linear`` under ``root`` sees while ``run()`` executes (for
+    instance a few sampling calls on real prompts, every timestep included). Names are relative to root."""
+    seen: dict[str, float] = {}
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(_module, args) -> None:
+            value = float(args[0].detach().abs().amax())
+            seen[name] = max(seen.get(name, 0.0), value)
+        return hook
+
+    for name, module in root.named_modules():
+        if isinstance(module, nn.Linear) and _eligible(name, module, keep):
+            hooks.append(module.register_forward_pre_hook(hook_for(name)))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _eligible(name: str, layer: nn.Linear, keep: Callable[[str, nn.Linear], bool] | None) -> bool:
+    return not (layer.in_features % _ALIGN or layer.out_features % _ALIGN or (keep and keep(name, layer)))
+
+
 def quantize_linears(root: nn.Module, keep: Callable[[str, nn.Linear], bool] | None = None,
-                     emulate: bool | None = None) -> list[str]:
+                     emulate: bool | None = None, input_amax: dict[str, float] | None = None) -> list[str]:
     """Replace, in place, every ``nn.Linear`` under ``root`` with an :class:`FP8Linear`.
 
     Skipped: Linears whose widths are not multiples of 16, and those for which ``keep(name, layer)``
-    returns True (they stay as they are). ``emulate=None`` emulates unless the weights sit on a GPU
-    that :func:`fp8_supported`; ``emulate=False`` there raises instead. Returns the replaced names.
+    returns True (they stay as they are). ``input_amax`` (from :func:`calibrate_input_amax`, names
+    relative to ``root``) switches the layers it names to static per-tensor scales; a layer it lacks
+    (never reached during calibration) stays in full precision. ``emulate=None`` emulates unless the
+    weights sit on a GPU that :func:`fp8_supported`; ``emulate=False`` there raises instead. Returns the
+    replaced names.
     """
     done = []
     for name, module in list(root.named_modules()):
@@ -109,12 +177,14 @@ def quantize_linears(root: nn.Module, keep: Callable[[str, nn.Linear], bool] | N
             if not isinstance(child, nn.Linear):
                 continue
             full = f"{name}.{child_name}" if name else child_name
-            if child.in_features % _ALIGN or child.out_features % _ALIGN or (keep and keep(full, child)):
+            if not _eligible(full, child, keep) or (input_amax is not None and not input_amax.get(full)):
                 continue
             native = fp8_supported(child.weight.device)
             if emulate is False and not native:
                 raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "
                                         f"{full} sits on {child.weight.device}")
-            setattr(module, child_name, FP8Linear(child, emulate=not native if emulate is None else emulate))
+            amax = input_amax[full] if input_amax is not None else None
+            setattr(module, child_name, FP8Linear(child, emulate=not native if emulate is None else emulate,
+                                                  input_amax=amax))
             done.append(full)
     return done
