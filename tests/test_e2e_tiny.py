@@ -112,6 +112,14 @@ def test_cli_user_errors_exit_2(tiny_pipeline, tmp_path, capsys):
     assert main(["generate", "", "--model", str(tiny_pipeline)]) == 2
     assert main(["generate", "x", "--model", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+    from flowtok.nn.fp8 import fp8_supported
+
+    if not fp8_supported():  # FP8 on a machine without FP8 matmuls: a one-line error, nothing written
+        for mode in ([], ["dynamic"]):
+            assert main(["generate", "x", "--model", str(tiny_pipeline), "-o", str(tmp_path / "f.png"),
+                         "--fp8", *mode]) == 2
+            assert "compute capability 8.9" in capsys.readouterr().err
+        assert not (tmp_path / "f.png").exists()
 
 
 def test_text_latent_shape_mismatch_is_a_config_error(tiny_pipeline, tmp_path):

@@ -29,8 +29,13 @@ def _pipeline(args: argparse.Namespace):
             raise InvalidInputError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     pipe = FlowTokPipeline.from_pretrained(args.model, device=args.device)
-    if getattr(args, "fp8", False):
+    mode = getattr(args, "fp8", None)
+    if mode == "dynamic":
         pipe.quantize_fp8()
+    elif mode == "static":  # calibrated on this run's own inputs: one extra pass, then the fast FP8 kernels
+        prompts = [args.prompt] if getattr(args, "prompt", None) else None
+        images = list(args.images) if getattr(args, "images", None) else None
+        pipe.quantize_fp8(calibration_prompts=prompts, calibration_images=images)
     return pipe
 
 
@@ -177,7 +182,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="pipeline folder or Hub id (default: the bundled flowtok-shapes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--fp8", action="store_true", help="FP8 flow transformers (needs a Hopper / Ada GPU)")
+    p.add_argument("--fp8", nargs="?", const="static", choices=["static", "dynamic"], default=None,
+                   help="FP8 flow transformers (needs a Hopper / Ada GPU); static (default): scales calibrated "
+                        "on this run's inputs, one extra pass; dynamic: per-token scales, slower")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -191,9 +191,9 @@ class FlowTokPipeline:
         the tokenizer, projector and text decoder keep their dtype. Inference only: the pipeline can no
         longer be saved. Raises on a device without FP8 matmuls. Returns self.
 
-        With ``calibration_prompts`` the layers get static scales measured while generating those prompts
-        (the text-to-image flow) and captioning ``calibration_images``, or else the images just generated
-        (the image-to-text flow); without, inputs are scaled per token on the fly. ``emulate=True``
+        Static scales: the text-to-image flow's are measured while generating ``calibration_prompts``, the
+        image-to-text flow's while captioning ``calibration_images`` (or else the images just generated
+        from the prompts). A flow with nothing to calibrate on scales its inputs per token on the fly. ``emulate=True``
         computes the same quantised numbers with float matmuls on any device (a numerics check, slow).
         """
         from .nn.fp8 import fp8_supported
@@ -209,8 +209,7 @@ class FlowTokPipeline:
             self.t2i_flow.quantize_fp8(emulate=emulate, calibrate=run)
         if self.i2t_flow is not None:
             images = calibration_images if calibration_images is not None else made.get("images")
-            run = None if prompts is None or images is None or self.text_decoder is None else (
-                lambda: self.image_to_text(images))
+            run = None if images is None or self.text_decoder is None else (lambda: self.image_to_text(images))
             self.i2t_flow.quantize_fp8(emulate=emulate, calibrate=run)
         return self
 

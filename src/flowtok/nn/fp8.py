@@ -79,7 +79,8 @@ class FP8Linear(nn.Module):
         weight = linear.weight.detach()
         if self.static:
             q, scale = _quantize_tensor(weight, weight.abs().amax())
-            self.register_buffer("input_scale", torch.tensor(input_amax / E4M3_MAX, dtype=torch.float32))
+            self.register_buffer("input_scale", torch.tensor(input_amax / E4M3_MAX, dtype=torch.float32,
+                                                             device=weight.device))
         else:
             q, scale = _quantize_rows(weight)
             scale = scale.reshape(1, -1).contiguous()  # [1, out]
