@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Results, env_info, log, pick_device  # noqa: E402
 
 from flowtok.flow import FLOW_PRESETS  # noqa: E402
-from flowtok.nn.fp8 import E4M3_MAX  # noqa: E402
+from flowtok.nn.fp8 import quantize_rows, quantize_tensor, to_e4m3  # noqa: E402
 
 
 def xl_shapes(batch: int, tiny: bool) -> list[tuple[str, int, int, int]]:
@@ -65,27 +65,17 @@ def timer(device: torch.device, warmup: int, iters: int):
     return run
 
 
-def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
-
-
-def quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
 def measure(name: str, m: int, k: int, n: int, device: torch.device, args) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen).to(device, torch.bfloat16)
     w = (torch.randn(n, k, generator=gen) * k ** -0.5).to(device, torch.bfloat16)
     run = timer(device, args.warmup, args.iters)
     compile_ = (lambda f: f) if device.type != "cuda" else (lambda f: torch.compile(f, dynamic=False))
-    qrows, qstatic = compile_(quant_rows), compile_(quant_static)
-    xq, xs = quant_rows(x)
-    wq, ws = quant_rows(w)
-    xs_t = (x.abs().amax().float() / E4M3_MAX).reshape(())
-    ws_t = (w.abs().amax().float() / E4M3_MAX).reshape(())
-    xq_t, wq_t = quant_static(x, xs_t), quant_static(w, ws_t)
+    qrows, qstatic = compile_(quantize_rows), compile_(to_e4m3)
+    xq, xs = quantize_rows(x)
+    wq, ws = quantize_rows(w)
+    xq_t, xs_t = quantize_tensor(x)
+    wq_t, ws_t = quantize_tensor(w)
     ref = (x.float() @ w.float().t())
     out: dict[str, Any] = {"shape": name, "m": m, "k": k, "n": n}
     flops = 2 * m * k * n

@@ -196,11 +196,6 @@ class FlowTokPipeline:
         from the prompts). A flow with nothing to calibrate on scales its inputs per token on the fly. ``emulate=True``
         computes the same quantised numbers with float matmuls on any device (a numerics check, slow).
         """
-        from .nn.fp8 import fp8_supported
-
-        if not emulate and not fp8_supported(self.device):
-            raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "
-                                    f"this pipeline runs on {self.device}")
         prompts = self._prompts(calibration_prompts) if calibration_prompts is not None else None
         made: dict[str, Any] = {}
         if self.t2i_flow is not None:

@@ -194,7 +194,7 @@ class FlowTransformer(nn.Module, PretrainedMixin):
             return "adaLN_modulation" in name
 
         amax = calibrate_input_amax(self.blocks, calibrate, keep) if calibrate is not None else None
-        quantize_linears(self.blocks, keep=keep, emulate=True if emulate else False, input_amax=amax)
+        quantize_linears(self.blocks, keep=keep, emulate=emulate, input_amax=amax)
         return self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, null_indicator: torch.Tensor) -> torch.Tensor:

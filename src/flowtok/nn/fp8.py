@@ -43,18 +43,21 @@ def fp8_supported(device: torch.device | str | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def to_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale in float8_e4m3fn, saturating at the largest finite value instead of overflowing."""
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]) with x ~= q * scale."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = amax / E4M3_MAX
-    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q, scale
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return to_e4m3(x, scale), scale
 
 
-def _quantize_tensor(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x -> (e4m3, float32 scalar scale) with one scale for the whole tensor, from a given amax."""
-    scale = (amax.float().clamp(min=1e-12) / E4M3_MAX).reshape(())
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (e4m3, float32 scalar scale): one scale for the whole tensor."""
+    scale = (x.abs().amax().float().clamp(min=1e-12) / E4M3_MAX).reshape(())
+    return to_e4m3(x, scale), scale
 
 
 class FP8Linear(nn.Module):
@@ -78,11 +81,11 @@ class FP8Linear(nn.Module):
         self.static = input_amax is not None
         weight = linear.weight.detach()
         if self.static:
-            q, scale = _quantize_tensor(weight, weight.abs().amax())
+            q, scale = quantize_tensor(weight)
             self.register_buffer("input_scale", torch.tensor(input_amax / E4M3_MAX, dtype=torch.float32,
                                                              device=weight.device))
         else:
-            q, scale = _quantize_rows(weight)
+            q, scale = quantize_rows(weight)
             scale = scale.reshape(1, -1).contiguous()  # [1, out]
             self.register_buffer("input_scale", None)
         self.register_buffer("weight_fp8", q)  # [out, in]; .t() is the column-major operand _scaled_mm wants
@@ -113,17 +116,15 @@ class FP8Linear(nn.Module):
             x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
         if self.static:
             scale = self.input_scale
-            q = (x2.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-            w_scale = self.weight_scale
+            q = to_e4m3(x2, scale)
         else:
-            q, scale = _quantize_rows(x2)
-            w_scale = self.weight_scale
+            q, scale = quantize_rows(x2)
         if self.emulate:
-            w = self.weight_fp8.float() * (w_scale if self.static else w_scale.t())
+            w = self.weight_fp8.float() * (self.weight_scale if self.static else self.weight_scale.t())
             y = ((q.float() * scale) @ w.t()).to(torch.bfloat16)
         else:
-            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=w_scale, out_dtype=torch.bfloat16,
-                                 use_fast_accum=self.static)
+            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                                 out_dtype=torch.bfloat16, use_fast_accum=self.static)
         if pad:
             y = y[:rows]
         y = y.to(x.dtype)

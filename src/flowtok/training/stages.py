@@ -691,9 +691,7 @@ class DistillStage(Stage):
         else:
             ts = self.frozen.encoder.encode(b["captions"])
             states, mask = ts.states.float(), ts.mask
-        draw = self.cfg.source_latent != "mean"
-        out = self.frozen.projector(states, mask, sample=draw)
-        return out.z if draw else out.mean
+        return self.frozen.projector(states, mask, sample=self.cfg.source_latent != "mean").z  # z = mean unsampled
 
     @torch.no_grad()
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
