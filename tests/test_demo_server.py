@@ -149,7 +149,8 @@ def test_burst_of_200_requests_is_served_or_refused_clearly(tiny_model, tmp_path
     s = demo_load.run_load(tiny_model, requests=200, queue_size=8, concurrency=1, max_upload_mb=1.0,
                            timeout=120, log_dir=tmp_path)
     print(json.dumps(s, indent=2))
-    assert s["failed"] == 0, s["example_messages"]
+    log_tail = Path(s["server_log"]).read_text(errors="replace")[-3000:]
+    assert s["failed"] == 0, (s["example_messages"], log_tail)
     assert s["served"] + s["busy"] + s["too_large"] + s["rejected"] == 200
     assert s["served"] > 0 and s["busy"] > 0
     assert s["by_kind"]["oversized_upload"] == {"too_large": 50}
