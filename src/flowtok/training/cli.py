@@ -16,7 +16,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a stage (tokenizer, t2i, text_decoder, i2t) from a YAML config",
+    from .stages import STAGES
+
+    p = sub.add_parser("train", help=f"train a stage ({', '.join(STAGES)}) from a YAML config",
                        description="Train one stage. Example: flowtok train configs/shapes/tokenizer.yaml "
                                    "train.steps=2000 run_dir=runs/tok --resume latest")
     p.add_argument("config", help="YAML config file (see configs/)")
