@@ -211,6 +211,37 @@ def test_distill_stage_gives_a_few_step_student(tiny_pipeline, tmp_path, monkeyp
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all()
 
 
+def test_distill_prompts_drawn_ahead_change_no_number(tiny_pipeline):
+    """The worker thread that draws step s + 1's prompts during step s (on CUDA) gives the same batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flowtok.training.data import DataConfig
+    from flowtok.training.stages import DistillStage, DistillStageConfig
+
+    cfg = DistillStageConfig(teacher_path=str(tiny_pipeline / "t2i_flow"),
+                             projector_path=str(tiny_pipeline / "text_projector"), teacher_steps=2, student_steps=[1])
+
+    def batches(ahead: bool, steps) -> list[dict]:
+        stage = DistillStage(cfg, DataConfig(**DATA), seed=3)
+        stage.setup(torch.device("cpu"))
+        if ahead:
+            stage.frozen.pool = ThreadPoolExecutor(max_workers=1)
+        out = []
+        for step in steps:
+            torch.manual_seed(step)  # as the trainer seeds each step
+            out.append(stage.batch(step, 4, 0, 1))
+        if ahead:
+            assert stage.frozen.pending[0] == (steps[-1] + 1, 4, 0, 1)  # the next step is on its way
+            stage.frozen.pool.shutdown()
+        return out
+
+    plain = batches(False, [0, 1, 2, 7, 8])  # 7 after 2: a drawn-ahead step 3 must be thrown away
+    ahead = batches(True, [0, 1, 2, 7, 8])
+    for a, b in zip(plain, ahead, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(plain[0]["x_a"], plain[1]["x_a"])
+
+
 def test_distill_config_errors(tiny_pipeline, tmp_path):
     model = {"teacher_path": str(tiny_pipeline / "t2i_flow"), "tokenizer_path": str(tiny_pipeline / "tokenizer"),
              "projector_path": str(tiny_pipeline / "text_projector"), "teacher_steps": 20, "student_steps": [3]}

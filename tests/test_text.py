@@ -94,6 +94,20 @@ def test_minilm_states_mask_ids(minilm: MiniLMTextEncoder) -> None:
     assert (st.input_ids[0, 9:] == minilm.pad_token_id).all()
     assert minilm.decode_ids(st.input_ids) == CAPTIONS[:2]
     assert not any(p.requires_grad for p in minilm.model.parameters())
+    # The training loops' path (ids in, one forward) gives the same states as captions in.
+    direct = minilm.encode_tokens(*minilm.tokenize(CAPTIONS[:2]))
+    assert torch.equal(direct.input_ids, st.input_ids) and torch.equal(direct.mask, st.mask)
+    torch.testing.assert_close(direct.states, st.states, atol=1e-5, rtol=1e-5)
+
+
+def test_encode_without_cache_batches_in_chunks(minilm: MiniLMTextEncoder) -> None:
+    """No cache (the training loops' encoders): tensors in chunks of 256, the same states as the cached path."""
+    plain = MiniLMTextEncoder(max_length=16, device="cpu")
+    caps = [f"{c} number {i}" for i in range(100) for c in CAPTIONS[:3]]  # 300: two chunks
+    got, ref = plain.encode(caps), minilm.encode(caps)
+    assert got.states.shape == (300, 16, 384) and len(plain.cache) == 0
+    assert torch.equal(got.input_ids, ref.input_ids) and torch.equal(got.mask, ref.mask)
+    torch.testing.assert_close(got.states, ref.states, atol=1e-5, rtol=1e-5)
 
 
 def test_empty_caption_is_invalid_input(minilm: MiniLMTextEncoder) -> None:

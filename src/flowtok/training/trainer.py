@@ -141,6 +141,8 @@ class Trainer:
         if device is None:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "--device cuda": this process's GPU
+            self.device = torch.device("cuda", local)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
