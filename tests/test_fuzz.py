@@ -10,7 +10,6 @@ import math
 import resource
 import struct
 import tarfile
-import time
 import zlib
 from dataclasses import replace
 from pathlib import Path
@@ -234,13 +233,12 @@ def test_bad_image_files_are_one_line_errors(pipe, tmp_path, name):
     path = tmp_path / name
     path.write_bytes(_bad_images()[name])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
     with pytest.raises(DataError) as exc:
         pipe.image_to_text(path, num_inference_steps=1)
     msg = _one_line(exc)
     assert name in msg
-    if "bomb" in name:  # refused from the header: no time, no memory (ru_maxrss is in KiB)
-        assert "decompression bomb" in msg and time.perf_counter() - t0 < 1.0
+    if "bomb" in name:  # refused from the header, never decoded: no memory (ru_maxrss is in KiB)
+        assert "decompression bomb" in msg
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 100 * 1024
 
 
