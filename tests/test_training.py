@@ -1,4 +1,4 @@
-"""The one trainer, on a toy stage: resume exactness, checkpoint safety, NaN handling."""
+"""The one trainer, on a toy stage: resume exactness, checkpoint safety, NaN handling; and several processes."""
 
 import json
 from pathlib import Path
@@ -109,3 +109,44 @@ def test_optimizer_state_loads_with_weights_only(tmp_path):
     path = ckpt.list_checkpoints(tmp_path / "checkpoints")[-1] / "optimizer.pt"
     state = torch.load(path, weights_only=True)
     assert "state" in state and "param_groups" in state
+
+
+def test_two_processes_train_checkpoint_once_and_resume(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 2` (gloo on the CPU, as NCCL on GPUs): the global batch is split, rank 0
+    alone writes checkpoints, metrics and the export, and both ranks resume from the same checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from soak_resume import tiny_tokenizer_config
+
+    run = tmp_path / "run"
+    cfg = tiny_tokenizer_config(run, steps=4, ckpt_every=2)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(*extra: str, procs: int = 2) -> subprocess.CompletedProcess:
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+        cmd = [sys.executable, *launcher, "-m", "flowtok.cli", "train", str(tmp_path / "cfg.yaml"), "--device", "cpu",
+               *extra]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    first = train()
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-0000002", "step-0000004"]
+    state = ckpt.load_checkpoint(run / "checkpoints" / "step-0000004").state
+    assert state["world_size"] == 2 and state["samples_seen"] == 4 * 4  # global batch 4: 2 per process
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == [1, 2, 3, 4]  # one writer: rank 0
+    assert (run / "export" / "tokenizer" / "model.safetensors").is_file()
+
+    more = train("train.steps=6", "--resume", "latest")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert more.stderr.count("resumed from") == 2 and "at step 4" in more.stderr  # both ranks, same step
+    alone = train("train.steps=8", "--resume", "latest", procs=1)  # fewer processes: goes on, and says so
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    assert "written by 2 processes, resuming on 1" in alone.stderr
