@@ -141,6 +141,8 @@ class TextStateCache:
 class TextEncoder(ABC):
     """Frozen caption encoder. Subclasses give the tokenizer pieces and the network call."""
 
+    CHUNK = 256  # captions per forward: bounds activation memory for a long list
+
     def __init__(self, max_length: int = 77, cache_size: int = 0) -> None:
         if max_length < 3:
             raise ConfigError(f"text max_length must be at least 3, got {max_length}")
@@ -246,22 +248,16 @@ class TextEncoder(ABC):
     def encode(self, captions: list[str]) -> TextStates:
         """TextStates for a batch; states float32 on ``self.device`` (with a cache, cached rows are reused)."""
         captions = check_captions(captions)
-        chunk = 256  # bounds activation memory for a long list
         if self.cache.max_items <= 0 and not len(self.cache):
             # No cache (the training loops): the batch as tensors, no per-caption bookkeeping, which on a
             # GPU host cost 10x the encoder's forward (85 vs 7 ms for 512 captions, benchmarks/distill_step.py).
-            ids, mask = self.tokenize(captions)
-            parts = [self.encode_tokens(ids[i:i + chunk], mask[i:i + chunk]) for i in range(0, len(captions), chunk)]
-            if len(parts) == 1:
-                return parts[0]
-            return TextStates(states=torch.cat([p.states for p in parts]), mask=torch.cat([p.mask for p in parts]),
-                              input_ids=torch.cat([p.input_ids for p in parts]))
+            return self.encode_tokens(*self.tokenize(captions))
         todo = list(dict.fromkeys(c for c in captions if c not in self.cache))
         fresh: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
+        for start in range(0, len(todo), self.CHUNK):
+            part = todo[start:start + self.CHUNK]
             ids, mask = self.tokenize(part)
-            states = self._forward(ids.to(self.device), mask.to(self.device)).float()
+            states = self.encode_tokens(ids, mask).states
             for j, c in enumerate(part):
                 fresh[c] = (states[j], mask[j], ids[j])
                 self.cache.put(c, states[j], mask[j], ids[j])
@@ -274,9 +270,11 @@ class TextEncoder(ABC):
 
     @torch.no_grad()
     def encode_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> TextStates:
-        """TextStates for ``(input_ids, mask)`` from :meth:`tokenize`: one forward of the whole batch, no cache."""
+        """TextStates for ``(input_ids, mask)`` from :meth:`tokenize`, no cache: one forward per ``CHUNK`` rows."""
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        return TextStates(states=self._forward(input_ids, mask).float(), mask=mask, input_ids=input_ids)
+        states = torch.cat([self._forward(input_ids[i:i + self.CHUNK], mask[i:i + self.CHUNK]).float()
+                            for i in range(0, len(input_ids), self.CHUNK)])
+        return TextStates(states=states, mask=mask, input_ids=input_ids)
 
     def save_cache(self, path: str | os.PathLike) -> None:
         self.cache.save(path, self._cache_key())

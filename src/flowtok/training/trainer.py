@@ -138,10 +138,8 @@ class Trainer:
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend)
-        if device is None:
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:  # "--device cuda": this process's GPU
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" or no device: this process's GPU
             self.device = torch.device("cuda", local)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
