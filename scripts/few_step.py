@@ -23,9 +23,9 @@ import torch
 
 from flowtok.config import atomic_write_text
 from flowtok.eval import plot_curve
-from flowtok.eval import shapes_bench as bench
 from flowtok.flow import FlowTransformer
 from flowtok.pipelines import FlowTokPipeline
+from flowtok.shapes import benchmark as bench
 
 
 def markdown_table(rows: dict[str, dict]) -> list[str]:

@@ -3,7 +3,7 @@
     python scripts/make_results.py                 # about 10-20 minutes on 2 CPU cores
     python scripts/make_results.py --n 20 --fid-n 0 --out /tmp/quick   # a quick look
 
-Every number comes from flowtok.eval.shapes_bench on this run; each result JSON (with its full
+Every number comes from flowtok.shapes.benchmark on this run; each result JSON (with its full
 protocol) is written next to the page under results/.
 """
 
@@ -21,8 +21,8 @@ from few_step import markdown_table  # scripts/, this file's folder, is on sys.p
 
 from flowtok.config import atomic_write_text
 from flowtok.eval import plot_curve
-from flowtok.eval import shapes_bench as bench
 from flowtok.pipelines import FlowTokPipeline
+from flowtok.shapes import benchmark as bench
 
 
 def _shown(path) -> str:

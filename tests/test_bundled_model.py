@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from flowtok import shapes
 from flowtok.cli import main
-from flowtok.data import shapes
 from flowtok.pipelines import BUNDLED_MODEL, FlowTokPipeline
 
 pytestmark = pytest.mark.slow

@@ -45,7 +45,7 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 
 
 def test_tokenizer_export_measures_its_scale_factor(tiny_pipeline):
-    from flowtok.data.shapes import shapes_batch
+    from flowtok.shapes import shapes_batch
     from flowtok.tokenizer import ImageTokenizer
 
     tok = ImageTokenizer.from_pretrained(tiny_pipeline.parent / "tok" / "export" / "tokenizer")
@@ -189,7 +189,7 @@ def test_tokenizer_stage_with_patchgan(tmp_path):
 def test_distill_stage_gives_a_few_step_student(tiny_pipeline, tmp_path, monkeypatch):
     import json
 
-    import flowtok.data.shapes as shapes
+    import flowtok.shapes as shapes
 
     def no_render(*a, **k):
         raise AssertionError("text-to-image distillation rendered images")

@@ -13,12 +13,13 @@ import scipy.signal
 import torch
 import torch.nn.functional as F
 
+from flowtok import shapes
 from flowtok.cli import main
-from flowtok.data import shapes
 from flowtok.errors import InvalidInputError
-from flowtok.eval import fid, plot_curve, shapes_bench
+from flowtok.eval import fid, plot_curve
 from flowtok.eval.captions import caption_metrics
 from flowtok.eval.recon import psnr, ssim
+from flowtok.shapes import benchmark as shapes_bench
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from PIL import Image
 
 from flowtok.data import ImageCaptionFolder, WebDatasetReader, load_image
 from flowtok.data.readers import resize_and_crop
-from flowtok.data.shapes import export_shapes, shapes_batch
 from flowtok.errors import DataError, InvalidInputError
+from flowtok.shapes import export_shapes, shapes_batch
 
 
 def _png(image: Image.Image) -> bytes:

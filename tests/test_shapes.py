@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from flowtok import shapes as S
 from flowtok.cli import main
-from flowtok.data import shapes as S
 from flowtok.errors import InvalidInputError
 
 

@@ -104,8 +104,8 @@ def _showcase(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from . import shapes
     from .config import atomic_write_text
-    from .data import shapes
     from .pipelines import BUNDLED_MODEL, PIPELINE_FILE
 
     out = Path(args.out)

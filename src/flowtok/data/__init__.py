@@ -1,31 +1,8 @@
-"""Data: the captioned-shapes world and readers for users' own image-caption data."""
+"""Readers for users' own image-caption data (folders with a captions file, webdataset shards).
+
+The captioned-shapes world, a synthetic data set of its own, is :mod:`flowtok.shapes`.
+"""
 
 from .readers import ImageCaptionFolder, WebDatasetReader, load_image
-from .shapes import (
-    COLORS,
-    SHAPES,
-    SIZES,
-    Scene,
-    ShapeObject,
-    ShapesDataset,
-    all_captions,
-    attribute_matches,
-    caption,
-    export_shapes,
-    judge,
-    judge_batch,
-    parse,
-    render,
-    render_batch,
-    sample_scene,
-    scene_matches,
-    scene_split,
-    shapes_batch,
-)
 
-__all__ = [
-    "COLORS", "SHAPES", "SIZES", "Scene", "ShapeObject", "ShapesDataset", "all_captions",
-    "attribute_matches", "caption", "export_shapes", "judge", "judge_batch", "parse", "render",
-    "render_batch", "sample_scene", "scene_matches", "scene_split", "shapes_batch",
-    "ImageCaptionFolder", "WebDatasetReader", "load_image",
-]
+__all__ = ["ImageCaptionFolder", "WebDatasetReader", "load_image"]

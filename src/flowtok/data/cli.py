@@ -10,7 +10,7 @@ logger = logging.getLogger(__name__)
 
 
 def _shapes(args: argparse.Namespace) -> int:
-    from .shapes import export_shapes
+    from ..shapes import export_shapes
 
     start = time.perf_counter()
     out = export_shapes(args.out, args.n, seed=args.seed, size=args.size, split=args.split,

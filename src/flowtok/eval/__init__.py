@@ -1,5 +1,6 @@
-"""Evaluation: FID/KID (:mod:`.fid`), caption metrics (:mod:`.captions`), PSNR/SSIM (:mod:`.recon`) and
-the shapes-world benchmarks (:mod:`.shapes_bench`); ``flowtok eval`` lives in :mod:`.cli`.
+"""Evaluation: FID/KID (:mod:`.fid`), caption metrics (:mod:`.captions`) and PSNR/SSIM (:mod:`.recon`);
+``flowtok eval`` lives in :mod:`.cli`. The shapes-world benchmarks built on them are
+:mod:`flowtok.shapes.benchmark`.
 
 Submodules import their heavy dependencies (scipy, pycocoevalcap, the Inception file) lazily, so
 importing this package is cheap.

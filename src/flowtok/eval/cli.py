@@ -159,7 +159,7 @@ def folder_reference(extractor, ref_dir: str, n: int, batch_size: int):
 def cmd_t2i(args: argparse.Namespace) -> int:
     import torch
 
-    from . import shapes_bench
+    from ..shapes import benchmark
 
     objects, splits = _groups(args)
     if args.n < 0 or args.fid_n < 0:
@@ -178,7 +178,7 @@ def cmd_t2i(args: argparse.Namespace) -> int:
                "sampling": {"num_inference_steps": steps, "guidance_scale": guidance, "sampler": "euler"}}
     extractor = _inception(args) if (args.fid_n or args.ref_dir) else None
     if args.n > 0:
-        results.update(shapes_bench.evaluate_t2i(
+        results.update(benchmark.evaluate_t2i(
             generate, n_per_group=args.n, seed=args.seed, objects=objects, splits=splits,
             batch_size=args.batch_size, fid_n=0 if args.ref_dir else args.fid_n, extractor=extractor,
             generator_device=pipe.device))
@@ -187,7 +187,7 @@ def cmd_t2i(args: argparse.Namespace) -> int:
         n = args.fid_n or len(prompts)
         prompts = (prompts * math.ceil(n / max(1, len(prompts))))[:n]
         generator = torch.Generator(pipe.device).manual_seed(args.seed)
-        results["fid"] = shapes_bench.generated_fid(
+        results["fid"] = benchmark.generated_fid(
             generate, prompts, generator, args.batch_size, extractor,
             reference_fn=folder_reference(extractor, args.ref_dir, n, args.batch_size))
         results["fid"]["prompts"] = args.prompts or f"captions of {args.ref_dir}"
@@ -202,7 +202,7 @@ def cmd_t2i(args: argparse.Namespace) -> int:
 
 
 def cmd_i2t(args: argparse.Namespace) -> int:
-    from . import shapes_bench
+    from ..shapes import benchmark
 
     objects, splits = _groups(args)
     if args.n < 1:
@@ -220,7 +220,7 @@ def cmd_i2t(args: argparse.Namespace) -> int:
     size = args.image_size or int(pipe.tokenizer.config.image_size)
     results = {**_header(args, str(pipe.model_path)), "task": "i2t",
                "sampling": {"num_inference_steps": steps, "guidance_scale": guidance, "sampler": "euler"}}
-    results.update(shapes_bench.evaluate_i2t(caption, n_per_group=args.n, seed=args.seed, objects=objects,
+    results.update(benchmark.evaluate_i2t(caption, n_per_group=args.n, seed=args.seed, objects=objects,
                                              splits=splits, batch_size=args.batch_size, image_size=size,
                                              metrics=not args.no_metrics))
     write_results(args.out, results)
@@ -233,8 +233,8 @@ def cmd_i2t(args: argparse.Namespace) -> int:
 
 
 def cmd_recon(args: argparse.Namespace) -> int:
+    from ..shapes import benchmark
     from . import fid as fidlib
-    from . import shapes_bench
 
     if args.n < 2:
         raise InvalidInputError(f"--n must be >= 2, got {args.n}")
@@ -245,7 +245,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
         source = f"folder {Path(args.data).resolve()} (first {args.n} files, centre crop, bicubic to {size}px)"
     extractor = None if args.no_fid else _inception(args)
     results = {**_header(args, where), "task": "recon"}
-    results.update(shapes_bench.evaluate_recon(reconstruct, images, n=args.n, seed=args.seed, image_size=size,
+    results.update(benchmark.evaluate_recon(reconstruct, images, n=args.n, seed=args.seed, image_size=size,
                                                batch_size=args.batch_size, fid=not args.no_fid,
                                                extractor=extractor, source=source))
     write_results(args.out, results)
@@ -260,7 +260,7 @@ def _quantize_fp8(pipe, mode: str, seed: int) -> None:
     """FP8 flows; static scales calibrated on training-split captions drawn apart from the test prompts."""
     import numpy as np
 
-    from ..data.shapes import caption, sample_scene
+    from ..shapes import caption, sample_scene
 
     if mode == "dynamic":
         pipe.quantize_fp8()

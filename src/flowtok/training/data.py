@@ -44,7 +44,7 @@ class ShapesSource:
         self.cfg, self.seed, self.device = cfg, seed, device
 
     def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
-        from ..data.shapes import shapes_batch
+        from ..shapes import shapes_batch
 
         start = (step * world + rank) * local_batch
         images, captions, scenes = shapes_batch(self.seed, start, local_batch, split=self.cfg.split,

@@ -114,7 +114,7 @@ class LatentShards:
         return self.records[i]
 
     def gather(self, idx: list[int], device: torch.device) -> dict[str, Any]:
-        from ..data.shapes import Scene
+        from ..shapes import Scene
 
         ix = torch.as_tensor(idx, device=self.device)
         t = {k: v.index_select(0, ix).to(device, non_blocking=True) for k, v in self.tensors.items()}

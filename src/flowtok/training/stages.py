@@ -139,7 +139,7 @@ class TokenizerStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, step: int):
-        from ..data.shapes import judge_batch, scene_matches, shapes_batch
+        from ..shapes import judge_batch, scene_matches, shapes_batch
 
         n = self.cfg.eval_images
         images, captions, scenes = shapes_batch(self.seed + 10_000, 0, n, split="test", size=self.data_cfg.size,
@@ -203,7 +203,7 @@ def _shapes_captions(seed: int, data: DataConfig, step: int, local_batch: int, r
     """The captions of a shapes-world batch, drawn without rendering its images."""
     import numpy as np
 
-    from ..data.shapes import caption, sample_scene
+    from ..shapes import caption, sample_scene
 
     start = (step * world + rank) * local_batch
     caps = []
@@ -327,7 +327,7 @@ class T2IStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, step: int):
-        from ..data.shapes import judge_batch, scene_matches, shapes_batch
+        from ..shapes import judge_batch, scene_matches, shapes_batch
 
         n = self.cfg.eval_prompts
         if n <= 0:
@@ -452,7 +452,7 @@ class TextDecoderStage(Stage):
     def evaluate(self, step: int):
         import numpy as np
 
-        from ..data.shapes import caption, sample_scene
+        from ..shapes import caption, sample_scene
         from ..text import text_roundtrip_accuracy
 
         rng = np.random.default_rng([self.seed, 777])
@@ -526,7 +526,7 @@ class I2TStage(Stage):
     @torch.no_grad()
     def _canonical_targets(self, shards) -> torch.Tensor | None:
         """Text latents of every pre-tokenised sample's canonical caption, computed once."""
-        from ..data.shapes import Scene, all_captions
+        from ..shapes import Scene, all_captions
 
         if not all(r.get("scene") for r in shards.records):
             return None
@@ -548,7 +548,7 @@ class I2TStage(Stage):
             return b
         caps = b["captions"]
         if self.cfg.caption_mode == "canonical" and b.get("scenes"):
-            from ..data.shapes import all_captions
+            from ..shapes import all_captions
 
             caps = [all_captions(s)[0] for s in b["scenes"]]
         ts = self.frozen.encoder.encode(caps)
@@ -580,8 +580,8 @@ class I2TStage(Stage):
             if not self.cfg.decoder_path or not Path(self.cfg.decoder_path).is_dir():
                 return {}, {}
             self.frozen.decoder = _freeze(TextDecoder.from_pretrained(self.cfg.decoder_path, device=self.device))
-        from ..data.shapes import parse, scene_matches, shapes_batch
         from ..errors import InvalidInputError
+        from ..shapes import parse, scene_matches, shapes_batch
 
         n = self.cfg.eval_images
         images, _, scenes = shapes_batch(self.seed + 30_000, 0, n, split="test", num_objects=1,

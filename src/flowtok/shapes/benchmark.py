@@ -8,7 +8,7 @@ The functions take plain callables, so they score any model (or a fake one in te
 
 Prompts come in groups of (object count) x (split): ``seen`` scenes follow the training rule,
 ``held_out`` scenes contain a colour-shape pair or a relation never shown in training
-(:func:`flowtok.data.shapes.scene_split`), so the two are always reported apart. Scenes of group
+(:func:`flowtok.shapes.scene_split`), so the two are always reported apart. Scenes of group
 ``(k, split)`` come from ``numpy.random.default_rng([seed, k, split_index])``: a group's prompts do
 not change when other groups are added or removed.
 """
@@ -23,11 +23,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..data import shapes
 from ..errors import InvalidInputError
-from . import fid as fidlib
-from .recon import PROTOCOL as RECON_PROTOCOL
-from .recon import psnr, ssim
+from ..eval import captions as caplib
+from ..eval import fid as fidlib
+from ..eval.recon import PROTOCOL as RECON_PROTOCOL
+from ..eval.recon import psnr, ssim
+from .captions import all_captions, caption, parse
+from .judge import attribute_matches, judge_batch, scene_matches
+from .render import render_batch
+from .stream import sample_at, shapes_batch
+from .world import Scene, sample_scene
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +51,8 @@ class BenchItem:
     """One prompt of the benchmark with its ground truth."""
 
     num_objects: int
-    split: str  # "train" or "test" (shapes.scene_split)
-    scene: shapes.Scene
+    split: str  # "train" or "test" (flowtok.shapes.scene_split)
+    scene: Scene
     prompt: str
     references: list[str] = field(default_factory=list)
 
@@ -76,23 +81,23 @@ def benchmark_items(n_per_group: int, seed: int = 0, objects: Sequence[int] = (1
         for split in splits:
             rng = np.random.default_rng([seed, k, list(SPLIT_NAMES).index(split)])
             for _ in range(n_per_group):
-                scene = shapes.sample_scene(rng, num_objects=k, split=split)
-                items.append(BenchItem(k, split, scene, shapes.caption(scene, rng), shapes.all_captions(scene)))
+                scene = sample_scene(rng, num_objects=k, split=split)
+                items.append(BenchItem(k, split, scene, caption(scene, rng), all_captions(scene)))
     return items
 
 
-def _accuracy(preds: Sequence[shapes.Scene | None], truths: Sequence[shapes.Scene]) -> dict:
+def _accuracy(preds: Sequence[Scene | None], truths: Sequence[Scene]) -> dict:
     """Exact-scene and per-attribute accuracy (fractions) plus the share of unreadable outputs."""
     n = len(truths)
-    matches = [shapes.attribute_matches(p, t) for p, t in zip(preds, truths)]
-    out: dict = {"n": n, "exact": sum(shapes.scene_matches(p, t) for p, t in zip(preds, truths)) / n}
+    matches = [attribute_matches(p, t) for p, t in zip(preds, truths)]
+    out: dict = {"n": n, "exact": sum(scene_matches(p, t) for p, t in zip(preds, truths)) / n}
     for a in ATTRIBUTES:
         out[a] = sum(m[a] for m in matches) / n
     out["unreadable"] = sum(p is None for p in preds) / n
     return out
 
 
-def _breakdown(items: Sequence[BenchItem], preds: Sequence[shapes.Scene | None]) -> dict:
+def _breakdown(items: Sequence[BenchItem], preds: Sequence[Scene | None]) -> dict:
     """Accuracy per split (seen / held_out), each with its total and per object count."""
     out: dict = {}
     for split, name in SPLIT_NAMES.items():
@@ -136,7 +141,7 @@ def shapes_reference_stats(extractor: fidlib.InceptionFeatures, n: int, size: in
 
     def batches() -> Iterable[torch.Tensor]:
         for start in range(0, n, batch_size):
-            yield shapes.shapes_batch(FID_REFERENCE_SEED, start, min(batch_size, n - start), split=split,
+            yield shapes_batch(FID_REFERENCE_SEED, start, min(batch_size, n - start), split=split,
                                       size=size)[0]
 
     stats, path = fidlib.cached_stats(key, extractor, batches, cache_dir)
@@ -187,7 +192,7 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
                  generator_device: str | torch.device = "cpu") -> dict:
     """Judge accuracy of generated images per group and attribute, and optionally FID.
 
-    The judge (:func:`flowtok.data.shapes.judge`) reads each generated image back into a scene,
+    The judge (:func:`flowtok.shapes.judge`) reads each generated image back into a scene,
     compared with the scene the prompt describes. With ``fid_n > 0``, ``fid_n`` more images are
     generated from fresh seen-split prompts and compared with as many real renders (cached stats).
     One ``torch.Generator`` seeded with ``seed`` feeds every call in order, so results depend on
@@ -198,7 +203,7 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
     t0 = time.perf_counter()
     images = _generate(generate_fn, [it.prompt for it in items], generator, batch_size)
     gen_s = time.perf_counter() - t0
-    preds = shapes.judge_batch(images)
+    preds = judge_batch(images)
     results: dict = {
         "task": "t2i",
         "protocol": {
@@ -206,14 +211,14 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
             "n_per_group": n_per_group, "seed": seed, "objects": list(objects),
             "splits": [SPLIT_NAMES[s] for s in splits], "n_prompts": len(items), "batch_size": batch_size,
             "generator": f"torch.Generator('{generator_device}').manual_seed(seed), shared across batches",
-            "judge": "flowtok.data.shapes.judge (exact colour, shape, size, position)",
+            "judge": "flowtok.shapes.judge (exact colour, shape, size, position)",
             "image_size": int(images.shape[-1]),
         },
         "accuracy": _breakdown(items, preds),
         "timing": {"generate_s": round(gen_s, 3), "images": len(items)},
     }
     if fid_n > 0:
-        prompts = [shapes.sample_at(seed, i, "train")[1] for i in range(fid_n)]
+        prompts = [sample_at(seed, i, "train")[1] for i in range(fid_n)]
         results["fid"] = generated_fid(generate_fn, prompts, generator, batch_size, extractor)
         results["fid"]["prompts"] = f"shapes seen-split stream seed {seed}, samples 0..{fid_n - 1}"
     return results
@@ -222,27 +227,25 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
 def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
                  objects: Sequence[int] = (1, 2, 3), splits: Sequence[str] = ("train", "test"),
                  batch_size: int = 16, image_size: int = 128, metrics: bool = True, spice: bool = True) -> dict:
-    """Caption rendered scenes: exact-scene accuracy (via :func:`~flowtok.data.shapes.parse`) and COCO metrics.
+    """Caption rendered scenes: exact-scene accuracy (via :func:`~flowtok.shapes.parse`) and COCO metrics.
 
-    Each image's references are all paraphrases of its scene (:func:`~flowtok.data.shapes.all_captions`),
+    Each image's references are all paraphrases of its scene (:func:`~flowtok.shapes.all_captions`),
     so a caption that describes the scene correctly in any template scores BLEU-1 = 1.
     """
-    from . import captions as caplib
-
     items = benchmark_items(n_per_group, seed, objects, splits)
     preds: list[str] = []
     t0 = time.perf_counter()
     for chunk in _batched(items, batch_size):
-        images = shapes.render_batch([it.scene for it in chunk], image_size)
+        images = render_batch([it.scene for it in chunk], image_size)
         out = caption_fn(images)
         if not isinstance(out, (list, tuple)) or len(out) != len(chunk) or not all(isinstance(c, str) for c in out):
             raise InvalidInputError(f"caption_fn must return {len(chunk)} strings, got {out!r:.80}")
         preds.extend(out)
     cap_s = time.perf_counter() - t0
 
-    def read(text: str) -> shapes.Scene | None:
+    def read(text: str) -> Scene | None:
         try:
-            return shapes.parse(text)
+            return parse(text)
         except InvalidInputError:
             return None
 
@@ -253,8 +256,8 @@ def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
             "benchmark": "flowtok shapes world, exact-scene accuracy of parsed captions",
             "n_per_group": n_per_group, "seed": seed, "objects": list(objects),
             "splits": [SPLIT_NAMES[s] for s in splits], "n_images": len(items), "batch_size": batch_size,
-            "image_size": image_size, "references": "all paraphrases of the scene (shapes.all_captions)",
-            "parser": "flowtok.data.shapes.parse (unparseable caption = every attribute wrong)",
+            "image_size": image_size, "references": "all paraphrases of the scene (flowtok.shapes.all_captions)",
+            "parser": "flowtok.data.parse (unparseable caption = every attribute wrong)",
         },
         "accuracy": _breakdown(items, scenes),
         "timing": {"caption_s": round(cap_s, 3), "images": len(items)},
@@ -275,7 +278,7 @@ def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
 def shapes_image_batches(n: int, seed: int = 0, image_size: int = 128, batch_size: int = 16) -> Iterable[torch.Tensor]:
     """``n`` rendered shapes images (any split) from the stream ``seed``, in batches."""
     for start in range(0, n, batch_size):
-        yield shapes.shapes_batch(seed, start, min(batch_size, n - start), split="any", size=image_size)[0]
+        yield shapes_batch(seed, start, min(batch_size, n - start), split="any", size=image_size)[0]
 
 
 def evaluate_recon(reconstruct_fn: ReconstructFn, images: Iterable[torch.Tensor] | None = None,

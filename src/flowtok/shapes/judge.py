@@ -1,0 +1,250 @@
+"""The judge: pixels back to a scene, so a generated image is scored attribute by attribute."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..errors import InvalidInputError
+from .render import shape_sdf
+from .world import CELLS, COLORS, SHAPES, SIZE_RADIUS, Scene, ShapeObject
+
+_JUDGE_RES = 128          # every image is judged at this resolution
+_FG_THRESHOLD = 0.2       # RGB distance from the background that counts as foreground
+_MIN_AREA_FRAC = 0.3      # a blob smaller than this fraction of the smallest object is noise
+_CELL_EDGES = (0.35, 0.65)
+# Blur widths (Gaussian sigma, judge pixels) each candidate shape is also tried with, so a soft
+# or JPEG-smeared blob is compared with an equally soft rendering rather than a crisp one.
+_BLUR_SIGMAS = (0.0, 0.8, 1.4)
+_SDF_SPAN = 1.3           # shape distance tables cover [-1.3, 1.3] radii
+_SDF_RES = 160
+
+
+@functools.lru_cache(maxsize=1)
+def _shape_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per shape: a table of its signed distance ``[S, 1, R, R]`` (radius units, for bilinear
+    lookup, which is accurate because the distance is smooth), its area, and its centroid offset
+    ``(dx, dy)`` from its centre, both in radius units."""
+    coords = (torch.arange(_SDF_RES, dtype=torch.float32) + 0.5) / _SDF_RES * 2 * _SDF_SPAN - _SDF_SPAN
+    x, y = coords.view(1, -1), coords.view(-1, 1)
+    step = 2 * _SDF_SPAN / _SDF_RES
+    tables, areas, offsets = [], [], []
+    for shape in SHAPES:
+        sd = shape_sdf(shape, x, y)
+        alpha = (0.5 - sd / step).clamp(0, 1)
+        mass = alpha.sum()
+        tables.append(sd)
+        areas.append(float(mass) * step * step)
+        offsets.append([float((alpha * x).sum() / mass), float((alpha * y).sum() / mass)])
+    return torch.stack(tables)[:, None], torch.tensor(areas), torch.tensor(offsets)
+
+
+@functools.lru_cache(maxsize=1)
+def _blur_kernels() -> torch.Tensor:
+    """Gaussian kernels for :data:`_BLUR_SIGMAS` as ``[len, 1, K]`` (sigma 0 is a delta)."""
+    half = math.ceil(3 * max(_BLUR_SIGMAS))
+    t = torch.arange(-half, half + 1, dtype=torch.float32)
+    kernels = []
+    for sigma in _BLUR_SIGMAS:
+        k = torch.exp(-t * t / (2 * sigma * sigma)) if sigma > 0 else (t == 0).float()
+        kernels.append(k / k.sum())
+    return torch.stack(kernels)[:, None]
+
+
+def _blurred_variants(x: torch.Tensor) -> torch.Tensor:
+    """``[N, H, W]`` -> ``[N, len(_BLUR_SIGMAS), H, W]``, one separable Gaussian blur per sigma.
+
+    Zero padding is right: the windows blurred here have background (coverage 0) at the edges.
+    """
+    k = _blur_kernels()
+    n_k, half = k.shape[0], k.shape[-1] // 2
+    x = F.conv2d(x[:, None], k[:, :, None, :], padding=(0, half))
+    return F.conv2d(x, k[:, :, :, None], padding=(half, 0), groups=n_k)
+
+
+def _to_judge_tensor(image: Any) -> torch.Tensor:
+    """Any accepted image as float ``[3, _JUDGE_RES, _JUDGE_RES]`` in [0, 1]."""
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+        if image.size != (_JUDGE_RES, _JUDGE_RES):
+            image = image.resize((_JUDGE_RES, _JUDGE_RES), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise InvalidInputError(f"a numpy image must be H x W x 3, got shape {image.shape}")
+        arr = image[..., :3]
+        t = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float()
+        t = t / 255.0 if arr.dtype == np.uint8 else t
+    elif isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise InvalidInputError(f"a tensor image must be [3, H, W], got {tuple(image.shape)}")
+        t = image.detach().float().cpu()
+    else:
+        raise InvalidInputError(f"cannot judge an image of type {type(image).__name__}")
+    t = t.clamp(0, 1)
+    if t.shape[1:] != (_JUDGE_RES, _JUDGE_RES):
+        t = F.interpolate(t[None], size=(_JUDGE_RES, _JUDGE_RES), mode="bilinear",
+                          align_corners=False, antialias=True)[0]
+    return t
+
+
+def _connected_components(fg: torch.Tensor) -> torch.Tensor:
+    """8-connected labels of a boolean ``[B, H, W]`` mask (0 = background), by max-label flooding.
+
+    Flooding runs on a 2x coarser grid (a coarse cell is foreground if any of its pixels is), which
+    quarters the work and halves the rounds; canonical layouts leave gaps of several coarse cells
+    between shapes, so no two shapes merge. Full-resolution background stays 0.
+    """
+    b, h, w = fg.shape
+    coarse = F.max_pool2d(fg.float()[:, None], 2, ceil_mode=True)[:, 0]
+    ch, cw = coarse.shape[1:]
+    labels = torch.arange(1, ch * cw + 1, dtype=torch.float32).view(1, ch, cw) * coarse
+    while True:
+        prev = labels
+        for _ in range(4):
+            labels = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * coarse
+        if torch.equal(labels, prev):
+            break
+    full = labels.repeat_interleave(2, 1).repeat_interleave(2, 2)[:, :h, :w]
+    return full.long() * fg
+
+
+def _read_blob(img: torch.Tensor, bg: torch.Tensor, mask: torch.Tensor) -> tuple[ShapeObject, float, float]:
+    """Colour, shape and size of one blob, and its centre (x, y) as fractions of the side."""
+    res = img.shape[-1]
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    pad = 4
+    y0, y1 = max(int(ys.min()) - pad, 0), min(int(ys.max()) + pad + 1, res)
+    x0, x1 = max(int(xs.min()) - pad, 0), min(int(xs.max()) + pad + 1, res)
+    win, m = img[:, y0:y1, x0:x1], mask[y0:y1, x0:x1]
+    # Colour: the median over the blob's core, away from anti-aliased and JPEG-smeared edges.
+    core = -F.max_pool2d(-m.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0.5
+    if int(core.sum()) < 4:
+        core = m
+    rgb = win[:, core].median(dim=1).values
+    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255.0
+    color_idx = int(((palette - rgb) ** 2).sum(1).argmin())
+    # Coverage: how far each pixel moved from the background toward the blob's colour. Blur and
+    # JPEG leave its sum (the area) and its centroid unchanged on average.
+    direction = rgb - bg
+    alpha = ((win - bg[:, None, None]) * direction[:, None, None]).sum(0) / direction.pow(2).sum().clamp(min=1e-4)
+    alpha = alpha.clamp(0, 1) * m
+    mass = alpha.sum().clamp(min=1e-6)
+    gy = torch.arange(y0, y1, dtype=torch.float32).view(-1, 1) + 0.5
+    gx = torch.arange(x0, x1, dtype=torch.float32).view(1, -1) + 0.5
+    mx, my = float((alpha * gx).sum() / mass), float((alpha * gy).sum() / mass)
+    # Shape by synthesis: draw every candidate with the blob's area and centroid, at a few blur
+    # widths, and keep the one that explains the blob best.
+    tables, areas, offsets = _shape_tables()
+    radii = torch.sqrt(mass / areas)  # pixels, one per shape
+    cx = mx - offsets[:, 0] * radii
+    cy = my - offsets[:, 1] * radii
+    norm = radii.view(-1, 1, 1) * _SDF_SPAN
+    grid = torch.stack([
+        ((gx - cx.view(-1, 1, 1)) / norm).expand(-1, y1 - y0, -1),
+        ((gy - cy.view(-1, 1, 1)) / norm).expand(-1, -1, x1 - x0)], dim=-1)
+    sd = F.grid_sample(tables, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+    drawn = (0.5 - sd * radii.view(-1, 1, 1)).clamp(0, 1)
+    errors = (_blurred_variants(drawn) - alpha).abs().sum((2, 3)).amin(1)
+    shape_idx = int(errors.argmin())
+    radius = float(radii[shape_idx]) / res
+    size = "small" if radius < math.sqrt(SIZE_RADIUS["small"] * SIZE_RADIUS["large"]) else "large"
+    obj = ShapeObject(list(COLORS)[color_idx], SHAPES[shape_idx], size)
+    return obj, float(cx[shape_idx]) / res, float(cy[shape_idx]) / res
+
+
+def _judge_one(img: torch.Tensor, labels: torch.Tensor, bg: torch.Tensor) -> Scene | None:
+    ids, counts = torch.unique(labels, return_counts=True)
+    res = img.shape[-1]
+    _, areas, _ = _shape_tables()
+    min_area = _MIN_AREA_FRAC * float(areas.min()) * (SIZE_RADIUS["small"] * res) ** 2
+    blobs = [int(i) for i, c in zip(ids, counts) if int(i) != 0 and int(c) >= min_area]
+    if not 1 <= len(blobs) <= 3:
+        return None
+    found = [_read_blob(img, bg, labels == i) for i in blobs]
+    if len(found) == 1:
+        obj, cx, cy = found[0]
+        col = sum(cx >= e for e in _CELL_EDGES)
+        row = sum(cy >= e for e in _CELL_EDGES)
+        return Scene((obj,), CELLS[3 * row + col])
+    xs = [f[1] for f in found]
+    ys = [f[2] for f in found]
+    if max(xs) - min(xs) >= max(ys) - min(ys):
+        layout, key = "left of", 1
+    else:
+        layout, key = "above", 2
+    ordered = sorted(found, key=lambda f: f[key])
+    return Scene(tuple(f[0] for f in ordered), layout)
+
+
+def judge_batch(images: Sequence[Any] | torch.Tensor) -> list[Scene | None]:
+    """:func:`judge` for many images at once (a list, or a ``[B, 3, H, W]`` tensor)."""
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        images = list(images)
+    if len(images) == 0:
+        return []
+    batch = torch.stack([_to_judge_tensor(im) for im in images])
+    out: list[Scene | None] = []
+    with torch.no_grad():
+        # Background from the border median: robust to a shape touching the edge, and lets an
+        # off-white generated background pass.
+        border = torch.cat([batch[:, :, :2].flatten(2), batch[:, :, -2:].flatten(2),
+                            batch[:, :, :, :2].flatten(2), batch[:, :, :, -2:].flatten(2)], 2)
+        bg = border.median(dim=2).values
+        fg = (batch - bg[:, :, None, None]).pow(2).sum(1).sqrt() > _FG_THRESHOLD
+        labels = _connected_components(fg)
+        for img, lab, b in zip(batch, labels, bg):
+            out.append(_judge_one(img, lab, b))
+    return out
+
+
+def judge(image: Any) -> Scene | None:
+    """Read the scene back from pixels; ``None`` when it does not show 1 to 3 separate shapes.
+
+    Accepts a PIL image, a numpy ``H x W x 3`` uint8 array or a torch ``[3, H, W]`` tensor in
+    [0, 1], of any size (it is resized to 128 x 128 first). It finds blobs that differ from the
+    border colour, then names each blob's colour (nearest palette colour to the median of its
+    core), shape (the candidate that, drawn with the blob's area and centroid and blurred by a
+    few amounts, best matches the blob's coverage), size (from the coverage-weighted area, which
+    blur does not change) and position (grid cell, or row / column order for several blobs).
+
+    Tolerates (measured on 5,000 random 128 x 128 scenes; 100% exact unless noted): JPEG at
+    quality 75; a Gaussian blur of radius 1 pixel; colour noise of standard deviation 0.05 per
+    channel (13 / 255); all three at once (99.8%); an off-white background; inputs of any size
+    (clean renders from 64 to 512 are read exactly). It does not tolerate JPEG on images as small
+    as 64 x 64 (small shapes lose their colour and corners: about 92%), rotated shapes, overlapping
+    or touching shapes, or more than three shapes (``None``); a colour between palette entries gets
+    the nearest name.
+    """
+    return judge_batch([image])[0]
+
+
+def scene_matches(a: Scene | None, b: Scene | None) -> bool:
+    """True when both are scenes and they are identical."""
+    return a is not None and b is not None and a == b
+
+
+def attribute_matches(pred: Scene | None, truth: Scene) -> dict[str, bool]:
+    """Per-attribute correctness of a judged scene: count, color, shape, size, position.
+
+    ``position`` is the grid cell for one object and the relation for several. With the wrong
+    number of objects (or no reading at all) every attribute counts as wrong, since objects
+    cannot be paired up.
+    """
+    if pred is None or pred.num_objects != truth.num_objects:
+        return dict.fromkeys(("count", "color", "shape", "size", "position"), False)
+    pairs = list(zip(pred.objects, truth.objects))
+    return {
+        "count": True,
+        "color": all(p.color == t.color for p, t in pairs),
+        "shape": all(p.shape == t.shape for p, t in pairs),
+        "size": all(p.size == t.size for p, t in pairs),
+        "position": pred.layout == truth.layout,
+    }
