@@ -33,7 +33,7 @@ from flowtok.sampling import CudaGraphed  # noqa: E402
 from flowtok.text import TextProjector, projector_config  # noqa: E402
 from flowtok.training.data import DataConfig  # noqa: E402
 from flowtok.training.run import build_run  # noqa: E402
-from flowtok.training.stages import DistillStage, DistillStageConfig, _shapes_captions  # noqa: E402
+from flowtok.training.stages import DistillStage, DistillStageConfig  # noqa: E402
 
 
 def random_parts(folder: Path) -> tuple[str, str]:
@@ -48,9 +48,8 @@ def random_parts(folder: Path) -> tuple[str, str]:
 
 def parts(stage: DistillStage, device: torch.device, batch: int, iters: int) -> dict[str, Any]:
     """Median seconds of each part of one batch, and what the whole ``stage.batch`` costs."""
-    data = stage.data_cfg
-    caps = _shapes_captions(stage.seed, data, 0, batch, 0, 1)
-    enc, proj = stage.frozen.encoder, stage.frozen.projector
+    caps = stage.shapes.train_captions(0, batch, 0, 1)
+    enc, proj = stage.encoder, stage.projector
     ts = enc.encode(caps)
     x0 = proj(ts.states.float(), ts.mask, sample=True).z.float()
     ids, mask = enc.tokenize(caps)
@@ -58,7 +57,7 @@ def parts(stage: DistillStage, device: torch.device, batch: int, iters: int) -> 
     graphed = CudaGraphed(eager)
     steps = iter(range(10**9))
     timings = {
-        "captions": lambda: _shapes_captions(stage.seed, data, 1, batch, 0, 1),
+        "captions": lambda: stage.shapes.train_captions(1, batch, 0, 1),
         "tokenize": lambda: enc.tokenize(caps),
         "text encoder (encode_tokens)": lambda: enc.encode_tokens(ids, mask),
         "text encoder (encode: captions in)": lambda: enc.encode(caps),

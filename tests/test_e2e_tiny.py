@@ -150,7 +150,7 @@ def test_pretokenize_then_train_on_latents(tiny_pipeline, tmp_path):
     cfg = {"stage": "i2t", "run_dir": str(tmp_path / "i2t"), "data": data, "train": TRAIN, "model": i2t}
     trainer = build_run(cfg, device="cpu")
     trainer.fit()
-    assert trainer.stage.frozen.targets.shape == (10, K, C)  # canonical captions encoded once
+    assert trainer.stage.targets.shape == (10, K, C)  # canonical captions encoded once
 
 
 def test_pretokenized_shape_mismatch(tiny_pipeline, tmp_path):
@@ -225,14 +225,14 @@ def test_distill_prompts_drawn_ahead_change_no_number(tiny_pipeline):
         stage = DistillStage(cfg, DataConfig(**DATA), seed=3)
         stage.setup(torch.device("cpu"))
         if ahead:
-            stage.frozen.pool = ThreadPoolExecutor(max_workers=1)
+            stage.pool = ThreadPoolExecutor(max_workers=1)
         out = []
         for step in steps:
             torch.manual_seed(step)  # as the trainer seeds each step
             out.append(stage.batch(step, 4, 0, 1))
         if ahead:
-            assert stage.frozen.pending[0] == (steps[-1] + 1, 4, 0, 1)  # the next step is on its way
-            stage.frozen.pool.shutdown()
+            assert stage.pending[0] == (steps[-1] + 1, 4, 0, 1)  # the next step is on its way
+            stage.pool.shutdown()
         return out
 
     plain = batches(False, [0, 1, 2, 7, 8])  # 7 after 2: a drawn-ahead step 3 must be thrown away

@@ -12,6 +12,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,6 +113,19 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path or cls.__name__}: {exc}") from None
     return obj
+
+
+def preset(registry: Mapping[str, T], name: str, overrides: Mapping[str, Any] | None = None,
+           what: str = "preset") -> T:
+    """A copy of ``registry[name]`` with ``overrides`` applied, checked as :func:`from_dict` checks a file.
+
+    The one way a named configuration (a model size, a tokenizer, a projector) is looked up and
+    adjusted; ``what`` names it in errors (``model.flow``: unknown preset or a bad override key).
+    """
+    if name not in registry:
+        raise ConfigError(f"unknown {what} preset '{name}' (choose from {', '.join(registry)})")
+    base = registry[name]
+    return from_dict(type(base), {**to_dict(base), **(overrides or {})}, what)
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

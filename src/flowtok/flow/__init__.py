@@ -1,6 +1,6 @@
 """The velocity transformer with its size registry, and the flow-matching objective."""
 
-from .objective import FlowObjective, binned_losses
+from .objective import FlowObjective, FlowObjectiveConfig, binned_losses
 from .transformer import FLOW_PRESETS, UPSTREAM_RENAMES, FlowConfig, FlowTransformer, flop_count, flow_preset
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "UPSTREAM_RENAMES",
     "FlowConfig",
     "FlowObjective",
+    "FlowObjectiveConfig",
     "FlowTransformer",
     "binned_losses",
     "flop_count",

@@ -18,7 +18,9 @@ Everything here runs on the device without host synchronisation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -36,24 +38,42 @@ def _rand(shape: tuple[int, ...], device: torch.device | str | None, generator: 
     return draw(shape, generator=generator, device=where).to(device)
 
 
+@dataclass
+class FlowObjectiveConfig:
+    """The objective's settings (a stage's ``model.objective`` in YAML)."""
+
+    sigma_min: float = 1e-5
+    t_sampler: Literal["logit_normal", "uniform"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    null_prob: float = 0.1  # share of the batch flagged for classifier-free guidance
+
+    def __post_init__(self) -> None:
+        if self.t_sampler not in ("logit_normal", "uniform"):
+            raise ConfigError(f"t_sampler must be 'logit_normal' or 'uniform', got {self.t_sampler!r}")
+        if not 0.0 <= self.null_prob <= 1.0:
+            raise ConfigError(f"null_prob must be in [0, 1], got {self.null_prob}")
+        if not 0.0 <= self.sigma_min < 1.0:
+            raise ConfigError(f"sigma_min must be in [0, 1), got {self.sigma_min}")
+        if self.logit_std <= 0:
+            raise ConfigError(f"logit_std must be positive, got {self.logit_std}")
+
+
 class FlowObjective:
     """Path, time sampler, CFG null indicator and loss of FlowTok's flow matching."""
 
     def __init__(self, sigma_min: float = 1e-5, t_sampler: Literal["logit_normal", "uniform"] = "logit_normal",
                  logit_mean: float = 0.0, logit_std: float = 1.0, null_prob: float = 0.1) -> None:
-        if t_sampler not in ("logit_normal", "uniform"):
-            raise ConfigError(f"t_sampler must be 'logit_normal' or 'uniform', got {t_sampler!r}")
-        if not 0.0 <= null_prob <= 1.0:
-            raise ConfigError(f"null_prob must be in [0, 1], got {null_prob}")
-        if not 0.0 <= sigma_min < 1.0:
-            raise ConfigError(f"sigma_min must be in [0, 1), got {sigma_min}")
-        if logit_std <= 0:
-            raise ConfigError(f"logit_std must be positive, got {logit_std}")
+        self.config = FlowObjectiveConfig(sigma_min, t_sampler, logit_mean, logit_std, null_prob)
         self.sigma_min = sigma_min
         self.t_sampler = t_sampler
         self.logit_mean = logit_mean
         self.logit_std = logit_std
         self.null_prob = null_prob
+
+    @classmethod
+    def from_config(cls, config: FlowObjectiveConfig) -> FlowObjective:
+        return cls(**dataclasses.asdict(config))
 
     def __repr__(self) -> str:
         return (f"FlowObjective(sigma_min={self.sigma_min}, t_sampler={self.t_sampler!r}, "

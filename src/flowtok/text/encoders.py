@@ -27,6 +27,7 @@ import os
 import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -345,7 +346,7 @@ class MiniLMTextEncoder(TextEncoder):
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"name": "minilm"}
+        return TextEncoderSpec("minilm").to_dict()
 
     def _content_ids(self, captions: list[str]) -> list[list[int]]:
         return self.tokenizer(captions, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
@@ -420,7 +421,7 @@ class CLIPTextEncoder(TextEncoder):
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"name": "clip", "path": self.path}
+        return TextEncoderSpec("clip", self.path).to_dict()
 
     def _content_ids(self, captions: list[str]) -> list[list[int]]:
         return [self.bpe.encode(c) for c in captions]
@@ -442,19 +443,37 @@ class CLIPTextEncoder(TextEncoder):
 
 @dataclass
 class TextEncoderSpec:
+    """Which frozen text encoder a component reads: ``minilm`` (the offline default) or ``clip`` with a
+    ``path`` (a local folder or a Hub id). YAML configs and ``pipeline.json`` write it as
+    ``{"name": ..., "path": ...}`` (:meth:`from_dict` / :meth:`to_dict`)."""
+
     name: Literal["minilm", "clip"] = "minilm"
     path: str | None = None
 
-
-def load_text_encoder(spec: dict[str, Any] | str, max_length: int = 77, device: str | torch.device | None = None,
-                      dtype: torch.dtype | None = None, cache_size: int = 0) -> TextEncoder:
-    """Build an encoder from ``{"name": "minilm"}`` / ``{"name": "clip", "path": ...}`` or a bare name."""
-    data = {"name": spec} if isinstance(spec, str) else dict(spec)
-    parsed = from_dict(TextEncoderSpec, data, "text_encoder")
-    if parsed.name == "minilm":
-        if parsed.path is not None:
+    def __post_init__(self) -> None:
+        if self.name == "minilm" and self.path is not None:
             raise ConfigError("text_encoder.path is not used by the 'minilm' encoder; remove it")
+        if self.name == "clip" and not self.path:
+            raise ConfigError("text_encoder 'clip' needs a 'path' (a local folder or a Hub id)")
+
+    @classmethod
+    def from_dict(cls, spec: TextEncoderSpec | Mapping[str, Any] | str) -> TextEncoderSpec:
+        """A spec from its dict form, a bare name (``"minilm"``) or a spec; bad keys are a ConfigError."""
+        if isinstance(spec, TextEncoderSpec):
+            return spec
+        data = {"name": spec} if isinstance(spec, str) else dict(spec)
+        return from_dict(cls, data, "text_encoder")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name} if self.path is None else {"name": self.name, "path": self.path}
+
+
+def load_text_encoder(spec: TextEncoderSpec | Mapping[str, Any] | str, max_length: int = 77,
+                      device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                      cache_size: int = 0) -> TextEncoder:
+    """Build the encoder a :class:`TextEncoderSpec` (or its dict form, or a bare name) names."""
+    parsed = TextEncoderSpec.from_dict(spec)
+    if parsed.name == "minilm":
         return MiniLMTextEncoder(max_length=max_length, device=device, dtype=dtype, cache_size=cache_size)
-    if not parsed.path:
-        raise ConfigError("text_encoder 'clip' needs a 'path' (a local folder or a Hub id)")
+    assert parsed.path is not None  # checked by TextEncoderSpec
     return CLIPTextEncoder(parsed.path, max_length=max_length, device=device, dtype=dtype, cache_size=cache_size)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
+from .. import shapes
+from ..data.readers import ImageCaptionFolder, WebDatasetReader
 from ..errors import ConfigError, DataError
+from .pretokenize import LatentShards
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,12 @@ class DataConfig:
             raise ConfigError(f"data.num_objects must be 1, 2 or 3, got {self.num_objects}")
 
 
+class BatchSource(Protocol):
+    """Where a stage's batches come from: the batch of one step for one process, by position."""
+
+    def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]: ...
+
+
 class ShapesSource:
     """The procedural shapes world, rendered on the training device."""
 
@@ -44,12 +53,10 @@ class ShapesSource:
         self.cfg, self.seed, self.device = cfg, seed, device
 
     def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
-        from ..shapes import shapes_batch
-
         start = (step * world + rank) * local_batch
-        images, captions, scenes = shapes_batch(self.seed, start, local_batch, split=self.cfg.split,
-                                                num_objects=self.cfg.num_objects, size=self.cfg.size,
-                                                device=self.device)
+        images, captions, scenes = shapes.shapes_batch(self.seed, start, local_batch, split=self.cfg.split,
+                                                       num_objects=self.cfg.num_objects, size=self.cfg.size,
+                                                       device=self.device)
         return {"images": images, "captions": captions, "scenes": scenes}
 
 
@@ -85,8 +92,6 @@ class LatentSource(IndexedSource):
     """Pre-tokenised shards written by ``flowtok pretokenize`` (see :mod:`flowtok.training.pretokenize`)."""
 
     def __init__(self, path: str, seed: int, device: torch.device) -> None:
-        from .pretokenize import LatentShards
-
         # The whole set lives on the training device: a step is one index gather, no host work.
         super().__init__(LatentShards(path, device=device), seed, device, workers=1)
         self.meta = self.dataset.meta
@@ -97,12 +102,10 @@ class LatentSource(IndexedSource):
         return self.dataset.gather(idx, self.device)
 
 
-def build_source(cfg: DataConfig, seed: int, device: torch.device):
+def build_source(cfg: DataConfig, seed: int, device: torch.device) -> BatchSource:
     if cfg.kind == "shapes":
         return ShapesSource(cfg, seed, device)
     if cfg.kind == "folder":
-        from ..data.readers import ImageCaptionFolder
-
         ds = ImageCaptionFolder(cfg.path, resolution=cfg.size, crop=cfg.crop, on_error=cfg.on_error, seed=seed)
         return IndexedSource(ds, seed, device, cfg.workers)
     if cfg.kind == "latents":
@@ -121,8 +124,6 @@ class StreamSource:
         self._pos = 0
 
     def _stream(self):
-        from ..data.readers import WebDatasetReader
-
         while True:  # endless epochs
             got = 0
             for item in WebDatasetReader(self.cfg.path, resolution=self.cfg.size, crop=self.cfg.crop,

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import atomic_write_text
 from ..errors import DataError
 from ..modeling import atomic_save_safetensors, load_safetensors
+from ..shapes import Scene
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,6 @@ log = logging.getLogger(__name__)
 def pretokenize(source, n: int, out_dir: str | Path, tokenizer, text_encoder, batch_size: int = 256,
                 shard_size: int = 50_000, progress: bool = True) -> Path:
     """Encode ``n`` samples of ``source`` (a trainer batch source) into shards under ``out_dir``."""
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     buf: dict[str, list] = {"image_latents": [], "text_states": [], "text_mask": [], "input_ids": [], "meta": []}
@@ -114,8 +114,6 @@ class LatentShards:
         return self.records[i]
 
     def gather(self, idx: list[int], device: torch.device) -> dict[str, Any]:
-        from ..shapes import Scene
-
         ix = torch.as_tensor(idx, device=self.device)
         t = {k: v.index_select(0, ix).to(device, non_blocking=True) for k, v in self.tensors.items()}
         recs = [self.records[i] for i in idx]

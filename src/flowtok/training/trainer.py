@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ from ..config import atomic_write_text
 from ..errors import CheckpointError, ConfigError, FlowTokError
 from . import checkpoint as ckpt
 from .ema import EMA
+from .stages.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -85,31 +86,6 @@ class TrainConfig:
 
 class NonFiniteLossError(FlowTokError, FloatingPointError):
     """Training met a NaN or inf loss or gradient under ``nan_policy: stop`` (or too many in a row)."""
-
-
-class Stage(nn.Module):
-    """A training stage: its trainable sub-modules (registered children), frozen helpers (plain
-    attributes, never registered, so DDP and checkpoints ignore them), its data and its loss."""
-
-    name: ClassVar[str] = "stage"
-
-    def setup(self, device: torch.device) -> None:
-        """Move frozen helpers to ``device`` (trainable parts are moved by the trainer)."""
-
-    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Metrics and image grids ([3,H,W] in [0,1]) computed with the EMA weights loaded."""
-        return {}, {}
-
-    def export(self, out_dir: Path) -> None:
-        """Write the trained parts as ``save_pretrained`` folders under ``out_dir``."""
-        raise NotImplementedError
 
 
 def _nonfinite_key(batch: dict[str, Any]) -> str | None:

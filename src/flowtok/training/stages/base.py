@@ -1,0 +1,133 @@
+"""What every training stage shares: the :class:`Stage` contract the trainer drives, frozen helpers
+kept off the module tree, and the few steps more than one stage takes (latents of a batch, shape
+checks between components, loss-by-t metrics, a preview grid).
+
+A new stage is one file beside this one: its config dataclass, a :class:`Stage` subclass that draws a
+batch, computes its loss, evaluates and exports, and one line in the registry (``stages/__init__.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ...flow import FlowConfig
+from ...flow.objective import binned_loss_tensors
+from ...text import ProjectorConfig, TextEncoder
+from ...tokenizer import ImageTokenizer
+from ..data import BatchSource, DataConfig, LatentSource
+from .shapes_world import ShapesWorld
+
+
+class Stage(nn.Module):
+    """A training stage: its trainable sub-modules (registered children), frozen helpers (plain
+    attributes named in ``frozen_helpers``, never registered, so the optimizer, DDP, the EMA and
+    checkpoints ignore them), its data and its loss.
+
+    The shapes world reaches a stage through one object only, ``self.shapes`` (:class:`ShapesWorld`):
+    held-out scenes and the judge for evaluation, and captions drawn without images for text-only data.
+    """
+
+    name: ClassVar[str] = "stage"
+    config_class: ClassVar[type] = object
+    frozen_helpers: ClassVar[tuple[str, ...]] = ()
+
+    device: torch.device
+
+    def __init__(self, data: DataConfig | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.data_cfg = data if data is not None else DataConfig()
+        self.seed = seed
+        self.shapes = ShapesWorld(seed, self.data_cfg)
+        for name in self.frozen_helpers:
+            setattr(self, name, None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.frozen_helpers:
+            object.__setattr__(self, name, value)  # a plain attribute: nn.Module would register a module
+        else:
+            super().__setattr__(name, value)
+
+    def setup(self, device: torch.device) -> None:
+        """Move frozen helpers to ``device`` (trainable parts are moved by the trainer)."""
+        self.device = device
+
+    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Metrics and image grids ([3,H,W] in [0,1]) computed with the EMA weights loaded."""
+        return {}, {}
+
+    def export(self, out_dir: Path) -> None:
+        """Write the trained parts as ``save_pretrained`` folders under ``out_dir``."""
+        raise NotImplementedError
+
+
+def freeze(m: nn.Module) -> nn.Module:
+    """``m`` in eval mode with gradients off: a helper that a stage uses but never trains."""
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def load_frozen_tokenizer(path: str, device: torch.device) -> ImageTokenizer:
+    tokenizer = ImageTokenizer.from_pretrained(path, device=device)
+    freeze(tokenizer)
+    return tokenizer
+
+
+def image_latents(batch: dict[str, Any], tokenizer: ImageTokenizer) -> torch.Tensor:
+    """Scaled image latents of a batch: pre-tokenised (stored unscaled) or encoded from its images."""
+    raw = batch["image_latents_raw"] if "image_latents_raw" in batch else tokenizer.encode(batch["images"])
+    return raw * tokenizer.scale_factor
+
+
+def flow_bins(info: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The flow loss by bin of t, as training metrics (no host sync)."""
+    return {f"flow_{k}": v for k, v in binned_loss_tensors(info["t"], info["per_sample_loss"]).items()}
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """``[B, C, H, W]`` images tiled ``nrow`` to a row on a white canvas, for previews."""
+    b, c, h, w = images.shape
+    ncol = min(nrow, b)
+    rows = (b + ncol - 1) // ncol
+    canvas = torch.ones(c, rows * h, ncol * w, device=images.device)
+    for i in range(b):
+        r, q = divmod(i, ncol)
+        canvas[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+    return canvas
+
+
+def check_pretokenized(source: BatchSource, tokenizer: ImageTokenizer, encoder: TextEncoder) -> None:
+    """Pre-tokenised shards must come from the same tokenizer shape and text encoder."""
+    if not isinstance(source, LatentSource):
+        return
+    meta = source.meta
+    k, c = tokenizer.latent_shape
+    if (meta["num_tokens"], meta["channels"]) != (k, c):
+        raise ConfigError(f"pre-tokenised latents are {meta['num_tokens']}x{meta['channels']}, "
+                          f"the tokenizer makes {k}x{c}")
+    if meta["text_dim"] != encoder.dim or meta["text_length"] != encoder.max_length:
+        raise ConfigError(f"pre-tokenised text states are {meta['text_length']}x{meta['text_dim']}, "
+                          f"the text encoder makes {encoder.max_length}x{encoder.dim}")
+
+
+def check_latent_shapes(k: int, c: int, pcfg: ProjectorConfig, fcfg: FlowConfig) -> None:
+    """The text latent and the image latent must have one shape: the flow maps one onto the other."""
+    if pcfg.latent_channels != c:
+        raise ConfigError(f"text latent has {pcfg.latent_channels} channels, image latent has {c}: "
+                          "they must be equal")
+    if fcfg.num_tokens != k or fcfg.in_channels != c:
+        raise ConfigError(f"flow model expects {fcfg.num_tokens}x{fcfg.in_channels} latents, "
+                          f"the tokenizer gives {k}x{c}")

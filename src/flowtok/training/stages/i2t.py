@@ -1,0 +1,142 @@
+"""The ``i2t`` stage: a second FlowTok transformer, image latent (t = 0) -> text latent (t = 1) of the
+frozen projector (the paper's KL and alignment weights are 0 for this direction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ...config import preset
+from ...errors import ConfigError
+from ...flow import FLOW_PRESETS, FlowObjective, FlowObjectiveConfig, FlowTransformer
+from ...sampling import euler_sample
+from ...text import TextDecoder, TextEncoder, TextEncoderSpec, TextProjector, load_text_encoder
+from ...tokenizer import ImageTokenizer
+from ..data import BatchSource, DataConfig, LatentSource, build_source
+from ..pretokenize import LatentShards
+from .base import (
+    Stage,
+    check_latent_shapes,
+    check_pretokenized,
+    flow_bins,
+    freeze,
+    image_latents,
+    load_frozen_tokenizer,
+)
+
+
+@dataclass
+class I2TStageConfig:
+    tokenizer_path: str = ""
+    projector_path: str = ""
+    decoder_path: str = ""  # optional: enables caption accuracy in evaluation
+    text_encoder: TextEncoderSpec = field(default_factory=TextEncoderSpec)
+    flow_preset: str = "shapes"
+    flow: dict[str, Any] = field(default_factory=dict)
+    objective: FlowObjectiveConfig = field(default_factory=FlowObjectiveConfig)
+    target: Literal["mean", "sample"] = "mean"
+    # The ODE from one image latent has one end point, so several paraphrases of one image would be
+    # averaged; "canonical" trains on one fixed template per scene (shapes world only).
+    caption_mode: Literal["canonical", "random"] = "canonical"
+    eval_images: int = 64
+    eval_steps: int = 20
+    eval_guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.tokenizer_path or not self.projector_path:
+            raise ConfigError("model.tokenizer_path and model.projector_path are required for the i2t stage")
+
+
+class I2TStage(Stage):
+    name: ClassVar[str] = "i2t"
+    config_class: ClassVar[type] = I2TStageConfig
+    frozen_helpers: ClassVar[tuple[str, ...]] = ("tokenizer", "projector", "encoder", "decoder", "source", "targets")
+    tokenizer: ImageTokenizer
+    projector: TextProjector
+    encoder: TextEncoder
+    decoder: TextDecoder | None  # loaded at the first evaluation, when model.decoder_path holds one
+    source: BatchSource
+    # Text latents of every pre-tokenised sample's canonical caption, when the shards carry scenes.
+    targets: torch.Tensor | None
+
+    def __init__(self, cfg: I2TStageConfig, data: DataConfig, seed: int) -> None:
+        super().__init__(data, seed)
+        self.cfg = cfg
+        tok_cfg = ImageTokenizer.read_config(cfg.tokenizer_path)
+        pcfg = TextProjector.read_config(cfg.projector_path)
+        fcfg = preset(FLOW_PRESETS, cfg.flow_preset, cfg.flow, "model.flow")
+        check_latent_shapes(tok_cfg.num_latent_tokens, tok_cfg.token_channels, pcfg, fcfg)
+        self.flow = FlowTransformer(fcfg)
+        self.objective = FlowObjective.from_config(cfg.objective)
+        self.k = tok_cfg.num_latent_tokens
+
+    def setup(self, device: torch.device) -> None:
+        super().setup(device)
+        self.tokenizer = load_frozen_tokenizer(self.cfg.tokenizer_path, device)
+        self.projector = TextProjector.from_pretrained(self.cfg.projector_path, device=device)
+        freeze(self.projector)
+        self.encoder = load_text_encoder(self.cfg.text_encoder, max_length=self.k, device=device)
+        self.source = build_source(self.data_cfg, self.seed, device)
+        check_pretokenized(self.source, self.tokenizer, self.encoder)
+        self.targets = None
+        if self.cfg.caption_mode == "canonical" and isinstance(self.source, LatentSource):
+            self.targets = self._canonical_targets(self.source.dataset)
+
+    @torch.no_grad()
+    def _canonical_targets(self, shards: LatentShards) -> torch.Tensor | None:
+        """Text latents of every pre-tokenised sample's canonical caption, computed once."""
+        if not all(r.get("scene") for r in shards.records):
+            return None
+        out = []
+        for i in range(0, len(shards), 2048):
+            caps = [self.shapes.canonical_caption(r["scene"]) for r in shards.records[i:i + 2048]]
+            ts = self.encoder.encode(caps)
+            out.append(self.projector(ts.states.float(), ts.mask, sample=False).mean)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        b = self.source.get(step, local_batch, rank, world)
+        b["image_latents"] = image_latents(b, self.tokenizer)
+        if self.targets is not None and self.cfg.target == "mean":
+            b["text_latents"] = self.targets.index_select(0, b["index"])
+            return b
+        caps = b["captions"]
+        if self.cfg.caption_mode == "canonical" and b.get("scenes"):
+            caps = [self.shapes.canonical_caption(s) for s in b["scenes"]]
+        ts = self.encoder.encode(caps)
+        out = self.projector(ts.states.float(), ts.mask, sample=self.cfg.target == "sample")
+        b["text_latents"] = out.z if self.cfg.target == "sample" else out.mean
+        return b
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fm, info = self.objective.loss(self.flow, batch["image_latents"], batch["text_latents"])
+        metrics = {"flow": fm.detach()}
+        metrics.update(flow_bins(info))
+        return fm, metrics
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, steps: int, guidance: float) -> list[str]:
+        assert self.decoder is not None, "caption() needs model.decoder_path"
+        tok = self.tokenizer
+        lat = tok.encode(images) * tok.scale_factor
+        z = euler_sample(self.flow, lat, num_steps=steps, guidance_scale=guidance)
+        return self.decoder.decode(z, self.encoder)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        # Loaded here, not in setup: the decoder may be trained at the same time as this stage.
+        if self.decoder is None:
+            if not self.cfg.decoder_path or not Path(self.cfg.decoder_path).is_dir():
+                return {}, {}
+            self.decoder = TextDecoder.from_pretrained(self.cfg.decoder_path, device=self.device)
+            freeze(self.decoder)
+        images, _, scenes = self.shapes.test_batch(self.cfg.eval_images, 30_000, self.device, num_objects=1)
+        caps = self.caption(images, self.cfg.eval_steps, self.cfg.eval_guidance)
+        return {"caption_exact_1obj": self.shapes.caption_exact(caps, scenes)}, {}
+
+    def export(self, out_dir: Path) -> None:
+        self.flow.save_pretrained(Path(out_dir) / "i2t_flow")
