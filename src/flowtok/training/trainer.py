@@ -19,16 +19,21 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import yaml
+from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..config import atomic_write_text
 from ..errors import CheckpointError, ConfigError, FlowTokError
+from ..modeling import check_state_dict
 from . import checkpoint as ckpt
 from .ema import EMA
 from .stages.base import Stage
@@ -96,6 +101,28 @@ def _nonfinite_key(batch: dict[str, Any]) -> str | None:
     return next(k for k, v in floats if not bool(torch.isfinite(v).all()))
 
 
+@dataclass
+class _Loop:
+    """What :meth:`Trainer.fit` sets up and carries from step to step."""
+
+    opt: torch.optim.Optimizer
+    ema: EMA | None
+    forward: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    params: list[nn.Parameter]
+    ckpt_dir: Path
+    writer: Any  # a TensorBoard SummaryWriter, or None
+    bar: tqdm | None
+    step: int
+    stop_at: int  # train.steps, or the step at which the time budget ran out
+    lr: float = 0.0
+    nan_run: int = 0  # non-finite steps in a row
+    running: dict[str, torch.Tensor] = field(default_factory=dict)  # metric sums since the last log step
+    n_running: int = 0
+    n_last: int = 0  # samples since the last log step
+    t_last: float = field(default_factory=time.perf_counter)
+    t_begin: float = field(default_factory=time.perf_counter)
+
+
 def _dist_info() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -155,11 +182,27 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> Path:
+        """Train to ``train.steps`` (or the time budget), checkpointing, logging and evaluating on the way;
+        export the EMA weights and return the export folder."""
+        loop = self._set_up(resume)
+        while loop.step < loop.stop_at:
+            if not self._step(loop):
+                continue  # a skipped non-finite step: nothing to log, evaluate or save
+            if loop.step % self.cfg.log_every == 0 or loop.step == loop.stop_at:
+                self._log(loop)
+            if self.cfg.eval_every and loop.step % self.cfg.eval_every == 0 and loop.step != loop.stop_at:
+                self._evaluate(loop.ema, loop.step, loop.writer)
+            self._stop_when_out_of_time(loop)
+            if loop.step % self.cfg.ckpt_every == 0 or loop.step == loop.stop_at:
+                self._save(loop.ckpt_dir, loop.step, self.stage, loop.ema, loop.opt)
+        return self._finish(loop)
+
+    def _set_up(self, resume: str | None) -> _Loop:
+        """The run folder and its config, the stage on its device, optimizer, EMA, resume state, the
+        (distributed, compiled) forward, and the loggers."""
         cfg, stage = self.cfg, self.stage
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main and self.resolved_config:
-            import yaml
-
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved_config, sort_keys=False))
         stage.to(self.device)
         stage.setup(self.device)
@@ -168,139 +211,146 @@ class Trainer:
             raise ConfigError(f"stage '{stage.name}' has no trainable parameters")
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        fused = self.device.type == "cuda"
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, fused=fused,
+            lr=cfg.lr, betas=cfg.betas, fused=self.device.type == "cuda",
         )
         ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        start = 0
         ckpt_dir = self.run_dir / "checkpoints"
-        if resume:
-            found = ckpt.load_checkpoint(Path(resume)) if resume != "latest" else ckpt.load_latest(ckpt_dir)
-            if found is not None:
-                self._check_resumable(found)
-                stage.load_state_dict(found.model)
-                opt.load_state_dict(found.optimizer)
-                if ema is not None:
-                    ema.load_state_dict(found.ema)
-                start = found.step
-                log.info("resumed from %s at step %d", found.path, start)
-            else:
-                log.info("no checkpoint in %s; starting from scratch", ckpt_dir)
+        start = self._resume(resume, ckpt_dir, opt, ema) if resume else 0
         model: nn.Module = stage
         if self.world > 1:
             model = nn.parallel.DistributedDataParallel(stage, device_ids=[self.device.index] if
                                                         self.device.type == "cuda" else None)
         forward = torch.compile(model) if cfg.compile else model
-
-        writer = None
-        if self.is_main and cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(str(self.run_dir / "tb"))
-            except ImportError:
-                log.warning("tensorboard is not installed; scalars go to metrics.jsonl only")
         bar = None
         if self.is_main and cfg.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, dynamic_ncols=True)
-
-        nan_run = 0
-        t_last, n_last = time.perf_counter(), 0
-        running: dict[str, torch.Tensor] = {}
-        n_running = 0
-        step = start
-        t_begin = time.perf_counter()
-        stop_at = cfg.steps
         stage.train()
-        while step < stop_at:
-            self._seed_step(step)
-            batch = stage.batch(step, self.local_batch, self.rank, self.world)
-            lr = self.lr_at(step)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            # Checked before the forward: models refuse NaN input with an error, which would end the run
-            # instead of applying nan_policy.
-            bad_input = _nonfinite_key(batch)
-            finite = bad_input is None
-            if finite:
-                with self._autocast():
-                    loss, metrics = forward(batch)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                # One sync for both: a non-finite loss gives non-finite gradients, which are never applied.
-                finite = bool(torch.isfinite(gnorm) & torch.isfinite(loss.detach()))
-            if not finite:
-                opt.zero_grad(set_to_none=True)
-                nan_run += 1
-                msg = (f"non-finite values in batch['{bad_input}'] at step {step}" if bad_input is not None
-                       else f"non-finite loss or gradient at step {step}")
-                if cfg.nan_policy == "stop" or nan_run > cfg.max_consecutive_nan:
-                    why = "nan_policy is 'stop'" if cfg.nan_policy == "stop" else f"{nan_run} in a row"
-                    raise NonFiniteLossError(f"{msg} ({why}); stopping, weights and EMA left untouched; "
-                                             f"resume from the last checkpoint in {ckpt_dir}")
-                log.warning("%s; step skipped (%d in a row)", msg, nan_run)
-                self._log_jsonl({"step": step, "skipped": "non-finite"})
-                step += 1
-                continue
-            nan_run = 0
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(stage, step)
-            step += 1
-            n_last += self.local_batch * self.world
-            # Metrics stay on the device until a log step, so the loop never waits on the GPU for them.
-            for k, v in {"loss": loss, **metrics}.items():
-                v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
-                running[k] = running[k] + v if k in running else v
-            n_running += 1
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.log_every == 0 or step == stop_at:
-                dt = time.perf_counter() - t_last
-                rec = {k: float(v) / max(n_running, 1) for k, v in running.items()}
-                rec.update(step=step, lr=lr, samples_per_s=n_last / max(dt, 1e-9))
-                self._log_jsonl(rec)
-                if writer is not None:
-                    for k, v in rec.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
-                running, t_last, n_last, n_running = {}, time.perf_counter(), 0, 0
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != stop_at:
-                self._evaluate(ema, step, writer)
-            if cfg.max_minutes > 0 and stop_at == cfg.steps:
-                over = time.perf_counter() - t_begin > 60 * cfg.max_minutes
-                if self.world > 1:
-                    flag = torch.tensor(float(over), device=self.device)
-                    dist.all_reduce(flag)  # every rank stops at the same step
-                    over = flag.item() > 0
-                if over:
-                    stop_at = step
-                    log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, step)
-            if step % cfg.ckpt_every == 0 or step == stop_at:
-                self._save(ckpt_dir, step, stage, ema, opt)
-        if bar is not None:
-            bar.close()
-        self._evaluate(ema, step, writer)
+        return _Loop(opt=opt, ema=ema, forward=forward, params=params, ckpt_dir=ckpt_dir,
+                     writer=self._open_writer(), bar=bar, step=start, stop_at=cfg.steps)
+
+    def _resume(self, resume: str, ckpt_dir: Path, opt: torch.optim.Optimizer, ema: EMA | None) -> int:
+        """Load the stage, optimizer and EMA from ``resume`` ('latest' or a checkpoint); the step to go on from."""
+        found = ckpt.load_checkpoint(Path(resume)) if resume != "latest" else ckpt.load_latest(ckpt_dir)
+        if found is None:
+            log.info("no checkpoint in %s; starting from scratch", ckpt_dir)
+            return 0
+        self._check_resumable(found)
+        self.stage.load_state_dict(found.model)
+        opt.load_state_dict(found.optimizer)
+        if ema is not None:
+            ema.load_state_dict(found.ema)
+        log.info("resumed from %s at step %d", found.path, found.step)
+        return found.step
+
+    def _open_writer(self) -> Any:
+        if not (self.is_main and self.cfg.tensorboard):
+            return None
+        try:  # optional: tensorboard is not a dependency of flowtok
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed; scalars go to metrics.jsonl only")
+            return None
+        return SummaryWriter(str(self.run_dir / "tb"))
+
+    def _step(self, loop: _Loop) -> bool:
+        """One optimisation step; False when it was skipped for a non-finite batch, loss or gradient."""
+        cfg, step = self.cfg, loop.step
+        self._seed_step(step)
+        batch = self.stage.batch(step, self.local_batch, self.rank, self.world)
+        loop.lr = self.lr_at(step)
+        for g in loop.opt.param_groups:
+            g["lr"] = loop.lr
+        # Checked before the forward: models refuse NaN input with an error, which would end the run
+        # instead of applying nan_policy.
+        bad_input = _nonfinite_key(batch)
+        finite = bad_input is None
+        if finite:
+            with self._autocast():
+                loss, metrics = loop.forward(batch)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(loop.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            # One sync for both: a non-finite loss gives non-finite gradients, which are never applied.
+            finite = bool(torch.isfinite(gnorm) & torch.isfinite(loss.detach()))
+        if not finite:
+            self._skip(loop, bad_input)
+            return False
+        loop.nan_run = 0
+        loop.opt.step()
+        loop.opt.zero_grad(set_to_none=True)
+        if loop.ema is not None:
+            loop.ema.update(self.stage, step)
+        loop.step += 1
+        loop.n_last += self.local_batch * self.world
+        # Metrics stay on the device until a log step, so the loop never waits on the GPU for them.
+        for k, v in {"loss": loss, **metrics}.items():
+            v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+            loop.running[k] = loop.running[k] + v if k in loop.running else v
+        loop.n_running += 1
+        if loop.bar is not None:
+            loop.bar.update(1)
+        return True
+
+    def _skip(self, loop: _Loop, bad_input: str | None) -> None:
+        """Drop a non-finite step's gradients, or stop the run when ``nan_policy`` says so."""
+        cfg, step = self.cfg, loop.step
+        loop.opt.zero_grad(set_to_none=True)
+        loop.nan_run += 1
+        msg = (f"non-finite values in batch['{bad_input}'] at step {step}" if bad_input is not None
+               else f"non-finite loss or gradient at step {step}")
+        if cfg.nan_policy == "stop" or loop.nan_run > cfg.max_consecutive_nan:
+            why = "nan_policy is 'stop'" if cfg.nan_policy == "stop" else f"{loop.nan_run} in a row"
+            raise NonFiniteLossError(f"{msg} ({why}); stopping, weights and EMA left untouched; "
+                                     f"resume from the last checkpoint in {loop.ckpt_dir}")
+        log.warning("%s; step skipped (%d in a row)", msg, loop.nan_run)
+        self._log_jsonl({"step": step, "skipped": "non-finite"})
+        loop.step += 1
+
+    def _log(self, loop: _Loop) -> None:
+        """Averages of the metrics since the last log step, and throughput, to metrics.jsonl, TensorBoard
+        and the progress bar."""
+        dt = time.perf_counter() - loop.t_last
+        rec = {k: float(v) / max(loop.n_running, 1) for k, v in loop.running.items()}
+        rec.update(step=loop.step, lr=loop.lr, samples_per_s=loop.n_last / max(dt, 1e-9))
+        self._log_jsonl(rec)
+        if loop.writer is not None:
+            for k, v in rec.items():
+                if k != "step":
+                    loop.writer.add_scalar(f"train/{k}", v, loop.step)
+        if loop.bar is not None:
+            loop.bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
+        loop.running, loop.t_last, loop.n_last, loop.n_running = {}, time.perf_counter(), 0, 0
+
+    def _stop_when_out_of_time(self, loop: _Loop) -> None:
+        """Past ``train.max_minutes``, make this step the last (on every rank at once)."""
+        if self.cfg.max_minutes <= 0 or loop.stop_at != self.cfg.steps:
+            return
+        over = time.perf_counter() - loop.t_begin > 60 * self.cfg.max_minutes
+        if self.world > 1:
+            flag = torch.tensor(float(over), device=self.device)
+            dist.all_reduce(flag)  # every rank stops at the same step
+            over = flag.item() > 0
+        if over:
+            loop.stop_at = loop.step
+            log.info("time budget of %.1f min reached at step %d", self.cfg.max_minutes, loop.step)
+
+    def _finish(self, loop: _Loop) -> Path:
+        """The final evaluation and the export, both with the EMA weights."""
+        if loop.bar is not None:
+            loop.bar.close()
+        self._evaluate(loop.ema, loop.step, loop.writer)
         out = self.run_dir / "export"
         if self.is_main:
-            self._with_ema(ema, lambda: stage.export(out))
-        if writer is not None:
-            writer.close()
+            self._with_ema(loop.ema, lambda: self.stage.export(out))
+        if loop.writer is not None:
+            loop.writer.close()
         if self.world > 1:
             dist.barrier()
         return out
 
     def _check_resumable(self, found: ckpt.Checkpoint) -> None:
         """A checkpoint of another stage or other shapes is a one-line error, not a load_state_dict dump."""
-        from ..modeling import check_state_dict
-
         kind = found.state.get("stage")
         if kind is not None and kind != self.stage.name:
             raise CheckpointError(f"checkpoint {found.path} was written by stage '{kind}', "
@@ -337,8 +387,6 @@ class Trainer:
             for k, img in images.items():
                 writer.add_image(f"eval/{k}", img.clamp(0, 1).cpu(), step)
         for k, img in images.items():
-            from PIL import Image
-
             arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
             (self.run_dir / "previews").mkdir(exist_ok=True)
             Image.fromarray(arr).save(self.run_dir / "previews" / f"{k}-{step:07d}.png")
