@@ -50,11 +50,10 @@ print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1, "first_image_s": t3 -
 
 def random_pipeline(out: Path, size: str) -> Path:
     """A pipeline folder of randomly initialised components with the shapes (or tiny) presets."""
-    from flowtok.flow import FlowTransformer, flow_preset
+    from flowtok.config import preset
+    from flowtok.flow import FLOW_PRESETS, FlowTransformer
     from flowtok.pipelines import FlowTokPipeline
-    from flowtok.text import TextDecoder, TextProjector, load_text_encoder
-    from flowtok.text.decoder import decoder_config
-    from flowtok.text.projector import projector_config
+    from flowtok.text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector, load_text_encoder
     from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
 
     torch.manual_seed(0)
@@ -65,9 +64,9 @@ def random_pipeline(out: Path, size: str) -> Path:
         tok_cfg = dataclasses.replace(TOKENIZER_PRESETS["tiny"], text_dim=0, image_size=32, num_latent_tokens=8)
     k, c = tok_cfg.num_latent_tokens, tok_cfg.token_channels
     tokenizer = ImageTokenizer(tok_cfg)
-    projector = TextProjector(projector_config(size, latent_channels=c))
-    flows = [FlowTransformer(flow_preset(size, num_tokens=k, in_channels=c)) for _ in range(2)]
-    decoder = TextDecoder(decoder_config(size, num_tokens=k, latent_channels=c))
+    projector = TextProjector(preset(PROJECTOR_PRESETS, size, latent_channels=c))
+    flows = [FlowTransformer(preset(FLOW_PRESETS, size, num_tokens=k, in_channels=c)) for _ in range(2)]
+    decoder = TextDecoder(preset(DECODER_PRESETS, size, num_tokens=k, latent_channels=c))
     encoder = load_text_encoder({"name": "minilm"}, max_length=k)
     pipe = FlowTokPipeline(tokenizer, encoder, projector, flows[0], flows[1], decoder)
     return pipe.save_pretrained(out)

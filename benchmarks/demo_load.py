@@ -51,9 +51,10 @@ def build_untrained_pipeline(folder: str | os.PathLike, size: str = "tiny") -> P
 
     import torch
 
-    from flowtok.flow import FlowTransformer, flow_preset
+    from flowtok.config import preset
+    from flowtok.flow import FLOW_PRESETS, FlowTransformer
     from flowtok.pipelines import assemble_pipeline
-    from flowtok.text import TextDecoder, TextProjector, decoder_config, projector_config
+    from flowtok.text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector
     from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
 
     torch.manual_seed(0)
@@ -61,10 +62,10 @@ def build_untrained_pipeline(folder: str | os.PathLike, size: str = "tiny") -> P
     k, c = tok_cfg.latent_shape
     parts = {
         "tokenizer": ImageTokenizer(tok_cfg),
-        "text_projector": TextProjector(projector_config(size, latent_channels=c)),
-        "t2i_flow": FlowTransformer(flow_preset(size, num_tokens=k, in_channels=c)),
-        "i2t_flow": FlowTransformer(flow_preset(size, num_tokens=k, in_channels=c)),
-        "text_decoder": TextDecoder(decoder_config(size, num_tokens=k, latent_channels=c)),
+        "text_projector": TextProjector(preset(PROJECTOR_PRESETS, size, latent_channels=c)),
+        "t2i_flow": FlowTransformer(preset(FLOW_PRESETS, size, num_tokens=k, in_channels=c)),
+        "i2t_flow": FlowTransformer(preset(FLOW_PRESETS, size, num_tokens=k, in_channels=c)),
+        "text_decoder": TextDecoder(preset(DECODER_PRESETS, size, num_tokens=k, latent_channels=c)),
     }
     root = Path(folder)
     for name, model in parts.items():

@@ -28,9 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Budget, Results, env_info, log, pick_device, time_call  # noqa: E402
 
-from flowtok.flow import FlowTransformer, flow_preset  # noqa: E402
+from flowtok.config import preset  # noqa: E402
+from flowtok.flow import FLOW_PRESETS, FlowTransformer  # noqa: E402
 from flowtok.sampling import CudaGraphed  # noqa: E402
-from flowtok.text import TextProjector, projector_config  # noqa: E402
+from flowtok.text import PROJECTOR_PRESETS, TextProjector  # noqa: E402
 from flowtok.training.data import DataConfig  # noqa: E402
 from flowtok.training.run import build_run  # noqa: E402
 from flowtok.training.stages import DistillStage, DistillStageConfig  # noqa: E402
@@ -39,9 +40,9 @@ from flowtok.training.stages import DistillStage, DistillStageConfig  # noqa: E4
 def random_parts(folder: Path) -> tuple[str, str]:
     """A shapes-size teacher flow and text projector with random weights, saved under ``folder``."""
     torch.manual_seed(0)
-    teacher = FlowTransformer(flow_preset("shapes"))
+    teacher = FlowTransformer(preset(FLOW_PRESETS, "shapes"))
     teacher.save_pretrained(folder / "t2i_flow")
-    TextProjector(projector_config("shapes", latent_channels=teacher.config.in_channels)).save_pretrained(
+    TextProjector(preset(PROJECTOR_PRESETS, "shapes", latent_channels=teacher.config.in_channels)).save_pretrained(
         folder / "text_projector")
     return str(folder / "t2i_flow"), str(folder / "text_projector")
 

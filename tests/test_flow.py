@@ -9,7 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flowtok.config import from_dict
+from flowtok.config import from_dict, preset
 from flowtok.errors import ConfigError, InvalidInputError
 from flowtok.flow import (
     FLOW_PRESETS,
@@ -18,7 +18,6 @@ from flowtok.flow import (
     FlowTransformer,
     binned_losses,
     flop_count,
-    flow_preset,
 )
 from flowtok.text.projector import PROJECTOR_PRESETS, TextProjector
 
@@ -101,8 +100,8 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="unknown config key 'depht'"):
         from_dict(FlowConfig, {"depht": 3})
     with pytest.raises(ConfigError, match="unknown flow preset"):
-        flow_preset("FlowTok-XXL")
-    assert flow_preset("tiny", depth=3).depth == 3
+        preset(FLOW_PRESETS, "FlowTok-XXL")
+    assert preset(FLOW_PRESETS, "tiny", depth=3).depth == 3
 
 
 def test_save_and_load_roundtrip(tmp_path):
@@ -128,7 +127,7 @@ def test_gradient_checkpointing_same_gradients():
 
 
 def test_flop_count_matches_torch_counter():
-    cfg = flow_preset("tiny", num_tokens=16, width=64, num_heads=4)
+    cfg = preset(FLOW_PRESETS, "tiny", num_tokens=16, width=64, num_heads=4)
     model = _perturbed(cfg)
     x, t, null = _batch(b=2, config=cfg)
     # The math backend spells attention as bmm, which the counter sees (the fused CPU kernel it does not).

@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from flowtok.cli import main
+from flowtok.config import preset
 from flowtok.data import ImageCaptionFolder, WebDatasetReader, load_image
 from flowtok.errors import CheckpointError, ConfigError, DataError, FlowTokError, InvalidInputError
-from flowtok.flow import FlowTransformer, flow_preset
+from flowtok.flow import FLOW_PRESETS, FlowTransformer
 from flowtok.pipelines import FlowTokPipeline
 from flowtok.text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector, load_text_encoder
 from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
@@ -45,8 +46,8 @@ def pipe_dir(tmp_path_factory) -> Path:
     pipe = FlowTokPipeline(
         tok, load_text_encoder("minilm", max_length=K),
         TextProjector(replace(PROJECTOR_PRESETS["tiny"], latent_channels=C)),
-        FlowTransformer(flow_preset("tiny", num_tokens=K, in_channels=C)),
-        FlowTransformer(flow_preset("tiny", num_tokens=K, in_channels=C)),
+        FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=K, in_channels=C)),
+        FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=K, in_channels=C)),
         TextDecoder(replace(DECODER_PRESETS["tiny"], num_tokens=K, latent_channels=C)),
         defaults={"num_inference_steps": 2})
     return pipe.save_pretrained(tmp_path_factory.mktemp("fuzz") / "pipe")
@@ -470,7 +471,7 @@ def test_bad_pipeline_checkpoints_are_one_line_errors(pipe_dir, tmp_path, capsys
         shutil.copytree(root / "tokenizer", flow)
     elif damage == "wrong_shape":
         torch.manual_seed(0)
-        FlowTransformer(flow_preset("tiny", num_tokens=K, in_channels=C, width=64)).save_pretrained(tmp_path / "w")
+        FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=K, in_channels=C, width=64)).save_pretrained(tmp_path / "w")
         (flow / "model.safetensors").write_bytes((tmp_path / "w" / "model.safetensors").read_bytes())
     elif damage == "pickle":  # a .pth-style pickle that would run code when unpickled
         torch.save({"weight": _Evil(str(marker))}, flow / "model.safetensors")

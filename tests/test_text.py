@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flowtok.config import preset
 from flowtok.errors import CheckpointError, ConfigError, DataError, InvalidInputError
 from flowtok.text import (
     DECODER_PRESETS,
@@ -25,9 +26,7 @@ from flowtok.text import (
     TextProjector,
     TextStateCache,
     convert_upstream_state_dict,
-    decoder_config,
     load_text_encoder,
-    projector_config,
     text_roundtrip_accuracy,
 )
 
@@ -203,7 +202,7 @@ def test_clip_tokenizer_files_round_trip(clip_folder: Path) -> None:
 
 # -- projector --------------------------------------------------------------------------------------
 def test_projector_shapes_and_sampling() -> None:
-    cfg = projector_config("tiny", text_dim=24, width=32, latent_channels=8)
+    cfg = preset(PROJECTOR_PRESETS, "tiny", text_dim=24, width=32, latent_channels=8)
     proj = TextProjector(cfg).eval()
     x = torch.randn(3, 77, 24)
     g = torch.Generator().manual_seed(1)
@@ -214,17 +213,17 @@ def test_projector_shapes_and_sampling() -> None:
     det = proj(x, sample=False)
     torch.testing.assert_close(det.z, det.mean)
     assert proj.input_proj is not None
-    assert TextProjector(projector_config("tiny", text_dim=64)).input_proj is None
+    assert TextProjector(preset(PROJECTOR_PRESETS, "tiny", text_dim=64)).input_proj is None
     with pytest.raises(InvalidInputError, match="text states"):
         proj(torch.randn(3, 77, 25))
 
 
 def test_projector_ignores_mask_by_default_like_upstream() -> None:
-    proj = TextProjector(projector_config("tiny", text_dim=16, width=16, dropout=0.0)).eval()
+    proj = TextProjector(preset(PROJECTOR_PRESETS, "tiny", text_dim=16, width=16, dropout=0.0)).eval()
     x = torch.randn(2, 10, 16)
     mask = torch.arange(10)[None].expand(2, 10) < torch.tensor([[4], [7]])
     torch.testing.assert_close(proj(x, mask, sample=False).z, proj(x, sample=False).z)
-    masked = TextProjector(projector_config("tiny", text_dim=16, width=16, dropout=0.0, use_mask=True)).eval()
+    masked = TextProjector(preset(PROJECTOR_PRESETS, "tiny", text_dim=16, width=16, dropout=0.0, use_mask=True)).eval()
     masked.load_state_dict(proj.state_dict())
     assert not torch.allclose(masked(x, mask, sample=False).z, proj(x, sample=False).z)
 
@@ -232,16 +231,16 @@ def test_projector_ignores_mask_by_default_like_upstream() -> None:
 def test_kl_forms() -> None:
     mean = torch.tensor([[[0.0, 1.0], [2.0, -1.0]]])
     logvar = torch.tensor([[[0.0, 0.5], [-1.0, 0.0]]])
-    std = TextProjector(projector_config("tiny", text_dim=8, latent_channels=2)).kl_loss(mean, logvar)
+    std = TextProjector(preset(PROJECTOR_PRESETS, "tiny", text_dim=8, latent_channels=2)).kl_loss(mean, logvar)
     expected = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum()
     torch.testing.assert_close(std, expected)
-    cf = TextProjector(projector_config("tiny", text_dim=8, latent_channels=2, kl_form="crossflow"))
+    cf = TextProjector(preset(PROJECTOR_PRESETS, "tiny", text_dim=8, latent_channels=2, kl_form="crossflow"))
     expected_cf = -0.5 * (1 + logvar - (0.3 * mean) ** 6 - logvar.exp()).sum()
     torch.testing.assert_close(cf.kl_loss(mean, logvar), expected_cf)
     assert not torch.allclose(std, cf.kl_loss(mean, logvar))
     zero = torch.zeros(2, 3, 2)
     assert std.item() > 0 and cf.kl_loss(zero, zero).item() == 0.0
-    bm = TextProjector(projector_config("tiny", text_dim=8, latent_channels=2, kl_reduction="batch_mean"))
+    bm = TextProjector(preset(PROJECTOR_PRESETS, "tiny", text_dim=8, latent_channels=2, kl_reduction="batch_mean"))
     two = torch.cat([mean, mean]), torch.cat([logvar, logvar])
     torch.testing.assert_close(bm.kl_loss(*two), expected)
     assert PROJECTOR_PRESETS["paper"].kl_form == "standard"
@@ -249,7 +248,7 @@ def test_kl_forms() -> None:
 
 def test_align_loss_symmetric_infonce_learnable_temperature() -> None:
     torch.manual_seed(0)
-    proj = TextProjector(projector_config("tiny", text_dim=12, latent_channels=4))
+    proj = TextProjector(preset(PROJECTOR_PRESETS, "tiny", text_dim=12, latent_channels=4))
     assert math.isclose(proj.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
     states, z = torch.randn(5, 7, 12), torch.randn(5, 7, 4)
     loss = proj.align_loss(z, states)
@@ -296,8 +295,8 @@ def test_upstream_keys_map_one_to_one_and_paper_param_count() -> None:
 
 
 def test_projector_and_decoder_save_load(tmp_path: Path) -> None:
-    proj = TextProjector(projector_config("tiny", text_dim=16)).eval()
-    dec = TextDecoder(decoder_config("tiny", vocab_size=50, num_tokens=10)).eval()
+    proj = TextProjector(preset(PROJECTOR_PRESETS, "tiny", text_dim=16)).eval()
+    dec = TextDecoder(preset(DECODER_PRESETS, "tiny", vocab_size=50, num_tokens=10)).eval()
     proj.save_pretrained(tmp_path / "p")
     dec.save_pretrained(tmp_path / "d")
     p2, d2 = TextProjector.from_pretrained(tmp_path / "p"), TextDecoder.from_pretrained(tmp_path / "d")
@@ -312,9 +311,9 @@ def test_projector_and_decoder_save_load(tmp_path: Path) -> None:
 # -- decoder ----------------------------------------------------------------------------------------
 def test_decoder_presets_and_heads() -> None:
     assert DECODER_PRESETS["paper"].depth == 6 and DECODER_PRESETS["paper"].width == 768
-    dec = TextDecoder(decoder_config("tiny", vocab_size=100, num_tokens=12, head_dim=8))
+    dec = TextDecoder(preset(DECODER_PRESETS, "tiny", vocab_size=100, num_tokens=12, head_dim=8))
     assert dec(torch.randn(2, 12, 16)).shape == (2, 12, 100)
-    full = TextDecoder(decoder_config("tiny", vocab_size=100, num_tokens=12, head_dim=None))
+    full = TextDecoder(preset(DECODER_PRESETS, "tiny", vocab_size=100, num_tokens=12, head_dim=None))
     assert full.num_params() > dec.num_params()
     with pytest.raises(InvalidInputError, match="text latent"):
         dec(torch.randn(2, 13, 16))
@@ -322,7 +321,7 @@ def test_decoder_presets_and_heads() -> None:
 
 def test_decoder_loss_falls_and_predicts_pads(one_thread: None) -> None:
     torch.manual_seed(0)
-    dec = TextDecoder(decoder_config("tiny", vocab_size=40, num_tokens=8, depth=1))
+    dec = TextDecoder(preset(DECODER_PRESETS, "tiny", vocab_size=40, num_tokens=8, depth=1))
     z = torch.randn(4, 8, 16)
     ids = torch.randint(3, 40, (4, 8))
     mask = torch.arange(8)[None] < torch.tensor([[3], [5], [8], [4]])
@@ -337,13 +336,13 @@ def test_decoder_loss_falls_and_predicts_pads(one_thread: None) -> None:
     assert loss.item() < 0.3 * first
     pred = dec(z).argmax(-1)
     assert (pred[~mask] == 0).float().mean().item() > 0.9  # the end of the caption is learned
-    no_pads = TextDecoder(decoder_config("tiny", vocab_size=40, num_tokens=8, depth=1, pad_loss_weight=0.0))
+    no_pads = TextDecoder(preset(DECODER_PRESETS, "tiny", vocab_size=40, num_tokens=8, depth=1, pad_loss_weight=0.0))
     no_pads.load_state_dict(dec.state_dict())
     assert no_pads.loss(z, ids, mask).item() != dec.loss(z, ids, mask).item()
 
 
 def test_decode_checks_vocabulary(minilm: MiniLMTextEncoder) -> None:
-    dec = TextDecoder(decoder_config("tiny", vocab_size=100, num_tokens=16))
+    dec = TextDecoder(preset(DECODER_PRESETS, "tiny", vocab_size=100, num_tokens=16))
     with pytest.raises(ConfigError, match="30522"):
         dec.decode(torch.randn(1, 16, 16), minilm)
 
@@ -351,8 +350,8 @@ def test_decode_checks_vocabulary(minilm: MiniLMTextEncoder) -> None:
 def test_tiny_text_autoencoder_learns_captions(minilm: MiniLMTextEncoder, one_thread: None) -> None:
     torch.manual_seed(0)
     st = minilm.encode(CAPTIONS)
-    proj = TextProjector(projector_config("tiny", dropout=0.0))
-    dec = TextDecoder(decoder_config("tiny", num_tokens=16))
+    proj = TextProjector(preset(PROJECTOR_PRESETS, "tiny", dropout=0.0))
+    dec = TextDecoder(preset(DECODER_PRESETS, "tiny", num_tokens=16))
     assert text_roundtrip_accuracy(proj, dec, minilm, CAPTIONS) == 0.0
     opt = torch.optim.AdamW([*proj.parameters(), *dec.parameters()], lr=3e-3)
     acc = 0.0

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from flowtok.config import from_dict
+from flowtok.config import from_dict, preset
 from flowtok.errors import ConfigError, InvalidInputError
 from flowtok.modeling import atomic_save_safetensors
 from flowtok.nn import SwiGLU, count_parameters
@@ -22,7 +22,6 @@ from flowtok.tokenizer import (
     TokenizerLoss,
     TokenizerLossConfig,
     VGGPerceptualLoss,
-    get_tokenizer_config,
     hinge_discriminator_loss,
     latent_scale_factor,
     lecam_regularizer,
@@ -182,7 +181,7 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="unknown config key"):
         from_dict(TokenizerConfig, {"image_sise": 256})
     with pytest.raises(ConfigError, match="unknown tokenizer preset"):
-        get_tokenizer_config("nope")
+        preset(TOKENIZER_PRESETS, "nope")
     assert from_dict(TokenizerConfig, {"image_size": 512}) == TOKENIZER_PRESETS["flowtitok-512"]
 
 

@@ -167,13 +167,14 @@ def _assemble(args: argparse.Namespace) -> int:
     import torch
 
     from .pipelines import assemble_pipeline
+    from .text import TextEncoderSpec
 
     comps = {name: getattr(args, name) for name in
              ("tokenizer", "text_projector", "t2i_flow", "i2t_flow", "text_decoder") if getattr(args, name)}
     defaults = json.loads(args.defaults) if args.defaults else None
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    out = assemble_pipeline(args.out, comps, text_encoder=json.loads(args.text_encoder), defaults=defaults,
-                            dtype=dtype)
+    text_encoder = TextEncoderSpec.parse(args.text_encoder).to_dict()
+    out = assemble_pipeline(args.out, comps, text_encoder=text_encoder, defaults=defaults, dtype=dtype)
     print(out)
     return 0
 
@@ -221,7 +222,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     for name in ("tokenizer", "text_projector", "t2i_flow", "i2t_flow", "text_decoder"):
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=f"{name} folder")
-    p.add_argument("--text-encoder", default='{"name": "minilm"}', help="JSON text encoder spec")
+    p.add_argument("--text-encoder", default="minilm",
+                   help='text encoder: a name (minilm) or a JSON spec, e.g. \'{"name": "clip", "path": "..."}\'')
     p.add_argument("--defaults", default=None, help='JSON sampling defaults, e.g. {"guidance_scale": 2.0}')
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16", help="storage precision")
     p.set_defaults(func=_assemble)

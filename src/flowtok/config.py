@@ -115,17 +115,23 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, path: str = "") -> T:
     return obj
 
 
-def preset(registry: Mapping[str, T], name: str, overrides: Mapping[str, Any] | None = None,
-           what: str = "preset") -> T:
-    """A copy of ``registry[name]`` with ``overrides`` applied, checked as :func:`from_dict` checks a file.
+def preset(registry: Mapping[str, T], name: str, overrides: Mapping[str, Any] | None = None, /, *,
+           what: str | None = None, **fields: Any) -> T:
+    """A copy of ``registry[name]`` with ``overrides`` (a mapping, or keyword ``fields``) applied and
+    checked as :func:`from_dict` checks a config file.
 
-    The one way a named configuration (a model size, a tokenizer, a projector) is looked up and
-    adjusted; ``what`` names it in errors (``model.flow``: unknown preset or a bad override key).
+    The one way a named configuration (a flow size, a tokenizer, a projector, a decoder) is looked up
+    and adjusted: ``preset(FLOW_PRESETS, "tiny", depth=3)``. ``what`` names it in errors (a stage
+    passes its YAML key, ``model.flow``); by default it is the config class's name (``flow``).
     """
+    if not registry:
+        raise ConfigError("empty preset registry")
+    kind = type(next(iter(registry.values())))
+    label = what or kind.__name__.removesuffix("Config").lower()
     if name not in registry:
-        raise ConfigError(f"unknown {what} preset '{name}' (choose from {', '.join(registry)})")
+        raise ConfigError(f"unknown {label} preset '{name}' (choose from {', '.join(registry)})")
     base = registry[name]
-    return from_dict(type(base), {**to_dict(base), **(overrides or {})}, what)
+    return from_dict(type(base), {**to_dict(base), **(overrides or {}), **fields}, what or "")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

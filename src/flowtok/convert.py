@@ -293,13 +293,14 @@ def _materialise(model_cls: type, config: Any, state: dict[str, torch.Tensor], s
 def convert_tokenizer(path: str | os.PathLike, out: str | os.PathLike, kind: str = "tokenizer-512",
                       dtype: torch.dtype | None = torch.float32) -> Path:
     """Convert a released FlowTiTok file to a tokenizer folder loadable by ``ImageTokenizer.from_pretrained``."""
-    from .tokenizer import ImageTokenizer, get_tokenizer_config
+    from .config import preset
+    from .tokenizer import TOKENIZER_PRESETS, ImageTokenizer
 
     if kind not in TOKENIZER_KINDS:
         raise InvalidInputError(f"unknown tokenizer kind '{kind}' (known: {', '.join(TOKENIZER_KINDS)})")
     state = read_checkpoint(path)
     _check_kind(state, kind, str(path))
-    config = get_tokenizer_config(TOKENIZER_KINDS[kind])
+    config = preset(TOKENIZER_PRESETS, TOKENIZER_KINDS[kind])
     mapped = convert_tokenizer_state_dict(state, config, str(path))
     model = _materialise(ImageTokenizer, config, mapped, str(path))
     out = Path(out)
@@ -313,9 +314,10 @@ def convert_flow(path: str | os.PathLike, out: str | os.PathLike, kind: str,
                  dtype: torch.dtype | None = torch.float32) -> Path:
     """Convert FlowTok-XL.pth / FlowTok-H.pth to a pipeline folder (``text_projector``, ``t2i_flow``,
     and ``tokenizer`` when a converted tokenizer folder is given)."""
-    from .flow import FlowTransformer, flow_preset
+    from .config import preset
+    from .flow import FLOW_PRESETS, FlowTransformer
     from .pipelines import PIPELINE_FILE, assemble_pipeline
-    from .text import TextProjector, projector_config
+    from .text import PROJECTOR_PRESETS, TextEncoderSpec, TextProjector
     from .tokenizer import ImageTokenizer
 
     if kind not in FLOW_KINDS:
@@ -326,10 +328,10 @@ def convert_flow(path: str | os.PathLike, out: str | os.PathLike, kind: str,
     _check_kind(state, kind, str(path))
     flow_state, proj_state = split_flow_state_dict(state)
 
-    flow_cfg = flow_preset(FLOW_KINDS[kind])
+    flow_cfg = preset(FLOW_PRESETS, FLOW_KINDS[kind])
     # Upstream trained with CrossFlow's KL form summed over everything (weight 0.01); recording it keeps
     # a fine-tune of the converted projector on upstream's objective. Inference ignores both fields.
-    proj_cfg = projector_config("paper", kl_form="crossflow", kl_reduction="sum")
+    proj_cfg = preset(PROJECTOR_PRESETS, "paper", kl_form="crossflow", kl_reduction="sum")
     if "logit_scale" not in proj_state:
         # Upstream builds t2t_temperature only when the (undefined) config key use_t2t_temperature is
         # set; it is a training-only contrastive temperature, so its initial value stands in.
@@ -355,7 +357,7 @@ def convert_flow(path: str | os.PathLike, out: str | os.PathLike, kind: str,
     projector.save_pretrained(out / "text_projector", dtype=dtype)
     flow.save_pretrained(out / "t2i_flow", dtype=dtype)
     del flow, projector, state, flow_state, proj_state
-    text_encoder = {"name": "clip", "path": str(clip)}
+    text_encoder = TextEncoderSpec("clip", str(clip)).to_dict()
     if tokenizer is not None:
         # assemble_pipeline re-loads every component, so a folder that would not load fails now.
         return assemble_pipeline(out, {"tokenizer": tokenizer, "text_projector": out / "text_projector",

@@ -1,7 +1,7 @@
 """The velocity transformer with its size registry, and the flow-matching objective."""
 
 from .objective import FlowObjective, FlowObjectiveConfig, binned_losses
-from .transformer import FLOW_PRESETS, UPSTREAM_RENAMES, FlowConfig, FlowTransformer, flop_count, flow_preset
+from .transformer import FLOW_PRESETS, UPSTREAM_RENAMES, FlowConfig, FlowTransformer, flop_count
 
 __all__ = [
     "FLOW_PRESETS",
@@ -12,5 +12,4 @@ __all__ = [
     "FlowTransformer",
     "binned_losses",
     "flop_count",
-    "flow_preset",
 ]

@@ -90,16 +90,6 @@ FLOW_PRESETS: dict[str, FlowConfig] = {
 }
 
 
-def flow_preset(name: str, **overrides: object) -> FlowConfig:
-    """A copy of ``FLOW_PRESETS[name]`` with fields replaced; an unknown name is a ConfigError."""
-    if name not in FLOW_PRESETS:
-        raise ConfigError(f"unknown flow preset '{name}' (known: {', '.join(FLOW_PRESETS)})")
-    try:
-        return dataclasses.replace(FLOW_PRESETS[name], **overrides)
-    except TypeError as exc:
-        raise ConfigError(f"flow preset '{name}': {exc}") from None
-
-
 def flop_count(config: FlowConfig, batch: int = 1) -> int:
     """Approximate matmul FLOPs (2 per multiply-add) of one forward pass on ``batch`` samples.
 

@@ -9,7 +9,6 @@ from .decoder import (
     DECODER_PRESETS,
     DecoderConfig,
     TextDecoder,
-    decoder_config,
     normalize_caption,
     text_roundtrip_accuracy,
 )
@@ -29,7 +28,6 @@ from .projector import (
     ProjectorOutput,
     TextProjector,
     convert_upstream_state_dict,
-    projector_config,
     upstream_key,
 )
 
@@ -50,10 +48,8 @@ __all__ = [
     "TextStates",
     "check_captions",
     "convert_upstream_state_dict",
-    "decoder_config",
     "load_text_encoder",
     "normalize_caption",
-    "projector_config",
     "text_roundtrip_accuracy",
     "upstream_key",
 ]

@@ -14,7 +14,7 @@ positions (1.0 = plain mean over all positions).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +56,6 @@ DECODER_PRESETS: dict[str, DecoderConfig] = {
     "shapes": DecoderConfig(width=256, depth=4, num_heads=4, vocab_size=30522, head_dim=64),
     "tiny": DecoderConfig(width=64, depth=2, num_heads=4, vocab_size=30522, head_dim=32),
 }
-
-
-def decoder_config(preset: str, **overrides: object) -> DecoderConfig:
-    if preset not in DECODER_PRESETS:
-        raise ConfigError(f"unknown decoder preset '{preset}' (choose from {', '.join(DECODER_PRESETS)})")
-    return replace(DECODER_PRESETS[preset], **overrides)  # type: ignore[arg-type]
 
 
 class DecoderBlock(nn.Module):

@@ -464,6 +464,20 @@ class TextEncoderSpec:
         data = {"name": spec} if isinstance(spec, str) else dict(spec)
         return from_dict(cls, data, "text_encoder")
 
+    @classmethod
+    def parse(cls, text: str) -> TextEncoderSpec:
+        """A spec from the command line: a JSON object (``'{"name": "clip", "path": "..."}'``) or a bare name."""
+        stripped = text.strip()
+        if not stripped.startswith("{"):
+            return cls.from_dict(stripped)
+        try:
+            data = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"text encoder spec {text!r} is not valid JSON: {exc.msg}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"text encoder spec {text!r} must be a JSON object or a name")
+        return cls.from_dict(data)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name} if self.path is None else {"name": self.name, "path": self.path}
 

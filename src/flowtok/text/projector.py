@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
@@ -86,12 +86,6 @@ PROJECTOR_PRESETS: dict[str, ProjectorConfig] = {
     "shapes": ProjectorConfig(text_dim=384, width=256, depth=4, num_heads=4, ffn_dim=512, align_hidden=256),
     "tiny": ProjectorConfig(text_dim=384, width=64, depth=2, num_heads=4, ffn_dim=128, align_hidden=64),
 }
-
-
-def projector_config(preset: str, **overrides: object) -> ProjectorConfig:
-    if preset not in PROJECTOR_PRESETS:
-        raise ConfigError(f"unknown projector preset '{preset}' (choose from {', '.join(PROJECTOR_PRESETS)})")
-    return replace(PROJECTOR_PRESETS[preset], **overrides)  # type: ignore[arg-type]
 
 
 class ProjectorOutput(NamedTuple):

@@ -15,7 +15,6 @@ from .model import (
     DiagonalGaussian,
     ImageTokenizer,
     TokenizerConfig,
-    get_tokenizer_config,
     latent_scale_factor,
     tokenizer_param_counts,
 )
@@ -30,7 +29,6 @@ __all__ = [
     "TokenizerLoss",
     "TokenizerLossConfig",
     "VGGPerceptualLoss",
-    "get_tokenizer_config",
     "hinge_discriminator_loss",
     "latent_scale_factor",
     "lecam_regularizer",

@@ -73,6 +73,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import preset as named_preset
 from ..errors import ConfigError, InvalidInputError
 from ..modeling import PretrainedMixin
 from ..nn import Attention, Mlp, SwiGLU, count_parameters
@@ -180,12 +181,6 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
         text_dim=8, text_len=4,
     ),
 }
-
-
-def get_tokenizer_config(preset: str) -> TokenizerConfig:
-    if preset not in TOKENIZER_PRESETS:
-        raise ConfigError(f"unknown tokenizer preset '{preset}' (known: {', '.join(TOKENIZER_PRESETS)})")
-    return TOKENIZER_PRESETS[preset]
 
 
 class DiagonalGaussian:
@@ -448,7 +443,7 @@ def latent_scale_factor(latents: torch.Tensor) -> float:
 
 def tokenizer_param_counts(preset: str | TokenizerConfig) -> dict[str, int]:
     """Parameter counts ``{"encoder", "decoder", "total"}``, built on the meta device (no memory)."""
-    config = get_tokenizer_config(preset) if isinstance(preset, str) else preset
+    config = named_preset(TOKENIZER_PRESETS, preset) if isinstance(preset, str) else preset
     with torch.device("meta"):
         model = ImageTokenizer(config)
     enc = count_parameters(model.encoder)

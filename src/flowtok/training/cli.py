@@ -31,12 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _pretokenize(args: argparse.Namespace) -> int:
-    import json
 
     import torch
 
     from ..config import from_dict
-    from ..text import load_text_encoder
+    from ..text import TextEncoderSpec, load_text_encoder
     from ..tokenizer import ImageTokenizer
     from .data import DataConfig, build_source
     from .pretokenize import pretokenize
@@ -46,7 +45,7 @@ def _pretokenize(args: argparse.Namespace) -> int:
     data = from_dict(DataConfig, {"kind": args.data, "path": args.path, "size": tok.config.image_size,
                                   "split": args.split, "num_objects": args.objects, "on_error": args.on_error},
                      "data")
-    encoder = load_text_encoder(json.loads(args.text_encoder), max_length=tok.config.num_latent_tokens,
+    encoder = load_text_encoder(TextEncoderSpec.parse(args.text_encoder), max_length=tok.config.num_latent_tokens,
                                 device=device)
     source = build_source(data, args.seed, device)
     out = pretokenize(source, args.n, args.out, tok, encoder, batch_size=args.batch_size,
@@ -66,7 +65,8 @@ def register_pretokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "test", "any"], default="train")
     p.add_argument("--objects", type=int, default=None, help="shapes: fixed number of objects")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
-    p.add_argument("--text-encoder", default='{"name": "minilm"}', help="JSON text encoder spec")
+    p.add_argument("--text-encoder", default="minilm",
+                   help='text encoder: a name (minilm) or a JSON spec, e.g. \'{"name": "clip", "path": "..."}\'')
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=50_000)
     p.add_argument("--seed", type=int, default=0)

@@ -67,7 +67,7 @@ class I2TStage(Stage):
         self.cfg = cfg
         tok_cfg = ImageTokenizer.read_config(cfg.tokenizer_path)
         pcfg = TextProjector.read_config(cfg.projector_path)
-        fcfg = preset(FLOW_PRESETS, cfg.flow_preset, cfg.flow, "model.flow")
+        fcfg = preset(FLOW_PRESETS, cfg.flow_preset, cfg.flow, what="model.flow")
         check_latent_shapes(tok_cfg.num_latent_tokens, tok_cfg.token_channels, pcfg, fcfg)
         self.flow = FlowTransformer(fcfg)
         self.objective = FlowObjective.from_config(cfg.objective)

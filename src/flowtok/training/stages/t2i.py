@@ -65,13 +65,13 @@ class T2IStage(Stage):
         self.cfg = cfg
         tok_cfg = ImageTokenizer.read_config(cfg.tokenizer_path)
         k, c = tok_cfg.num_latent_tokens, tok_cfg.token_channels
-        fcfg = preset(FLOW_PRESETS, cfg.flow_preset, cfg.flow, "model.flow")
+        fcfg = preset(FLOW_PRESETS, cfg.flow_preset, cfg.flow, what="model.flow")
         if cfg.projector_path:
             self.frozen_projector = TextProjector.from_pretrained(cfg.projector_path)
             freeze(self.frozen_projector)
             pcfg = self.frozen_projector.config
         else:
-            pcfg = preset(PROJECTOR_PRESETS, cfg.projector_preset, cfg.projector, "model.projector")
+            pcfg = preset(PROJECTOR_PRESETS, cfg.projector_preset, cfg.projector, what="model.projector")
             self.projector = TextProjector(pcfg)
         check_latent_shapes(k, c, pcfg, fcfg)
         self.flow = FlowTransformer(fcfg)

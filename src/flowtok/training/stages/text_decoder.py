@@ -55,10 +55,10 @@ class TextDecoderStage(Stage):
         self.train_projector = not cfg.projector_path
         if self.train_projector:
             self.projector = TextProjector(preset(PROJECTOR_PRESETS, cfg.projector_preset, cfg.projector,
-                                                  "model.projector"))
+                                                  what="model.projector"))
         else:
             self.frozen_projector = TextProjector.from_pretrained(cfg.projector_path)
-        self.decoder = TextDecoder(preset(DECODER_PRESETS, cfg.decoder_preset, cfg.decoder, "model.decoder"))
+        self.decoder = TextDecoder(preset(DECODER_PRESETS, cfg.decoder_preset, cfg.decoder, what="model.decoder"))
         if self.decoder.config.num_tokens != cfg.max_length:
             raise ConfigError(f"decoder num_tokens {self.decoder.config.num_tokens} differs from "
                               f"model.max_length {cfg.max_length}")

@@ -52,7 +52,7 @@ class TokenizerStage(Stage):
     def __init__(self, cfg: TokenizerStageConfig, data: DataConfig, seed: int) -> None:
         super().__init__(data, seed)
         self.cfg = cfg
-        tcfg = preset(TOKENIZER_PRESETS, cfg.preset, cfg.overrides, "model.tokenizer")
+        tcfg = preset(TOKENIZER_PRESETS, cfg.preset, cfg.overrides, what="model.tokenizer")
         if data.size != tcfg.image_size:
             raise ConfigError(f"data.size {data.size} differs from the tokenizer image_size {tcfg.image_size}")
         self.tokenizer = ImageTokenizer(tcfg)
