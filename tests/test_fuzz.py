@@ -180,6 +180,7 @@ def _odd_images() -> dict[str, bytes]:
         "float.tif": _encode(Image.fromarray(rng.random((16, 16)).astype(np.float32)), "TIFF"),
         "image.bmp": _encode(rgb, "BMP"),
         "image.webp": _encode(rgb, "WEBP"),
+        "thin.png": _encode(Image.new("L", (1, 60_000), 90), "PNG"),  # an aspect-ratio bomb, harmless now
     }
 
 
@@ -193,6 +194,8 @@ def _bad_images() -> dict[str, bytes]:
         "truncated.png": png[: len(png) // 2],
         "truncated.jpg": jpg[: len(jpg) // 3],
         "bomb.png": _png_bomb(),
+        "photo.png": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"  # EPS: never Ghostscript
+                      b"newpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n"),
         "bomb.gif": (b"GIF89a" + struct.pack("<HHBBB", 20000, 20000, 0x80, 0, 0) + b"\x00" * 6
                      + b"," + struct.pack("<HHHHB", 0, 0, 20000, 20000, 0) + b"\x02\x02\x44\x01\x00;"),
     }

@@ -14,8 +14,8 @@ from __future__ import annotations
 import collections
 import csv
 import io
-import json
 import logging
+import os
 import re
 import tarfile
 import warnings
@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError, InvalidInputError
+from ..untrusted import parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,15 @@ logger = logging.getLogger(__name__)
 # "decompression bomb"). 8192 x 8192 is far above any training resolution.
 MAX_IMAGE_PIXELS = 8192 * 8192
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+# The only decoders PIL may use on a file, whatever its name says. The others are not needed for
+# photographs, and some are dangerous on untrusted input: EPS hands the file to Ghostscript, which
+# runs PostScript; IM, DDS, QOI and friends are rarely exercised parsers.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# A webdataset member larger than this is refused from its tar header, never read: a small
+# compressed shard can hold gigabytes of zeros.
+MAX_MEMBER_BYTES = 64 * 2**20
+# A brace pattern expanding to more shards than this is a typo, not a dataset.
+MAX_SHARDS = 100_000
 _LOGGED_PER_REASON = 10  # skips logged at WARNING per reason; the rest at DEBUG
 
 
@@ -76,7 +86,7 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
     opened: Image.Image | None = None
     if isinstance(source, Image.Image):
         # The pipeline hands PIL images straight in; a lazily opened one is still undecoded, so it
-        # gets the same size limit and the same one-line errors as a file.
+        # gets the same format check, size limit and one-line errors as a file.
         label = name or "<PIL image>"
         opened = source
         stream: io.BytesIO | Path | None = None
@@ -93,7 +103,9 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
         with warnings.catch_warnings():
             # PIL warns past its own limit; ours below is the one that decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = opened if opened is not None else Image.open(stream)
+            image = opened if opened is not None else Image.open(stream, formats=SUPPORTED_FORMATS)
+            if image.format is not None and image.format not in SUPPORTED_FORMATS:
+                raise DataError(f"{label}: an {image.format} image, which flowtok does not read ({_FORMATS_TEXT} only)")
             width, height = image.size
             if width < 1 or height < 1:
                 raise DataError(f"{label}: image has no pixels ({width}x{height})")
@@ -108,27 +120,39 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
     except Image.DecompressionBombError as exc:
         raise DataError(f"{label}: image too large (possible decompression bomb): {exc}") from None
     except UnidentifiedImageError:
-        raise DataError(f"{label}: not a readable image file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"{label}: not a readable image file (flowtok reads {_FORMATS_TEXT})") from None
+    except MemoryError:
+        raise DataError(f"{label}: image too large to decode in memory") from None
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decoder failure is a bad file, never a crash
+        # PIL's parsers raise OSError, SyntaxError, ValueError, EOFError, struct.error (crafted EXIF),
+        # IndexError, KeyError, TypeError, ZeroDivisionError, ... on hostile input.
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{label}: truncated or corrupt image ({reason})") from None
 
 
+_FORMATS_TEXT = "PNG, JPEG, WebP, BMP, GIF and TIFF"
+
+
 def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
                     rng: np.random.Generator | None = None) -> Image.Image:
-    """Resize the shorter side to ``resolution`` and crop a ``resolution`` square (centre or random)."""
+    """Resize the shorter side to ``resolution`` and crop a ``resolution`` square (centre or random).
+
+    The square is chosen in the source's coordinates and only it is resampled, so the cost is
+    ``resolution**2`` whatever the aspect ratio: a 1 x 8,000,000 image would otherwise be resized to
+    128 x 1,024,000,000 pixels before the crop.
+    """
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
+    side = min(width, height)
     if crop == "random":
         rng = rng or np.random.default_rng()
-        left = int(rng.integers(0, new_w - resolution + 1))
-        top = int(rng.integers(0, new_h - resolution + 1))
+        left = int(rng.integers(0, width - side + 1))
+        top = int(rng.integers(0, height - side + 1))
     else:
-        left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+        left, top = (width - side) // 2, (height - side) // 2
+    box = (left, top, left + side, top + side)
+    if side == resolution:
+        return image.crop(box)
+    return image.resize((resolution, resolution), Image.BICUBIC, box=box, reducing_gap=3.0)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -219,9 +243,9 @@ class ImageCaptionFolder(_ReaderBase, torch.utils.data.Dataset):
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    self._problem("bad_record", f"{where}: not valid JSON ({exc.msg})")
+                    row = parse_json(line)
+                except ValueError as exc:
+                    self._problem("bad_record", f"{where}: {exc}")
                     continue
                 if not isinstance(row, dict) or "file" not in row or "caption" not in row:
                     self._problem("bad_record", f"{where}: expected an object with 'file' and 'caption'")
@@ -233,7 +257,14 @@ class ImageCaptionFolder(_ReaderBase, torch.utils.data.Dataset):
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"file", "caption"} <= set(reader.fieldnames):
                 raise DataError(f"{path}: the header must name the columns 'file' and 'caption'")
-            for row in reader:
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:  # a field over csv's limit, a NUL byte, ...: that line only
+                    self._problem("bad_record", f"{path}:{reader.line_num}: unreadable CSV line ({exc})")
+                    continue
                 yield f"{path}:{reader.line_num}", row["file"], row["caption"]
 
     def _add_record(self, where: str, file: object, text: object) -> None:
@@ -243,7 +274,12 @@ class ImageCaptionFolder(_ReaderBase, torch.utils.data.Dataset):
         if not isinstance(text, str) or not text.strip():
             self._problem("empty_caption", f"{where}: empty caption for {file}")
             return
-        path = self.root / file
+        relative = os.path.normpath(file)
+        if os.path.isabs(relative) or relative == ".." or relative.startswith(".." + os.sep):
+            # The index is data too: it may not make the reader open files elsewhere on the machine.
+            self._problem("outside_root", f"{where}: {file!r} lies outside the data folder {self.root}")
+            return
+        path = self.root / relative
         if not path.is_file():
             self._problem("missing_file", f"{where}: image file not found: {path}")
             return
@@ -267,20 +303,34 @@ class ImageCaptionFolder(_ReaderBase, torch.utils.data.Dataset):
         raise DataError(f"{self.root}: every image failed to load")
 
 
-def _expand_braces(pattern: str) -> list[str]:
-    """``shard-{000..009}.tar`` / ``{a,b}`` expansion, the webdataset URL convention."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
-        return [pattern]
-    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
+def _brace_options(body: str) -> tuple[int, list[str] | range, int]:
     rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if rng:
         lo, hi = rng.group(1), rng.group(2)
         width = len(lo) if lo.startswith("0") else 0
-        options = [str(v).zfill(width) for v in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [out for opt in options for out in _expand_braces(head + opt + tail)]
+        values = range(int(lo), int(hi) + 1)
+        return len(values), values, width
+    options = body.split(",")
+    return len(options), options, 0
+
+
+def _expand_braces(pattern: str, limit: int = MAX_SHARDS) -> list[str]:
+    """``shard-{000..009}.tar`` / ``{a,b}`` expansion, the webdataset URL convention.
+
+    The number of names is counted before any is made: ``{000000..999999999}`` (a typo) is a
+    DataError, not gigabytes of strings.
+    """
+    total = 1
+    for body in re.findall(r"\{([^{}]*)\}", pattern):
+        total *= _brace_options(body)[0]
+        if total > limit:
+            raise DataError(f"{pattern}: the brace pattern names more than {limit} shards; is a range mistyped?")
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    _, options, width = _brace_options(m.group(1))
+    return [out for opt in options for out in _expand_braces(head + str(opt).zfill(width) + tail, limit)]
 
 
 class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
@@ -291,13 +341,15 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
     ``data/shard-{000000..000009}.tar``, or a list of paths. Shards are split between DataLoader
     workers. Skip reasons: ``bad_shard`` (not a tar, or cut short: the rest of that shard is
     lost), ``missing_image``, ``missing_caption``, ``empty_caption``, ``bad_caption``,
-    ``bad_image``, ``too_large``.
+    ``bad_image``, ``too_large`` (an image of too many pixels, or a member of more than
+    ``max_member_bytes``, refused from its tar header without being read).
     """
 
     def __init__(self, urls_or_dir: str | Path | Sequence[str | Path], resolution: int = 128,
                  crop: str = "center", on_error: str = "raise", seed: int = 0,
-                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+                 max_pixels: int | None = MAX_IMAGE_PIXELS, max_member_bytes: int = MAX_MEMBER_BYTES) -> None:
         super().__init__(resolution, crop, on_error, seed, max_pixels)
+        self.max_member_bytes = max_member_bytes
         self.shards = self._resolve(urls_or_dir)
         if not self.shards:
             raise DataError(f"{urls_or_dir}: no .tar shards found")
@@ -329,7 +381,7 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
         shard = self.shards[shard_id]
         count = 0
         try:
-            for key, files in self._samples(shard):
+            for key, files in self._samples(shard, self.max_member_bytes):
                 sample = self._decode(shard, shard_id, count, key, files)
                 count += 1
                 if sample is not None:
@@ -339,8 +391,11 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
             self._problem("bad_shard", f"{shard}: {what} ({exc})")
 
     @staticmethod
-    def _samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-        """Consecutive tar members sharing a key (path up to the basename's first dot) form a sample."""
+    def _samples(shard: Path, max_bytes: int) -> Iterator[tuple[str, dict[str, bytes | int]]]:
+        """Consecutive tar members sharing a key (path up to the basename's first dot) form a sample.
+
+        A member over ``max_bytes`` is given as its size (an int) instead of its bytes; the stream
+        skips over it without keeping it."""
         with tarfile.open(shard, "r|*") as tar:
             key, files = None, {}
             for member in tar:
@@ -355,14 +410,22 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
                     yield key, files  # type: ignore[misc]
                     files = {}
                 key = this_key
+                if member.size > max_bytes:
+                    files[ext.lower()] = member.size
+                    continue
                 data = tar.extractfile(member)
                 files[ext.lower()] = data.read() if data is not None else b""
             if files:
                 yield key, files  # type: ignore[misc]
 
     def _decode(self, shard: Path, shard_id: int, index: int, key: str,
-                files: dict[str, bytes]) -> tuple[torch.Tensor, str] | None:
+                files: dict[str, bytes | int]) -> tuple[torch.Tensor, str] | None:
         where = f"{shard}:{key}"
+        oversized = next((ext for ext, data in files.items() if isinstance(data, int)), None)
+        if oversized is not None:
+            self._problem("too_large", f"{where}.{oversized}: member of {files[oversized]} bytes exceeds the "
+                                       f"limit of {self.max_member_bytes} bytes")
+            return None
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
         if image_ext is None:
             self._problem("missing_image", f"{where}: no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample")
@@ -382,13 +445,14 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
             if "txt" in files:
                 text: object = files["txt"].decode("utf-8")
             elif "json" in files:
-                meta = json.loads(files["json"].decode("utf-8"))
+                meta = parse_json(files["json"].decode("utf-8"))
                 text = meta.get("caption", meta.get("text")) if isinstance(meta, dict) else meta
             else:
                 self._problem("missing_caption", f"{where}: no .txt or .json caption in sample")
                 return None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            self._problem("bad_caption", f"{where}: unreadable caption ({type(exc).__name__})")
+        except ValueError as exc:  # UnicodeDecodeError is one too
+            reason = str(exc) if not isinstance(exc, UnicodeDecodeError) else "not UTF-8"
+            self._problem("bad_caption", f"{where}: unreadable caption ({reason})")
             return None
         if not isinstance(text, str) or not text.strip():
             self._problem("empty_caption", f"{where}: empty caption")

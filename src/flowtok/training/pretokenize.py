@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import atomic_write_text
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
 from ..modeling import atomic_save_safetensors, load_safetensors
 from ..shapes import Scene
+from ..untrusted import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -80,28 +82,65 @@ def pretokenize(source, n: int, out_dir: str | Path, tokenizer, text_encoder, ba
     return out
 
 
+_TENSORS = ("image_latents", "text_states", "text_mask", "input_ids")
+
+
+def _read_meta(root: Path) -> dict[str, Any]:
+    """``meta.json`` of a pre-tokenised folder, checked: every problem is one DataError line."""
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{root} is not a pre-tokenised folder (no meta.json); run 'flowtok pretokenize'")
+    try:
+        meta = parse_json(meta_path.read_bytes())
+    except ValueError as exc:
+        raise DataError(f"{meta_path} is corrupt: {exc}") from None
+    shards = meta.get("shards") if isinstance(meta, dict) else None
+    if not isinstance(shards, list):
+        raise DataError(f"{meta_path} is corrupt: expected an object with a list of 'shards'")
+    for i, shard in enumerate(shards):
+        name = shard.get("name") if isinstance(shard, dict) else None
+        n = shard.get("n") if isinstance(shard, dict) else None
+        # Shard names are file names in this folder, never paths elsewhere.
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
+            raise DataError(f"{meta_path}: shards[{i}] needs a plain file 'name', got {name!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise DataError(f"{meta_path}: shards[{i}] needs a sample count 'n', got {n!r}")
+    return meta
+
+
 class LatentShards:
     """All shards of a pre-tokenised folder in memory."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         root = Path(path)
-        meta_path = root / "meta.json"
-        if not meta_path.is_file():
-            raise DataError(f"{root} is not a pre-tokenised folder (no meta.json); run 'flowtok pretokenize'")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{meta_path} is corrupt: {exc}") from None
+        self.meta = _read_meta(root)
         parts: dict[str, list[torch.Tensor]] = {}
         self.records: list[dict[str, Any]] = []
         for shard in self.meta["shards"]:
-            tensors = load_safetensors(root / f"{shard['name']}.safetensors")
-            lines = (root / f"{shard['name']}.jsonl").read_text().splitlines()
-            if len(lines) != shard["n"] or tensors["image_latents"].shape[0] != shard["n"]:
-                raise DataError(f"shard {shard['name']} in {root} is incomplete")
-            for k, v in tensors.items():
-                parts.setdefault(k, []).append(v)
-            self.records.extend(json.loads(line) for line in lines)
+            name, n = shard["name"], shard["n"]
+            try:
+                tensors = load_safetensors(root / f"{name}.safetensors")
+            except CheckpointError as exc:
+                raise DataError(f"{root}: {exc}") from None
+            missing = [k for k in _TENSORS if k not in tensors]
+            if missing:
+                raise DataError(f"shard {name} in {root} lacks the tensor '{missing[0]}'")
+            lines_path = root / f"{name}.jsonl"
+            if not lines_path.is_file():
+                raise DataError(f"shard {name} in {root} has no {lines_path.name}")
+            lines = lines_path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if len(lines) != n or any(tensors[k].shape[0] != n for k in _TENSORS):
+                raise DataError(f"shard {name} in {root} is incomplete")
+            for k in _TENSORS:
+                parts.setdefault(k, []).append(tensors[k])
+            for lineno, line in enumerate(lines, 1):
+                try:
+                    record = parse_json(line)
+                except ValueError as exc:
+                    raise DataError(f"{lines_path}:{lineno}: {exc}") from None
+                if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
+                    raise DataError(f"{lines_path}:{lineno}: expected an object with a 'caption' string")
+                self.records.append(record)
         if not self.records:
             raise DataError(f"{root} holds no samples")
         self.device = torch.device(device)
