@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import os
 import time
 from pathlib import Path
@@ -163,6 +162,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_option(text: str, option: str) -> dict:
+    from .untrusted import parse_json
+
+    try:
+        value = parse_json(text)
+    except ValueError as exc:
+        raise InvalidInputError(f"{option}: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{option} must be a JSON object, got {text!r}")
+    return value
+
+
 def _assemble(args: argparse.Namespace) -> int:
     import torch
 
@@ -171,7 +182,7 @@ def _assemble(args: argparse.Namespace) -> int:
 
     comps = {name: getattr(args, name) for name in
              ("tokenizer", "text_projector", "t2i_flow", "i2t_flow", "text_decoder") if getattr(args, name)}
-    defaults = json.loads(args.defaults) if args.defaults else None
+    defaults = _json_option(args.defaults, "--defaults") if args.defaults else None
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     text_encoder = TextEncoderSpec.parse(args.text_encoder).to_dict()
     out = assemble_pipeline(args.out, comps, text_encoder=text_encoder, defaults=defaults, dtype=dtype)
@@ -196,7 +207,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 20 for the bundle)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    p.add_argument("--sampler", choices=["euler", "heun", "euler-upstream"], default="euler",
+                   help="euler-upstream: the FlowTok release's grid, to reproduce its samples")
     _add_model_args(p)
     p.set_defaults(func=_generate)
 
@@ -204,7 +216,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 20 for the bundle)")
     p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    p.add_argument("--sampler", choices=["euler", "heun", "euler-upstream"], default="euler",
+                   help="euler-upstream: the FlowTok release's grid, to reproduce its samples")
     p.add_argument("--with-names", action="store_true", help="print 'file<TAB>caption'")
     _add_model_args(p)
     p.set_defaults(func=_caption)

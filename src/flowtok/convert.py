@@ -32,6 +32,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,15 +95,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as fh:
-        head = fh.read(16)
+        head = fh.read(1024)
     if not head:
         raise CheckpointError(f"{path} is empty")
     if _looks_like_safetensors(head, path.stat().st_size):
         from .modeling import load_safetensors
 
         return unwrap_state_dict(load_safetensors(path), str(path))
+    not_a_checkpoint = _what_else(head, path.stat().st_size)
+    if not_a_checkpoint:
+        raise CheckpointError(f"{path} is {not_a_checkpoint}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+        with warnings.catch_warnings():
+            # torch warns in two lines about a pickle protocol it did not write; the error below says more.
+            warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "unsupported global" in str(exc).lower():
             found = re.search(r"GLOBAL ([\w.]+)", str(exc))
@@ -115,6 +122,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"cannot read {path}: corrupt or truncated ({_first_line(exc)})") from None
     return unwrap_state_dict(obj, str(path))
+
+
+def _what_else(head: bytes, size: int) -> str | None:
+    """What a file that cannot be a checkpoint is, as the rest of an error sentence; None if it may be one.
+
+    torch.save writes a zip archive (``PK``) or, before torch 1.6, a pickle (opcode ``0x80`` then the
+    protocol number); anything else is not a checkpoint, and a pickle error about it would mislead.
+    """
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        found = re.search(rb"size (\d+)", head)
+        real = f" of {int(found.group(1)) / 2**30:.2f} GiB" if found else ""
+        return (f"a Git LFS pointer ({size} bytes), not the weights{real}: run 'git lfs pull' in the clone, or "
+                "download the file with huggingface_hub (hf_hub_download)")
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text[:512]:
+        return ("an HTML page, not a checkpoint (a browser's 'save' of the Hub's file page?): download the "
+                "file's 'resolve' URL, or use huggingface_hub (hf_hub_download)")
+    if head.startswith(b"PK") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return None
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip-compressed: decompress it first (gunzip)"
+    return (f"not a PyTorch or safetensors checkpoint (it starts with {head[:8]!r}); a download may have "
+            "failed or the wrong file was given")
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:

@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, atomic_write_text, from_dict, to_dict
 from .errors import CheckpointError, InvalidInputError
+from .model_checks import preflight, saved_config
+from .untrusted import parse_json
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -91,7 +93,8 @@ class PretrainedMixin:
         state = self.state_dict()  # type: ignore[attr-defined]
         if dtype is not None:
             state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-        atomic_save_safetensors(state, directory / WEIGHTS_NAME, metadata={"model_type": self.model_type})
+        atomic_save_safetensors(state, directory / WEIGHTS_NAME,
+                                metadata={"model_type": self.model_type, **saved_config(self.config)})
         cfg = {"model_type": self.model_type, **to_dict(self.config)}
         atomic_write_text(directory / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
         return directory
@@ -105,9 +108,9 @@ class PretrainedMixin:
         if not path.is_file():
             raise CheckpointError(f"{directory} has no {CONFIG_NAME}")
         try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+            data = parse_json(path.read_bytes())
+        except ValueError as exc:
+            raise CheckpointError(f"{path} is not valid: {exc}") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{path} must hold a JSON object")
         kind = data.pop("model_type", None)
@@ -125,6 +128,7 @@ class PretrainedMixin:
                         dtype: torch.dtype | None = None) -> M:
         directory = Path(directory)
         config = cls.read_config(directory)
+        preflight(cls, config, directory, WEIGHTS_NAME)  # before anything is allocated
         model = cls(config)  # type: ignore[call-arg]
         state = load_safetensors(directory / WEIGHTS_NAME)
         check_state_dict(model, state, str(directory))  # type: ignore[arg-type]

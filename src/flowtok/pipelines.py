@@ -133,15 +133,11 @@ class FlowTokPipeline:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> FlowTokPipeline:
+        from .model_checks import check_components, read_pipeline_spec
         from .text import load_text_encoder
 
         root = resolve_model_path(path)
-        try:
-            spec = json.loads((root / PIPELINE_FILE).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{root / PIPELINE_FILE} is not valid JSON: {exc}") from None
-        if not isinstance(spec, dict) or spec.get("pipeline_type") != "flowtok":
-            raise CheckpointError(f"{root / PIPELINE_FILE} does not describe a flowtok pipeline")
+        spec = read_pipeline_spec(root / PIPELINE_FILE, COMPONENTS)
         comps = spec.get("components", {})
         classes = _component_classes()
         loaded: dict[str, Any] = {}
@@ -152,6 +148,7 @@ class FlowTokPipeline:
             raise CheckpointError(f"{root}: a pipeline needs at least a tokenizer and a text_projector")
         text_spec = spec.get("text_encoder", {"name": "minilm"})
         encoder = load_text_encoder(text_spec, max_length=loaded["tokenizer"].config.num_latent_tokens)
+        check_components({k: m.config for k, m in loaded.items() if m is not None}, str(root), encoder.dim)
         pipe = cls(loaded["tokenizer"], encoder, loaded["text_projector"], loaded["t2i_flow"], loaded["i2t_flow"],
                    loaded["text_decoder"], text_encoder_spec=text_spec, defaults=spec.get("defaults"))
         pipe.model_path = root
@@ -288,8 +285,8 @@ class FlowTokPipeline:
 
         if model is None:
             raise InvalidInputError("this pipeline lacks the flow model this call needs")
-        if sampler not in ("euler", "heun"):
-            raise InvalidInputError(f"sampler must be 'euler' or 'heun', got {sampler!r}")
+        if sampler not in ("euler", "heun", "euler-upstream"):
+            raise InvalidInputError(f"sampler must be 'euler', 'heun' or 'euler-upstream', got {sampler!r}")
         out = sample(model, x0, method=sampler, num_steps=_check_steps(steps), guidance_scale=_check_guidance(guidance),
                      progress=progress, t_end=t_end)
         if not torch.isfinite(out).all():
@@ -423,6 +420,11 @@ def assemble_pipeline(out: str | os.PathLike, components: dict[str, str | os.Pat
     for required in ("tokenizer", "text_projector"):
         if required not in components:
             raise InvalidInputError(f"a pipeline needs a {required}")
+    from .model_checks import check_components, check_defaults
+
+    check_defaults(defaults, "defaults")
+    # Shapes agree before anything is loaded or written (a mismatch would otherwise surface as a matmul error).
+    check_components({name: classes[name].read_config(src) for name, src in components.items()}, "assemble")
     root = Path(out)
     names = {}
     for name, src in components.items():

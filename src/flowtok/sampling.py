@@ -22,7 +22,7 @@ text projector's reparameterised latent.
 Note on upstream: the FlowTok release's Euler solver evaluates the model at
 ``linspace(0, 1 - 1e-5, N)`` (N points, so the last evaluation is at t ~= 1) while stepping by
 ``(1 - 1e-5) / N``; here evaluations are at the left end of each step, t_i = i / N, the standard Euler
-method. Pass ``timesteps`` to reproduce any other grid.
+method. ``method="euler-upstream"`` (:func:`upstream_euler_sample`) reproduces upstream's loop.
 """
 
 from __future__ import annotations
@@ -140,13 +140,46 @@ def heun_sample(model: VelocityModel, x0: torch.Tensor, num_steps: int = 20, gui
     return _finish(x, trajectory)
 
 
+UPSTREAM_T_MAX = 1 - 1e-5
+
+
+@torch.no_grad()
+def upstream_euler_sample(model: VelocityModel, x0: torch.Tensor, num_steps: int = 20, guidance_scale: float = 1.0,
+                          t_start: float = 0.0, t_end: float = 1.0, timesteps: Grid | None = None,
+                          return_trajectory: bool = False,
+                          progress: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The FlowTok release's Euler loop, for reproducing the authors' samples with converted weights.
+
+    It evaluates the model at ``linspace(0, 1 - 1e-5, N)`` (N points: the last one at t ~= 1) but steps
+    by ``(1 - 1e-5) / N``, so its evaluation times are not the left ends of its steps and no
+    ``timesteps`` grid of :func:`euler_sample` reproduces it. Only the full interval is offered.
+    """
+    if timesteps is not None or (t_start, t_end) != (0.0, 1.0):
+        raise InvalidInputError("the upstream grid covers [0, 1 - 1e-5] only; timesteps, t_start, t_end are not used")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise InvalidInputError(f"num_steps must be a positive integer, got {num_steps!r}")
+    _check(x0, guidance_scale)
+    times = torch.linspace(0, UPSTREAM_T_MAX, num_steps, dtype=torch.float64, device=x0.device).float()
+    dt = UPSTREAM_T_MAX / num_steps
+    velocity = _guided(model, guidance_scale, x0.shape[0], x0.device)
+    x = x0
+    trajectory = [x0] if return_trajectory else None
+    for i in tqdm(range(num_steps), disable=not progress, desc="euler (upstream grid)"):
+        x = x + dt * velocity(x, times[i])
+        if trajectory is not None:
+            trajectory.append(x)
+    return _finish(x, trajectory)
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]] = {
     "euler": euler_sample,
     "heun": heun_sample,
+    "euler-upstream": upstream_euler_sample,
 }
 
 
-def sample(model: VelocityModel, x0: torch.Tensor, method: Literal["euler", "heun"] = "euler", num_steps: int = 20,
+def sample(model: VelocityModel, x0: torch.Tensor, method: Literal["euler", "heun", "euler-upstream"] = "euler",
+           num_steps: int = 20,
            guidance_scale: float = 1.0, t_start: float = 0.0, t_end: float = 1.0, timesteps: Grid | None = None,
            return_trajectory: bool = False,
            progress: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
