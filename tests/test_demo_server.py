@@ -107,7 +107,7 @@ def test_text_to_image_user_errors(base_url, data, message):
 def test_image_to_text_user_errors(base_url):
     up = _upload(base_url, "notes.png", b"meeting notes, not pixels")
     event, text = _call(base_url, "caption", [_file(up.json()[0], "notes.png"), 2])
-    assert event == "error" and text == "Not an image the demo can read: notes.png: not a readable image file"
+    assert event == "error" and text.startswith("Not an image the demo can read: notes.png: not a readable image file")
     event, text = _call(base_url, "caption", [None, 2])
     assert event == "error" and text == "Please upload an image first."
     good = _upload(base_url, "blue.png", _png())
@@ -128,12 +128,35 @@ def test_handler_checks_size_and_content(tmp_path):
     big = tmp_path / "big.png"
     big.write_bytes(_png() + b"\0" * (3 * 2**19))
     with pytest.raises(gr.Error, match=r"The file is 1.5 MB; the limit is 1 MB."):
-        _upload_path({"path": str(big), "orig_name": "big.png"}, max_bytes=2**20)
+        _upload_path({"path": str(big), "orig_name": "big.png"}, max_bytes=2**20, upload_root=str(tmp_path))
     good = tmp_path / "good.png"
     good.write_bytes(_png())
-    assert _upload_path({"path": str(good)}, max_bytes=2**20) == str(good)
+    assert _upload_path({"path": str(good)}, max_bytes=2**20, upload_root=str(tmp_path)) == str(good)
     with pytest.raises(gr.Error, match="upload the image again"):
-        _upload_path({"path": "https://example.com/cat.png"}, max_bytes=2**20)
+        _upload_path({"path": "https://example.com/cat.png"}, max_bytes=2**20, upload_root=str(tmp_path))
+    with pytest.raises(gr.Error, match="upload the image again"):  # a real image, but never uploaded
+        _upload_path({"path": str(good)}, max_bytes=2**20, upload_root=str(tmp_path / "uploads"))
+    eps = tmp_path / "photo.png"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n")
+    with pytest.raises(gr.Error, match="not a readable image file"):
+        _upload_path({"path": str(eps)}, max_bytes=2**20, upload_root=str(tmp_path))
+
+
+@pytest.mark.parametrize(("api", "data", "message"), [
+    ("caption", [_file("/etc/passwd", "x.png"), 2], "upload the image again"),
+    ("caption", [{"path": "/etc/hostname"}, 2], "upload the image again"),
+    ("caption", ["/etc/passwd", 2], "Malformed request: an input is not in the form"),
+    ("caption", ["hello", 2], "Malformed request"),
+    ("caption", [], "Malformed request: expected 2 input values, got 0."),
+    ("generate", ["a red circle"], "Malformed request: expected 5 input values, got 1."),
+    ("generate", [{"a": 1}, 2, 1.0, 0, 1], "Please enter a prompt."),
+])
+def test_malformed_api_calls_get_a_message_and_leave_no_traceback(base_url, capfd, api, data, message):
+    capfd.readouterr()
+    event, text = _call(base_url, api, data)
+    assert event == "error" and text and message in text and "\n" not in text
+    logged = capfd.readouterr()
+    assert "Traceback" not in logged.err + logged.out
 
 
 def test_build_app_rejects_bad_limits(tiny_model):

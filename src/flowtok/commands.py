@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import os
 import time
 from pathlib import Path
 
@@ -18,11 +17,40 @@ DEFAULT_SHOWCASE_PROMPTS = [
 ]
 
 
+def check_device(device: str | None, option: str = "--device") -> str | None:
+    """``device`` if this machine has it; else one InvalidInputError line (not torch's traceback)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InvalidInputError(f"{option} {device!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(f"{option} {device}: no CUDA GPU is available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InvalidInputError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError(f"{option} {device}: MPS is not available on this machine")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise InvalidInputError(f"{option} {device!r}: flowtok runs on cpu, cuda or mps")
+    return device
+
+
+def check_seed(seed: int, option: str = "--seed") -> int:
+    if not 0 <= seed < 2**63:
+        raise InvalidInputError(f"{option} must be from 0 to 2**63 - 1, got {seed}")
+    return seed
+
+
 def _pipeline(args: argparse.Namespace):
     import torch
 
     from .pipelines import FlowTokPipeline
 
+    check_device(args.device)
     if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             raise InvalidInputError(f"--threads must be at least 1, got {args.threads}")
@@ -39,14 +67,17 @@ def _pipeline(args: argparse.Namespace):
 
 
 def _atomic_save_image(img, path: Path) -> None:
+    from .errors import OutputError
+    from .untrusted import write_atomically
+
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only folder, a file where a folder should be, a full disk
-        raise InvalidInputError(f"cannot write {path}: {exc.strerror or type(exc).__name__}") from None
+    except OSError as exc:  # a read-only folder, a file where a folder should be
+        raise OutputError(f"cannot write {path}: {exc.strerror or type(exc).__name__}") from None
+    # An unpredictable temporary name opened with O_EXCL (a planted symlink is never followed), removed
+    # if the encoder or the disk fails.
+    write_atomically(path, lambda fh: img.save(fh, format=fmt), fsync=False)
 
 
 def _output_paths(out: str, n: int) -> list[Path]:
@@ -61,17 +92,25 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise InvalidInputError(f"--n must be at least 1, got {args.n}")
+    if args.batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_seed(args.seed)
     if args.steps is not None and args.steps < 1:
         raise InvalidInputError(f"--steps must be at least 1, got {args.steps}")
     if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise InvalidInputError(f"output file must end in .png, .jpg or .webp: {args.output}")
     pipe = _pipeline(args)
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
-    images = pipe.text_to_image([args.prompt] * args.n, num_inference_steps=args.steps,
-                                guidance_scale=args.guidance, generator=gen, sampler=args.sampler)
-    for img, path in zip(images, _output_paths(args.output, args.n)):
-        _atomic_save_image(img, path)
-        print(path)
+    paths = _output_paths(args.output, args.n)
+    # Batch by batch: memory stays that of one batch whatever --n is, and each file appears (and is
+    # printed) as soon as its batch is done.
+    for start in range(0, args.n, args.batch_size):
+        count = min(args.batch_size, args.n - start)
+        images = pipe.text_to_image([args.prompt] * count, num_inference_steps=args.steps,
+                                    guidance_scale=args.guidance, generator=gen, sampler=args.sampler)
+        for img, path in zip(images, paths[start:start + count]):
+            _atomic_save_image(img, path)
+            print(path, flush=True)
     return 0
 
 
@@ -155,6 +194,16 @@ def _showcase(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import math
+
+    check_device(args.device)
+    if args.queue_size < 1 or args.concurrency < 1:
+        raise InvalidInputError(f"--queue-size and --concurrency must be at least 1, got {args.queue_size} "
+                                f"and {args.concurrency}")
+    if not 1 <= args.port <= 65535:
+        raise InvalidInputError(f"--port must be from 1 to 65535, got {args.port}")
+    if not (math.isfinite(args.max_upload_mb) and 0 < args.max_upload_mb <= 1024):
+        raise InvalidInputError(f"--max-upload-mb must be a number above 0 and at most 1024, got {args.max_upload_mb}")
     from .serving.demo import launch
 
     launch(model=args.model, host=args.host, port=args.port, device=args.device,
@@ -204,6 +253,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="output file; with --n > 1, -0, -1, ... are appended")
     p.add_argument("--n", type=int, default=1, help="number of images")
+    p.add_argument("--batch-size", type=int, default=16, help="images generated at once (memory grows with it)")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 20 for the bundle)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)

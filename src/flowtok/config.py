@@ -201,14 +201,15 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    from .errors import OutputError
+    from .untrusted import write_atomically
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {path.parent}: {exc.strerror or type(exc).__name__}") from None
+    write_atomically(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def save_config(obj: Any, path: str | os.PathLike) -> None:

@@ -26,3 +26,8 @@ class InvalidInputError(FlowTokError, ValueError):
 
 class DataError(FlowTokError):
     """A dataset file, shard or caption cannot be read."""
+
+
+class OutputError(FlowTokError, OSError):
+    """An output (image, checkpoint, export) cannot be written: a full disk, a read-only folder, a file
+    where a folder should be. Nothing half-written is left behind."""

@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, atomic_write_text, from_dict, to_dict
-from .errors import CheckpointError, InvalidInputError
+from .errors import CheckpointError, InvalidInputError, OutputError
 from .model_checks import preflight, saved_config
-from .untrusted import parse_json
+from .untrusted import parse_json, write_atomically
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -32,13 +32,17 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
                             metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (temp file, fsync, rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _make_folder(path.parent)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # An unpredictable temporary name, removed on failure; a full disk is one OutputError line.
+    write_atomically(path, write_path=lambda name: save_file(tensors, name, metadata=metadata))
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {folder}: {exc.strerror or type(exc).__name__}") from None
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -89,7 +93,7 @@ class PretrainedMixin:
             raise InvalidInputError(f"this {self.model_type} is FP8-quantised for inference; save it before "
                                     "quantize_fp8() (its full-precision weights are gone)")
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        _make_folder(directory)
         state = self.state_dict()  # type: ignore[attr-defined]
         if dtype is not None:
             state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PIPELINE_FILE = "pipeline.json"
 BUNDLED_MODEL = Path(__file__).parent / "pretrained" / "flowtok-shapes"
 MAX_PROMPT_CHARS = 4096  # far beyond any text encoder's window; longer input is a mistake, not a prompt
+MAX_GUIDANCE_SCALE = 100.0  # the paper uses 1.5-3; far beyond, latents overflow
 MAX_INFERENCE_STEPS = 1000  # the paper samples with tens of steps; a million is a typo that would look like a hang
 COMPONENTS = ("tokenizer", "text_projector", "t2i_flow", "i2t_flow", "text_decoder")
 
@@ -58,8 +59,11 @@ def _check_steps(steps: Any, name: str = "num_inference_steps") -> int:
 
 
 def _check_guidance(scale: Any) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
-        raise InvalidInputError(f"guidance_scale must be a finite number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) \
+            or abs(scale) > MAX_GUIDANCE_SCALE:
+        # 1e30 overflows the latents to inf, which would then be blamed on the weights.
+        raise InvalidInputError(f"guidance_scale must be a number from -{MAX_GUIDANCE_SCALE:g} to "
+                                f"{MAX_GUIDANCE_SCALE:g}, got {scale!r}")
     return float(scale)
 
 

@@ -28,18 +28,27 @@ def parse_json(text: str | bytes) -> Any:
         raise ValueError("not UTF-8 text") from None
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None] | None = None,
-                     write_path: Callable[[str], None] | None = None, fsync: bool = True) -> Path:
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], Any] | None = None,
+                     write_path: Callable[[str], Any] | None = None, fsync: bool = True) -> Path:
     """Write ``path`` through a temporary file in its folder, then rename it into place.
 
     The temporary file gets an unpredictable name and is created with ``O_CREAT | O_EXCL`` (by
     :func:`tempfile.mkstemp`), so a symlink planted in a shared folder is never followed; the
     rename replaces a link at ``path`` itself, never its target. On any failure (a full disk, an
-    encoder error, an interrupt) the temporary file is removed and the error re-raised; ``path`` is
-    then untouched. Give ``write(fileobj)``, or ``write_path(name)`` for writers that want a file name.
+    encoder error, an interrupt) the temporary file is removed; ``path`` is then untouched. A failure
+    to write (full disk, read-only folder, a file where the folder should be, a writer's own I/O
+    error) is an :class:`~flowtok.errors.OutputError` naming ``path``; anything else is re-raised.
+    Give ``write(fileobj)``, or ``write_path(name)`` for writers that want a file name.
     """
+    from safetensors import SafetensorError
+
+    from .errors import OutputError
+
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {_reason(exc)}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             if write is not None:
@@ -50,13 +59,23 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]
             if fsync:
                 os.fsync(fh.fileno()) if write_path is None else _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, (OSError, SafetensorError)) and not isinstance(exc, OutputError):
+            raise OutputError(f"cannot write {path}: {_reason(exc)}") from None
         raise
     return path
+
+
+def _reason(exc: BaseException) -> str:
+    strerror = getattr(exc, "strerror", None)
+    if strerror:
+        return strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _fsync_path(name: str) -> None:

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..data.readers import load_image  # noqa: E402
-from ..errors import FlowTokError  # noqa: E402
+from ..errors import FlowTokError, InvalidInputError  # noqa: E402
 from ..pipelines import MAX_PROMPT_CHARS, FlowTokPipeline  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,17 @@ def _guidance(value: Any) -> float:
     return number
 
 
-def _upload_path(upload: Any, max_bytes: int) -> str:
-    """The local file of an image upload, checked for size and for being an image."""
+def _upload_path(upload: Any, max_bytes: int, upload_root: str | None = None) -> str:
+    """The local file of an image upload, checked for lying in gradio's upload folder, for size and
+    for being an image."""
     if upload is None:
         raise _user_error("Please upload an image first.")
     path = upload.get("path") if isinstance(upload, dict) else upload
-    # gradio has already confined uploads to its cache folder; a URL here means a remote
-    # reference, which this demo does not fetch.
-    if not isinstance(path, str) or "://" in path or not Path(path).is_file():
+    # A URL means a remote reference, which this demo does not fetch; a path outside gradio's upload
+    # folder was never uploaded (an API client can name any file on the server).
+    root = Path(upload_root or gr.utils.get_upload_folder()).resolve()
+    if not isinstance(path, str) or "://" in path or not Path(path).resolve().is_relative_to(root) \
+            or not Path(path).is_file():
         raise _user_error("The upload could not be read; please upload the image again.")
     size = Path(path).stat().st_size
     if size > max_bytes:
@@ -99,13 +102,40 @@ def _upload_path(upload: Any, max_bytes: int) -> str:
     return path
 
 
+def _refuse_malformed_calls(app: gr.Blocks) -> None:
+    """Answer an API call gradio cannot even hand to a handler (too few inputs, a bare string where a
+    file belongs, a path that was never uploaded) with a one-line message and no server traceback.
+
+    gradio checks these in ``Blocks.preprocess_data`` before any handler runs and reports them as an
+    error without a message plus a traceback in the log; this wraps that one method of this app.
+    """
+    original = app.preprocess_data
+
+    async def preprocess_data(block_fn, inputs, state, explicit_call=False):
+        try:
+            return await original(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever gradio refuses here is the request's fault
+            wanted = len(block_fn.inputs)
+            if not isinstance(inputs, list) or len(inputs) != wanted:
+                got = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
+                raise _user_error(f"Malformed request: expected {wanted} input values, got {got}.") from None
+            if isinstance(exc, gr.exceptions.InvalidPathError):
+                raise _user_error("The upload could not be read; please upload the image again.") from None
+            raise _user_error("Malformed request: an input is not in the form this API expects (an image is "
+                              "{'path': ..., 'meta': {'_type': 'gradio.FileData'}} from /gradio_api/upload).") from None
+
+    app.preprocess_data = preprocess_data  # type: ignore[method-assign]
+
+
 def build_app(pipeline: FlowTokPipeline, max_upload_mb: float = 10.0, queue_size: int = 32,
               concurrency: int = 1) -> gr.Blocks:
     """The demo's gradio app for ``pipeline``; start it with :func:`serve`."""
-    if not max_upload_mb > 0:
-        raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise InvalidInputError(f"max_upload_mb must be a positive number, got {max_upload_mb}")
     if queue_size < 1 or concurrency < 1:
-        raise ValueError(f"queue_size and concurrency must be at least 1, got {queue_size}, {concurrency}")
+        raise InvalidInputError(f"queue_size and concurrency must be at least 1, got {queue_size}, {concurrency}")
     max_bytes = int(max_upload_mb * 2**20)
     default_steps = min(int(pipeline.defaults["num_inference_steps"]), MAX_STEPS)
     default_guidance = float(pipeline.defaults["guidance_scale"])
@@ -167,6 +197,7 @@ def build_app(pipeline: FlowTokPipeline, max_upload_mb: float = 10.0, queue_size
             caption_button.click(image_to_text, [image, caption_steps], caption, api_name="caption",
                                  preprocess=False, concurrency_limit=concurrency, concurrency_id="model")
     app.queue(max_size=queue_size, default_concurrency_limit=concurrency)
+    _refuse_malformed_calls(app)
     return app
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from typing import Any
 import torch
 
 from ..config import atomic_write_text
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutputError
 from ..modeling import atomic_save_safetensors, load_safetensors
+from ..untrusted import parse_json
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +77,39 @@ class Checkpoint:
 def save_checkpoint(ckpt_dir: Path, step: int, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor],
                     optimizer: dict[str, Any], state: dict[str, Any], keep_last: int = 3) -> Path:
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:07d}"
     tmp = ckpt_dir / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _write(tmp, ckpt_dir, final, step, model, ema, optimizer, state)
+    except BaseException as exc:
+        # A full disk or a dead NFS mount: no half-written folder per attempt; the checkpoints
+        # already in place were never touched (a new one replaces them only by the final rename).
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # OutputError is one too
+            reason = str(exc) if isinstance(exc, OutputError) else f"cannot write {tmp}: {exc.strerror or exc}"
+            raise OutputError(f"{reason}; checkpoint {final.name} not written, the earlier checkpoints are "
+                              "intact") from None
+        raise
+    prune(ckpt_dir, keep_last)
+    return final
+
+
+def _write(tmp: Path, ckpt_dir: Path, final: Path, step: int, model: dict[str, torch.Tensor],
+           ema: dict[str, torch.Tensor], optimizer: dict[str, Any], state: dict[str, Any]) -> None:
     _fault_point(step, "tmpdir")
     atomic_save_safetensors(model, tmp / "model.safetensors")
     _fault_point(step, "model")
     atomic_save_safetensors(ema, tmp / "ema.safetensors")
     _fault_point(step, "ema")
     with open(tmp / "optimizer.pt", "wb") as fh:
-        torch.save(optimizer, fh)
+        try:
+            torch.save(optimizer, fh)
+        except RuntimeError as exc:  # torch's zip writer reports a failed write (a full disk) this way
+            raise OutputError(f"cannot write {tmp / 'optimizer.pt'}: {str(exc).splitlines()[0]}") from None
         fh.flush()
         _fault_point(step, "optimizer")
         os.fsync(fh.fileno())
@@ -103,8 +125,6 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: dict[str, torch.Tensor], e
     os.replace(tmp, final)
     _fsync_dir(ckpt_dir)
     _fault_point(step, "renamed")
-    prune(ckpt_dir, keep_last)
-    return final
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -147,23 +167,54 @@ def verify(path: Path) -> None:
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt or truncated (checksum mismatch)")
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_checkpoint(path: Path, validate: Callable[[Checkpoint], None] | None = None) -> Checkpoint:
+    """Read and check a checkpoint folder. The manifest proves the files are the ones written, not that
+    what was written is sound: ``state.json``, the tensors and the optimizer state are checked too, and
+    ``validate(checkpoint)`` may check more (e.g. that the optimizer state fits the optimizer)."""
     path = Path(path)
     verify(path)
     try:
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CheckpointError(f"checkpoint {path}: optimizer.pt cannot be read ({type(exc).__name__})") from None
-    state = json.loads((path / "state.json").read_text())
-    return Checkpoint(path=path, step=int(state["step"]), model=load_safetensors(path / "model.safetensors"),
-                      ema=load_safetensors(path / "ema.safetensors"), optimizer=optimizer, state=state)
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list):
+        raise CheckpointError(f"checkpoint {path}: optimizer.pt holds no optimizer state")
+    try:
+        state = parse_json((path / "state.json").read_bytes())
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: state.json is malformed ({exc})") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {path}: state.json has no valid 'step'")
+    found = Checkpoint(path=path, step=step, model=load_safetensors(path / "model.safetensors"),
+                       ema=load_safetensors(path / "ema.safetensors"), optimizer=optimizer, state=state)
+    if validate is not None:
+        validate(found)
+    return found
 
 
-def load_latest(ckpt_dir: Path) -> Checkpoint | None:
-    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+def load_latest(ckpt_dir: Path, validate: Callable[[Checkpoint], None] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies and is sound; bad ones are named in one warning line each and
+    the one before is tried."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return load_checkpoint(path)
+            return load_checkpoint(path, validate)
         except CheckpointError as exc:
             log.warning("skipping bad checkpoint: %s", exc)
     return None
+
+
+def check_optimizer_state(found: Checkpoint, optimizer: torch.optim.Optimizer) -> None:
+    """CheckpointError unless ``found.optimizer`` has the groups and parameter counts of ``optimizer``
+    (what ``load_state_dict`` would otherwise fail on half-way)."""
+    saved = found.optimizer["param_groups"]
+    own = optimizer.param_groups
+    ok = len(saved) == len(own) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                        and len(g["params"]) == len(o["params"]) for g, o in zip(saved, own))
+    if not ok:
+        raise CheckpointError(f"checkpoint {found.path}: optimizer.pt does not match this model's parameters")
+    for key, value in found.optimizer["state"].items():
+        if not isinstance(value, dict) or not all(torch.is_tensor(v) or isinstance(v, (int, float))
+                                                  for v in value.values()):
+            raise CheckpointError(f"checkpoint {found.path}: optimizer.pt has a malformed entry {key!r}")

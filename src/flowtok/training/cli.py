@@ -6,10 +6,11 @@ import argparse
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..commands import check_device
     from .run import build_run
 
-    trainer = build_run(args.config, args.overrides, device=args.device)
-    out = trainer.fit(resume=args.resume)
+    trainer = build_run(args.config, args.overrides, device=check_device(args.device))
+    out = trainer.fit(resume=args.resume, allow_config_change=args.allow_config_change)
     if trainer.is_main:
         print(f"exported to {out}")
     return 0
@@ -25,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 data.size=64")
     p.add_argument("--resume", default=None,
                    help="'latest' (newest intact checkpoint in the run folder) or a checkpoint folder")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the seed, batch size or data differ from the run's config.yaml")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.set_defaults(func=_train)
     register_pretokenize(sub)
@@ -34,13 +37,14 @@ def _pretokenize(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..commands import check_device
     from ..config import from_dict
     from ..text import TextEncoderSpec, load_text_encoder
     from ..tokenizer import ImageTokenizer
     from .data import DataConfig, build_source
     from .pretokenize import pretokenize
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(check_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok = ImageTokenizer.from_pretrained(args.tokenizer, device=device)
     data = from_dict(DataConfig, {"kind": args.data, "path": args.path, "size": tok.config.image_size,
                                   "split": args.split, "num_objects": args.objects, "on_error": args.on_error},

@@ -14,6 +14,7 @@ so ``--resume latest`` after a kill continues the same loss curve as an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -181,9 +182,18 @@ class Trainer:
                 fh.write(json.dumps(record) + "\n")
 
     # -- the loop ----------------------------------------------------------------------------
-    def fit(self, resume: str | None = None) -> Path:
+    def fit(self, resume: str | None = None, allow_config_change: bool = False) -> Path:
         """Train to ``train.steps`` (or the time budget), checkpointing, logging and evaluating on the way;
-        export the EMA weights and return the export folder."""
+        export the EMA weights and return the export folder. The run folder is locked for the run, and a
+        resume that changes the seed, batch size or data is refused unless ``allow_config_change``."""
+        from .rundir import check_resume_config, claim_run_dir
+
+        with claim_run_dir(self.run_dir) if self.is_main else contextlib.nullcontext():
+            if resume and self.is_main and (resume != "latest" or ckpt.list_checkpoints(self.run_dir / "checkpoints")):
+                check_resume_config(self.run_dir, self.resolved_config, allow_config_change)
+            return self._fit(resume)
+
+    def _fit(self, resume: str | None) -> Path:
         loop = self._set_up(resume)
         while loop.step < loop.stop_at:
             if not self._step(loop):
@@ -232,11 +242,12 @@ class Trainer:
 
     def _resume(self, resume: str, ckpt_dir: Path, opt: torch.optim.Optimizer, ema: EMA | None) -> int:
         """Load the stage, optimizer and EMA from ``resume`` ('latest' or a checkpoint); the step to go on from."""
-        found = ckpt.load_checkpoint(Path(resume)) if resume != "latest" else ckpt.load_latest(ckpt_dir)
+        # A checkpoint whose files verify but whose contents do not fit is skipped like a corrupt one.
+        sound = lambda c: (self._check_resumable(c), ckpt.check_optimizer_state(c, opt))  # noqa: E731
+        found = ckpt.load_checkpoint(Path(resume), sound) if resume != "latest" else ckpt.load_latest(ckpt_dir, sound)
         if found is None:
             log.info("no checkpoint in %s; starting from scratch", ckpt_dir)
             return 0
-        self._check_resumable(found)
         self.stage.load_state_dict(found.model)
         opt.load_state_dict(found.optimizer)
         if ema is not None:
