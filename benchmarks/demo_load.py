@@ -41,6 +41,10 @@ import psutil
 
 HOST = "127.0.0.1"  # the load never leaves this machine
 KINDS = ("text_to_image", "image_to_text", "oversized_upload", "not_an_image")
+# --hostile adds what an attacker sends: decompression and aspect-ratio bombs, an EPS named .png (which must
+# never reach Ghostscript), and API calls gradio cannot hand to a handler (a path never uploaded, a bare
+# string for a file, too few inputs).
+HOSTILE_KINDS = ("bomb_upload", "thin_upload", "eps_upload", "never_uploaded", "bare_string", "too_few_inputs")
 
 
 def build_untrained_pipeline(folder: str | os.PathLike, size: str = "tiny") -> Path:
@@ -78,6 +82,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def png_header_bomb(width: int, height: int) -> bytes:
+    """A PNG of a few hundred bytes that claims width x height pixels (it decodes rows of zeros)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress((b"\x00" + b"\x00" * width) * min(height, 8_000_000 // max(width, 1)), 9)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\nshowpage\n%%EOF\n"
 
 
 def png_bytes(size: int = 48) -> bytes:
@@ -167,10 +187,19 @@ async def one_request(client: httpx.AsyncClient, base: str, kind: str, small_png
     try:
         if kind == "text_to_image":
             api, data = "generate", ["a large red circle in the top left", 4, 2.0, 0, 1]
+        elif kind == "never_uploaded":
+            api, data = "caption", [{"path": "/etc/passwd", "orig_name": "x.png", "meta": {"_type": "gradio.FileData"}}, 4]
+        elif kind == "bare_string":
+            api, data = "caption", ["/etc/passwd", 4]
+        elif kind == "too_few_inputs":
+            api, data = "generate", ["a red circle"]
         else:
             name, content = {"image_to_text": ("shape.png", small_png),
                              "oversized_upload": ("huge.png", big_upload),
-                             "not_an_image": ("notes.png", b"these are notes, not pixels")}[kind]
+                             "not_an_image": ("notes.png", b"these are notes, not pixels"),
+                             "bomb_upload": ("bomb.png", png_header_bomb(20000, 20000)),
+                             "thin_upload": ("thin.png", png_header_bomb(1, 8_000_000)),
+                             "eps_upload": ("photo.png", EPS)}[kind]
             up = await client.post(f"{base}/gradio_api/upload", files={"files": (name, content, "image/png")})
             if up.status_code == 413:
                 return kind, "too_large", up.text
@@ -191,7 +220,8 @@ async def one_request(client: httpx.AsyncClient, base: str, kind: str, small_png
         return kind, "failed", f"{step}: {type(exc).__name__}: {exc}"
 
 
-async def burst(base: str, n: int, max_upload_mb: float, timeout: float) -> list[tuple[str, str, str]]:
+async def burst(base: str, n: int, max_upload_mb: float, timeout: float,
+                kinds: tuple[str, ...] = KINDS) -> list[tuple[str, str, str]]:
     small_png = png_bytes()
     big_upload = png_bytes() + b"\0" * int((max_upload_mb + 1) * 2**20)
     # Every request gets its own connection, so all n really are in flight at once. Idle pooled connections
@@ -200,13 +230,14 @@ async def burst(base: str, n: int, max_upload_mb: float, timeout: float) -> list
     # that browsers answer by retrying), which must not count as a request the demo dropped.
     limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        tasks = [one_request(client, base, KINDS[i % len(KINDS)], small_png, big_upload) for i in range(n)]
+        tasks = [one_request(client, base, kinds[i % len(kinds)], small_png, big_upload) for i in range(n)]
         return await asyncio.gather(*tasks)
 
 
 def run_load(model: str | os.PathLike, requests: int = 200, queue_size: int = 32, concurrency: int = 1,
-             max_upload_mb: float = 1.0, timeout: float = 300.0, log_dir: str | os.PathLike | None = None
-             ) -> dict[str, Any]:
+             max_upload_mb: float = 1.0, timeout: float = 300.0, log_dir: str | os.PathLike | None = None,
+             hostile: bool = False) -> dict[str, Any]:
+    kinds = KINDS + HOSTILE_KINDS if hostile else KINDS
     log_dir = Path(log_dir or tempfile.mkdtemp(prefix="demo-load-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -219,7 +250,7 @@ def run_load(model: str | os.PathLike, requests: int = 200, queue_size: int = 32
         sampler.start()
         base = f"http://{HOST}:{port}"
         t0 = time.perf_counter()
-        results = asyncio.run(burst(base, requests, max_upload_mb, timeout))
+        results = asyncio.run(burst(base, requests, max_upload_mb, timeout, kinds))
         burst_s = time.perf_counter() - t0
         after = asyncio.run(burst(base, 1, max_upload_mb, timeout))[0]  # one text -> image request
         peak = sampler.stop()
@@ -233,7 +264,8 @@ def run_load(model: str | os.PathLike, requests: int = 200, queue_size: int = 32
         except subprocess.TimeoutExpired:
             server.kill()
     outcomes = Counter(outcome for _, outcome, _ in results)
-    by_kind = {kind: dict(Counter(o for k, o, _ in results if k == kind)) for kind in KINDS}
+    by_kind = {kind: dict(Counter(o for k, o, _ in results if k == kind)) for kind in kinds}
+    log_text = (log_dir / "server.log").read_text(errors="replace")
     messages = {}
     for _, outcome, message in results:
         messages.setdefault(outcome, message)
@@ -245,6 +277,7 @@ def run_load(model: str | os.PathLike, requests: int = 200, queue_size: int = 32
         "example_messages": messages, "after_burst": after[1], "server_alive": alive,
         "startup_s": round(startup_s, 1), "burst_s": round(burst_s, 2),
         "idle_rss_mb": round(idle_rss / 2**20, 1), "peak_rss_mb": round(peak / 2**20, 1),
+        "tracebacks_in_log": log_text.count("Traceback"), "hostile": hostile,
         "cpu_count": os.cpu_count(), "server_log": str(log_dir / "server.log"),
     }
 
@@ -260,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--max-upload-mb", type=float, default=1.0)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds one request may take")
+    p.add_argument("--hostile", action="store_true", help="add bombs, an EPS and malformed API calls to the mix")
     p.add_argument("--out", default=None, help="also write the JSON summary here")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="demo-load-") as tmp:
         model = build_untrained_pipeline(tmp, args.untrained) if args.untrained else args.model
         summary = run_load(model, args.requests, args.queue_size, args.concurrency, args.max_upload_mb,
-                           args.timeout, log_dir=Path(tmp) / "logs")
+                           args.timeout, log_dir=Path(tmp) / "logs", hostile=args.hostile)
         summary["model"] = f"untrained {args.untrained} pipeline" if args.untrained else str(args.model)
         summary.pop("server_log")  # it lies in the temporary folder, gone on return
         summary["server_log_tail"] = (Path(tmp) / "logs" / "server.log").read_text(errors="replace")[-2000:]
@@ -273,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    ok = summary["failed"] == 0 and summary["after_burst"] == "served" and summary["server_alive"]
+    ok = (summary["failed"] == 0 and summary["after_burst"] == "served" and summary["server_alive"]
+          and summary["tracebacks_in_log"] == 0)
     return 0 if ok else 1
 
 

@@ -184,6 +184,19 @@ def test_burst_of_200_requests_is_served_or_refused_clearly(tiny_model, tmp_path
     assert 0 < s["idle_rss_mb"] <= s["peak_rss_mb"] < 4096
 
 
+def test_hostile_burst_gets_answers_and_leaves_no_traceback(tiny_model, tmp_path):
+    """Bombs, an EPS named .png and malformed API calls mixed into a burst: each is answered, nothing
+    escapes as a traceback in the server log, memory stays bounded."""
+    s = demo_load.run_load(tiny_model, requests=100, queue_size=8, concurrency=1, max_upload_mb=1.0,
+                           timeout=120, log_dir=tmp_path, hostile=True)
+    log_tail = Path(s["server_log"]).read_text(errors="replace")[-3000:]
+    assert s["failed"] == 0 and s["tracebacks_in_log"] == 0, (s["example_messages"], log_tail)
+    for kind in ("eps_upload", "never_uploaded", "bare_string", "too_few_inputs", "bomb_upload"):
+        assert set(s["by_kind"][kind]) <= {"rejected", "busy"}, (kind, s["by_kind"][kind])
+    assert s["after_burst"] == "served" and s["server_alive"]
+    assert s["peak_rss_mb"] < 4096
+
+
 def test_library_never_imports_the_demo():
     code = ("import sys, flowtok, flowtok.pipelines, flowtok.cli, flowtok.commands, flowtok.training, flowtok.eval; "
             "bad = [m for m in sys.modules if m.startswith(('gradio', 'flowtok.serving'))]; "

@@ -552,3 +552,29 @@ def test_flowtok_errors_are_the_only_escape(pipe):
         with pytest.raises(FlowTokError) as exc:
             call()
         _one_line(exc)
+
+
+def test_fuzz_benchmark_at_a_fixed_small_budget(tmp_path):
+    """benchmarks/fuzz.py (100,000 images and 10,000 model folders by hand) at a CI budget: 400 mutated
+    image files and 80 mutated model folders, a few of each through the CLI; no escape."""
+    import importlib.util
+    import sys
+    import warnings
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("fuzz_bench", ROOT / "benchmarks" / "fuzz.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    from demo_load import build_untrained_pipeline
+
+    pipe_dir = build_untrained_pipeline(tmp_path / "base", "tiny")
+    tally = fuzz.Tally()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fuzz.fuzz_images(400, tmp_path, tally, seed=1, cli_every=100, pipe_dir=pipe_dir)
+        fuzz.fuzz_models(80, tmp_path, tally, seed=1, cli_every=40, pipe_dir=pipe_dir)
+    counts = tally.counts
+    assert sum(v for k, v in counts.items() if k.endswith("/escape")) == 0, tally.escapes
+    assert counts["image/api/ok"] > 0 and counts["image/api/refused"] > 0 and counts["model/api/refused"] > 0
+    assert sum(v for k, v in counts.items() if k.startswith("image/")) == 404
+    assert sum(v for k, v in counts.items() if k.startswith("model/")) == 80

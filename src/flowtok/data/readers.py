@@ -60,7 +60,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
             arr = arr / 65535.0 * 255.0
         return Image.fromarray(np.round(arr.clip(0, 255)).astype(np.uint8), "L").convert("RGB")
     if mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
+        arr = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
         if arr.max(initial=0) <= 1.0:  # a float image in [0, 1]
             arr = arr * 255.0
         return Image.fromarray(np.round(arr.clip(0, 255)).astype(np.uint8), "L").convert("RGB")
