@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from flowtok.cli import main
+from flowtok.config import preset
 from flowtok.convert import read_checkpoint
 from flowtok.errors import CheckpointError, FlowTokError
-from flowtok.flow import FlowTransformer, flow_preset
+from flowtok.flow import FLOW_PRESETS, FlowTransformer
 from flowtok.pipelines import FlowTokPipeline, assemble_pipeline
 from flowtok.sampling import sample
 from flowtok.text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector
@@ -32,10 +33,10 @@ def parts(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     ImageTokenizer(replace(TOKENIZER_PRESETS["tiny"], text_dim=0)).save_pretrained(root / "tokenizer")
     TextProjector(replace(PROJECTOR_PRESETS["tiny"], latent_channels=C)).save_pretrained(root / "text_projector")
-    FlowTransformer(flow_preset("tiny", num_tokens=K, in_channels=C)).save_pretrained(root / "t2i_flow")
-    FlowTransformer(flow_preset("tiny", num_tokens=K, in_channels=C)).save_pretrained(root / "i2t_flow")
+    FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=K, in_channels=C)).save_pretrained(root / "t2i_flow")
+    FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=K, in_channels=C)).save_pretrained(root / "i2t_flow")
     TextDecoder(replace(DECODER_PRESETS["tiny"], num_tokens=K, latent_channels=C)).save_pretrained(root / "text_decoder")
-    FlowTransformer(flow_preset("tiny", num_tokens=6, in_channels=C)).save_pretrained(root / "flow_k6")
+    FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=6, in_channels=C)).save_pretrained(root / "flow_k6")
     return root
 
 
@@ -108,7 +109,7 @@ def test_assemble_refuses_components_of_mismatched_shapes(parts, tmp_path, capsy
             "--text-projector", str(parts / "text_projector")]
     assert "--defaults: not valid JSON" in _cli_error(capsys, [*base, "--defaults", "{bad"])
     assert "--defaults must be a JSON object" in _cli_error(capsys, [*base, "--defaults", "[1]"])
-    assert "--text-encoder" in _cli_error(capsys, [*base, "--text-encoder", "{"])
+    assert "not valid JSON" in _cli_error(capsys, [*base, "--text-encoder", "{"])
     assert "defaults.num_inference_steps" in _cli_error(capsys, [*base, "--defaults", '{"num_inference_steps": 0}'])
 
 

@@ -17,7 +17,8 @@ import yaml
 from PIL import Image
 
 from flowtok.cli import main
-from flowtok.flow import FlowTransformer, flow_preset
+from flowtok.config import preset
+from flowtok.flow import FLOW_PRESETS, FlowTransformer
 from flowtok.pipelines import FlowTokPipeline
 from flowtok.text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector, load_text_encoder
 from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
@@ -144,8 +145,8 @@ def pipe_dir(tmp_path_factory) -> Path:
     pipe = FlowTokPipeline(
         ImageTokenizer(replace(TOKENIZER_PRESETS["tiny"], text_dim=0)), load_text_encoder("minilm", max_length=K),
         TextProjector(replace(PROJECTOR_PRESETS["tiny"], latent_channels=C)),
-        FlowTransformer(flow_preset("tiny", num_tokens=K, in_channels=C)),
-        FlowTransformer(flow_preset("tiny", num_tokens=K, in_channels=C)),
+        FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=K, in_channels=C)),
+        FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=K, in_channels=C)),
         TextDecoder(replace(DECODER_PRESETS["tiny"], num_tokens=K, latent_channels=C)),
         defaults={"num_inference_steps": 1})
     return pipe.save_pretrained(tmp_path_factory.mktemp("runs") / "pipe")
