@@ -225,4 +225,6 @@ def test_huge_guidance_is_refused_not_blamed_on_the_weights(pipe_dir):
     pipe = FlowTokPipeline.from_pretrained(pipe_dir, device="cpu")
     with pytest.raises(InvalidInputError, match="guidance_scale"):
         pipe.text_to_image("a red circle", guidance_scale=1e30)
+    with pytest.raises(InvalidInputError, match="guidance_scale"):  # found by benchmarks/fuzz.py: a TypeError before
+        pipe.text_to_image("a red circle", guidance_scale=10**30)
     assert pipe.text_to_image("a red circle", guidance_scale=50.0, output_type="pt").shape == (1, 3, 32, 32)

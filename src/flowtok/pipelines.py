@@ -59,8 +59,9 @@ def _check_steps(steps: Any, name: str = "num_inference_steps") -> int:
 
 
 def _check_guidance(scale: Any) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale) \
-            or abs(scale) > MAX_GUIDANCE_SCALE:
+    # abs() first: np.isfinite raises TypeError on an int beyond int64 (10**30 from a pipeline.json).
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or abs(scale) > MAX_GUIDANCE_SCALE \
+            or not np.isfinite(scale):
         # 1e30 overflows the latents to inf, which would then be blamed on the weights.
         raise InvalidInputError(f"guidance_scale must be a number from -{MAX_GUIDANCE_SCALE:g} to "
                                 f"{MAX_GUIDANCE_SCALE:g}, got {scale!r}")
