@@ -287,14 +287,14 @@ def run_flowtok(name: str, args, shapes: Shapes, device: torch.device, dtype: to
 
                 def whole(sampler=sampler, states=states, batch=batch) -> dict[str, Any]:
                     def decode(lat: torch.Tensor) -> torch.Tensor:
-                        return torch.cat([to_uint8(tokenizer.decode(lat[i:i + args.decode_chunk],
-                                                                    states[i:i + args.decode_chunk]))
+                        return torch.cat([to_uint8(tokenizer.decode_from_flow(lat[i:i + args.decode_chunk],
+                                                                              states[i:i + args.decode_chunk]))
                                           for i in range(0, lat.shape[0], args.decode_chunk)])
 
                     @torch.no_grad()
                     def once() -> torch.Tensor:
                         z = projector(states, sample=True).z
-                        return decode(sampler(z) / tokenizer.scale_factor)
+                        return decode(sampler(z))
 
                     # One untimed whole run: warming the decoder on one chunk was not enough (the first
                     # pipeline call of a session measured 1.9 s against 0.5 s after, 2026-11-25).

@@ -87,7 +87,7 @@ def compute(args, out: Path, steps_grid: list[int], guid_grid: list[float]):
         i2t = json.loads(Path(args.i2t_from).read_text())
     else:
         i2t = bench.evaluate_i2t(cap_fn(steps0), n_per_group=args.n, batch_size=args.batch_size)
-    recon = bench.evaluate_recon(lambda x: pipe.tokenizer.decode(pipe.tokenizer.encode(x)).clamp(0, 1),
+    recon = bench.evaluate_recon(pipe.tokenizer.reconstruct,
                                  n=args.recon_n, batch_size=args.batch_size, fid=args.fid_n > 0)
     sweep: dict[str, dict] = {"t2i_steps": {}, "t2i_guidance": {}, "i2t_steps": {}}
     for s in steps_grid:

@@ -46,6 +46,27 @@ def text(b: int = 2) -> torch.Tensor:
     return torch.randn(b, TINY.text_len, TINY.text_dim, generator=torch.Generator().manual_seed(1))
 
 
+def test_the_tokenizer_owns_its_latent_scale_and_text_path() -> None:
+    """The flows' side of the tokenizer: scaled latents in, clamped images out, text states passed only
+    to a decoder that reads them."""
+    x = images()
+    torch.manual_seed(0)
+    model = ImageTokenizer(replace(TINY, scale_factor=2.5)).eval()
+    z = model.encode_for_flow(x)
+    torch.testing.assert_close(z, model.encode(x) * 2.5)
+    assert model.reads_text
+    out = model.decode_from_flow(z, text())
+    torch.testing.assert_close(out, model.decode(z / 2.5, text()).clamp(0, 1))
+    assert out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out, model.decode_from_flow(z))  # the text states were really read
+    torch.testing.assert_close(model.reconstruct(x, text()), model.decode(model.encode(x), text()).clamp(0, 1))
+    blind = ImageTokenizer(replace(TINY, text_dim=0)).eval()
+    assert not blind.reads_text
+    zb = blind.encode_for_flow(x)
+    # a text-blind decoder is handed the text states all the same and ignores them, where decode() refuses
+    torch.testing.assert_close(blind.decode_from_flow(zb, text()), blind.decode_from_flow(zb))
+
+
 # -- shapes and the posterior ---------------------------------------------------------------------
 
 def test_encode_decode_shapes(model: ImageTokenizer) -> None:

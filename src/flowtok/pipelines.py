@@ -275,13 +275,11 @@ class FlowTokPipeline:
     @torch.no_grad()
     def encode_image(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
         """Scaled image latents [B, K, C] (t = 1 of the T2I flow, t = 0 of the I2T flow)."""
-        return self.tokenizer.encode(self._image_tensor(images)) * self.tokenizer.scale_factor
+        return self.tokenizer.encode_for_flow(self._image_tensor(images))
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, text_states: torch.Tensor | None = None) -> torch.Tensor:
-        if self.tokenizer.config.text_dim == 0:
-            text_states = None
-        return self.tokenizer.decode(latents / self.tokenizer.scale_factor, text_states=text_states).clamp(0, 1)
+        return self.tokenizer.decode_from_flow(latents, text_states)
 
     # ------------------------------------------------------------------------------------ sampling
     def _solve(self, model, x0: torch.Tensor, steps: int, guidance: float, sampler: str, progress: bool,
@@ -361,7 +359,7 @@ class FlowTokPipeline:
         bs = _check_batch_size(batch_size, x.shape[0])
         captions: list[str] = []
         for i in range(0, x.shape[0], bs):
-            lat = self.tokenizer.encode(x[i:i + bs]) * self.tokenizer.scale_factor
+            lat = self.tokenizer.encode_for_flow(x[i:i + bs])
             z = self._solve(self.i2t_flow, lat, steps, guidance, sampler, progress)
             captions.extend(self.caption_latents(z))
         return captions

@@ -44,11 +44,9 @@ def load_reconstructor(model: str | None, device: str | None):
         tok, where = pipe.tokenizer, str(pipe.model_path)
     param = next(tok.parameters())
 
-    @torch.no_grad()
     def reconstruct(images: torch.Tensor) -> torch.Tensor:
-        x = images.to(param.device, param.dtype)
-        text_states = None  # no captions for plain images: the decoder's "no text" input
-        return tok.decode(tok.encode(x), text_states=text_states).float().clamp(0, 1).cpu()
+        # No captions for plain images: the decoder's "no text" input.
+        return tok.reconstruct(images.to(param.device, param.dtype)).float().cpu()
 
     return reconstruct, int(tok.config.image_size), where
 

@@ -3,7 +3,8 @@
 Encoder (a ViT): ``[patch tokens ; K learned latent tokens]`` -> transformer -> the K latent outputs ->
 ``2C`` channels (mean, logvar) per token. Decoder (a ViT): ``[grid**2 mask tokens ; K latent tokens ;
 L text tokens]`` -> transformer -> the grid outputs -> pixels. Images are ``[B, 3, H, W]`` in [0, 1];
-latents are ``[B, K, C]``, unscaled (multiply by :attr:`ImageTokenizer.scale_factor` before the flow).
+latents are ``[B, K, C]``, unscaled; the flows see them through :meth:`ImageTokenizer.encode_for_flow` and
+:meth:`ImageTokenizer.decode_from_flow`, which apply the latent scale factor.
 
 Upstream facts matched (FlowTok re-implementation, commit d4d43c5: ``libs/flowtitok.py``,
 ``libs/model/blocks.py`` for ``FlowTiTokEncoder``/``FlowTiTokDecoder``, ``libs/model/pos_embed.py``
@@ -33,7 +34,8 @@ for the RoPE actually used, ``libs/model/swiglu.py``; the paper and configs for 
   through ``ln_post``, a 1x1 conv width -> p*p*3 (here a Linear), an unpatchify whose channel order is
   ``(p_row, p_col, rgb)``, and a final 3x3 conv 3 -> 3 (padding 1, bias).
 - Init: Linear/Conv weights trunc-normal std 0.02, biases 0, LayerNorm 1/0.
-- Latent scale factor 1.0143 (``config.vq_model.scale_factor``), applied outside the tokenizer.
+- Latent scale factor 1.0143 (``config.vq_model.scale_factor``), applied outside the tokenizer upstream;
+  here the tokenizer owns it (``encode_for_flow`` / ``decode_from_flow``), so no caller multiplies.
 - Sizes: encoder ViT-B (768, 12 layers, 12 heads), decoder ViT-L (1024, 24, 16), patch 16, K 77,
   C 16, for both the 256 px and the released 512 px tokenizer (``FlowTok-*-Stage3.py``: crop 512).
 
@@ -333,8 +335,13 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
 
     @property
     def scale_factor(self) -> float:
-        """Multiply latents by this before flow matching; divide generated latents by it before decode."""
+        """Flow latents are unscaled latents times this (applied by :meth:`scale_latents`)."""
         return self.config.scale_factor
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether the decoder has a text path (``text_dim > 0``) and so reads the prompt's text states."""
+        return self.config.text_dim > 0
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -417,6 +424,33 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
         latents = latents.to(dtype)
         text = self._text_or_zeros(text_states, latents.shape[0], latents)
         return self.decoder(latents, text)
+
+    # -- the flows' side: scaled latents ---------------------------------------------------------
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (from :meth:`encode` or pre-tokenised shards) -> the flows' unit-variance latents."""
+        return latents * self.scale_factor
+
+    def encode_for_flow(self, images: torch.Tensor, sample: bool = False,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> the flows' latents ``[B, K, C]`` (:meth:`encode`, then scaled)."""
+        return self.scale_latents(self.encode(images, sample=sample, generator=generator))
+
+    def decode_from_flow(self, latents: torch.Tensor, text_states: torch.Tensor | None = None) -> torch.Tensor:
+        """The flows' latents ``[B, K, C]`` -> images ``[B, 3, H, W]`` clamped to [0, 1].
+
+        ``text_states`` are the prompt's text states; they are passed to the decoder only if it
+        :attr:`reads_text`, so a caller hands over what it has and never branches on the config.
+        """
+        return self._decode_clamped(latents / self.scale_factor, text_states)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, text_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> their reconstruction from the posterior mode, clamped to [0, 1]; ``text_states``
+        as in :meth:`decode_from_flow` (None: the decoder's "no text" input)."""
+        return self._decode_clamped(self.encode(images), text_states)
+
+    def _decode_clamped(self, latents: torch.Tensor, text_states: torch.Tensor | None) -> torch.Tensor:
+        return self.decode(latents, text_states if self.reads_text else None).clamp(0.0, 1.0)
 
     def forward(self, images: torch.Tensor, text_states: torch.Tensor | None = None,
                 sample: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:

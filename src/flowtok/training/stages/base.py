@@ -88,8 +88,9 @@ def load_frozen_tokenizer(path: str, device: torch.device) -> ImageTokenizer:
 
 def image_latents(batch: dict[str, Any], tokenizer: ImageTokenizer) -> torch.Tensor:
     """Scaled image latents of a batch: pre-tokenised (stored unscaled) or encoded from its images."""
-    raw = batch["image_latents_raw"] if "image_latents_raw" in batch else tokenizer.encode(batch["images"])
-    return raw * tokenizer.scale_factor
+    if "image_latents_raw" in batch:
+        return tokenizer.scale_latents(batch["image_latents_raw"])
+    return tokenizer.encode_for_flow(batch["images"])
 
 
 def flow_bins(info: dict[str, Any]) -> dict[str, torch.Tensor]:

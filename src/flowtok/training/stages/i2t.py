@@ -121,8 +121,7 @@ class I2TStage(Stage):
     @torch.no_grad()
     def caption(self, images: torch.Tensor, steps: int, guidance: float) -> list[str]:
         assert self.decoder is not None, "caption() needs model.decoder_path"
-        tok = self.tokenizer
-        lat = tok.encode(images) * tok.scale_factor
+        lat = self.tokenizer.encode_for_flow(images)
         z = euler_sample(self.flow, lat, num_steps=steps, guidance_scale=guidance)
         return self.decoder.decode(z, self.encoder)
 

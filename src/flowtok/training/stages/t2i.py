@@ -127,9 +127,7 @@ class T2IStage(Stage):
         ts = self.encoder.encode(captions)
         z = self.proj(ts.states.float(), ts.mask, sample=False).z
         lat = euler_sample(self.flow, z, num_steps=steps, guidance_scale=guidance)
-        tok = self.tokenizer
-        text = ts.states.float() if tok.config.text_dim > 0 else None
-        return tok.decode(lat / tok.scale_factor, text_states=text).clamp(0, 1)
+        return self.tokenizer.decode_from_flow(lat, ts.states.float())
 
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

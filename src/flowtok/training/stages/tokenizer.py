@@ -63,7 +63,7 @@ class TokenizerStage(Stage):
     def setup(self, device: torch.device) -> None:
         super().setup(device)
         self.source = build_source(self.data_cfg, self.seed, device)
-        if self.tokenizer.config.text_dim > 0:
+        if self.tokenizer.reads_text:
             self.encoder = load_text_encoder(self.cfg.text_encoder, max_length=self.tokenizer.config.num_latent_tokens,
                                              device=device)
 
@@ -96,8 +96,7 @@ class TokenizerStage(Stage):
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         images, captions, scenes = self.shapes.test_batch(self.cfg.eval_images, 10_000, self.device)
-        lat = self.tokenizer.encode(images)
-        recon = self.tokenizer.decode(lat, text_states=self._text(captions)).clamp(0, 1)
+        recon = self.tokenizer.reconstruct(images, text_states=self._text(captions))
         mse = torch.mean((recon.float() - images.float()) ** 2, dim=(1, 2, 3))
         psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
         grid = image_grid(torch.cat([images[:8], recon[:8]]).float())
