@@ -12,7 +12,7 @@ import torch
 from ...config import preset
 from ...errors import ConfigError
 from ...flow import FLOW_PRESETS, FlowObjective, FlowObjectiveConfig, FlowTransformer
-from ...sampling import euler_sample
+from ...pipelines import FlowTokPipeline
 from ...text import TextDecoder, TextEncoder, TextEncoderSpec, TextProjector, load_text_encoder
 from ...tokenizer import ImageTokenizer
 from ..data import BatchSource, DataConfig, LatentSource, build_source
@@ -121,9 +121,8 @@ class I2TStage(Stage):
     @torch.no_grad()
     def caption(self, images: torch.Tensor, steps: int, guidance: float) -> list[str]:
         assert self.decoder is not None, "caption() needs model.decoder_path"
-        lat = self.tokenizer.encode_for_flow(images)
-        z = euler_sample(self.flow, lat, num_steps=steps, guidance_scale=guidance)
-        return self.decoder.decode(z, self.encoder)
+        pipe = FlowTokPipeline(self.tokenizer, self.encoder, self.projector, i2t_flow=self.flow, text_decoder=self.decoder)
+        return pipe.image_to_text(images, num_inference_steps=steps, guidance_scale=guidance)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

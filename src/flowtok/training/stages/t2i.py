@@ -12,7 +12,7 @@ import torch
 from ...config import preset
 from ...errors import ConfigError
 from ...flow import FLOW_PRESETS, FlowObjective, FlowObjectiveConfig, FlowTransformer
-from ...sampling import euler_sample
+from ...pipelines import FlowTokPipeline
 from ...text import PROJECTOR_PRESETS, TextEncoder, TextEncoderSpec, TextProjector, load_text_encoder
 from ...tokenizer import ImageTokenizer
 from ..data import BatchSource, DataConfig, build_source
@@ -124,10 +124,10 @@ class T2IStage(Stage):
 
     @torch.no_grad()
     def generate(self, captions: list[str], steps: int, guidance: float) -> torch.Tensor:
-        ts = self.encoder.encode(captions)
-        z = self.proj(ts.states.float(), ts.mask, sample=False).z
-        lat = euler_sample(self.flow, z, num_steps=steps, guidance_scale=guidance)
-        return self.tokenizer.decode_from_flow(lat, ts.states.float())
+        """Images [B, 3, H, W] in [0, 1] on the stage's device: the pipeline's text-to-image path."""
+        pipe = FlowTokPipeline(self.tokenizer, self.encoder, self.proj, t2i_flow=self.flow)
+        return pipe.text_to_image(captions, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                                  sample_text_latent=False).to(self.device)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

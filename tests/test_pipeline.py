@@ -1,0 +1,61 @@
+"""FlowTokPipeline on untrained tiny components (CPU, seconds): the one inference path, its defaults,
+its input/output processing and the Hub round trip of every component."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from flowtok.flow import FlowTransformer, flow_preset
+from flowtok.pipelines import FlowTokPipeline
+from flowtok.text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector, load_text_encoder
+from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
+
+K, C = 4, 4
+
+
+def _pipeline(text_dim: int) -> FlowTokPipeline:
+    torch.manual_seed(0)
+    encoder = load_text_encoder("minilm", max_length=K)
+    tok = ImageTokenizer(replace(TOKENIZER_PRESETS["tiny"], text_dim=text_dim, text_len=K))
+    flows = [FlowTransformer(flow_preset("tiny", num_tokens=K, in_channels=C)) for _ in range(2)]
+    with torch.no_grad():  # a freshly built flow's output layer is zero (adaLN-Zero): give it a velocity field
+        for p in (p for f in flows for p in f.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+        if tok.reads_text:  # and make the decoder's text path matter as much as a trained one's
+            tok.decoder.text_proj.weight.normal_(0, 1)
+            tok.decoder.to_pixels.weight.normal_(0, 0.5)
+    return FlowTokPipeline(
+        tok, encoder, TextProjector(replace(PROJECTOR_PRESETS["tiny"], latent_channels=C)), *flows,
+        TextDecoder(replace(DECODER_PRESETS["tiny"], num_tokens=K, latent_channels=C))).to("cpu")
+
+
+@pytest.fixture(scope="module")
+def reading() -> FlowTokPipeline:
+    """A pipeline whose image decoder reads the prompt's text states (the paper's tokenizer)."""
+    return _pipeline(text_dim=load_text_encoder("minilm", max_length=K).dim)
+
+
+def test_interpolation_frames_decode_with_the_prompts_text_states(reading):
+    """Frame 0 between two prompts is the image text_to_image draws for the first prompt: same text latent
+    AND same text states for the decoder (it used to decode every frame under the zero-text input)."""
+    kw = {"num_inference_steps": 2, "guidance_scale": 2.0, "output_type": "pt"}
+    frames = reading.interpolate("a red circle", "a blue square", num_frames=3, **kw)
+    first = reading.text_to_image("a red circle", sample_text_latent=False, **kw)
+    last = reading.text_to_image("a blue square", sample_text_latent=False, **kw)
+    torch.testing.assert_close(frames[:1], first, atol=1e-5, rtol=0)
+    torch.testing.assert_close(frames[2:], last, atol=1e-5, rtol=0)
+    # and from an image: its caption's text states, so every frame reads text
+    image = reading.text_to_image("a green star", output_type="pt", num_inference_steps=1)
+    assert reading.interpolate("a red circle", image, num_frames=2, **kw).shape == (2, 3, 32, 32)
+
+
+def test_interpolation_honours_the_sampler(reading):
+    kw = {"num_inference_steps": 2, "output_type": "pt"}
+    heun = reading.interpolate("a red circle", "a blue square", num_frames=2, sampler="heun", **kw)
+    euler = reading.interpolate("a red circle", "a blue square", num_frames=2, sampler="euler", **kw)
+    heun_first = reading.text_to_image("a red circle", sample_text_latent=False, sampler="heun", **kw)
+    torch.testing.assert_close(heun[:1], heun_first, atol=1e-5, rtol=0)
+    assert not torch.allclose(heun, euler)
