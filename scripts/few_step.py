@@ -58,7 +58,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     steps_grid = [int(s) for s in args.steps.split(",")]
     pipe = FlowTokPipeline.from_pretrained(args.model, device="cpu")
-    g0 = pipe.defaults["guidance_scale"]
+    g0 = pipe.defaults.guidance_scale
     flows = {"t2i": {"teacher": pipe.t2i_flow}, "i2t": {"teacher": pipe.i2t_flow}}
     for key, path in (("t2i", args.t2i_student), ("i2t", args.i2t_student)):
         if path:

@@ -62,7 +62,7 @@ def _few_step_section(fs: dict) -> list[str]:
 def compute(args, out: Path, steps_grid: list[int], guid_grid: list[float]):
     """Run every evaluation of the page; writes and returns the result records."""
     pipe = FlowTokPipeline.from_pretrained(args.model, device="cpu")
-    steps0, g0 = pipe.defaults["num_inference_steps"], pipe.defaults["guidance_scale"]
+    steps0, g0 = pipe.defaults.num_inference_steps, pipe.defaults.guidance_scale
 
     def gen_fn(steps: int, guidance: float):
         return lambda prompts, generator: pipe.text_to_image(list(prompts), num_inference_steps=steps,
@@ -87,7 +87,7 @@ def compute(args, out: Path, steps_grid: list[int], guid_grid: list[float]):
         i2t = json.loads(Path(args.i2t_from).read_text())
     else:
         i2t = bench.evaluate_i2t(cap_fn(steps0), n_per_group=args.n, batch_size=args.batch_size)
-    recon = bench.evaluate_recon(pipe.tokenizer.reconstruct,
+    recon = bench.evaluate_recon(pipe.image_tokenizer.reconstruct,
                                  n=args.recon_n, batch_size=args.batch_size, fid=args.fid_n > 0)
     sweep: dict[str, dict] = {"t2i_steps": {}, "t2i_guidance": {}, "i2t_steps": {}}
     for s in steps_grid:

@@ -3,13 +3,18 @@ its input/output processing and the Hub round trip of every component."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
+from flowtok.cli import main
+from flowtok.errors import CheckpointError
 from flowtok.flow import FlowTransformer, flow_preset
-from flowtok.pipelines import FlowTokPipeline
+from flowtok.pipelines import FlowTokPipeline, SamplingDefaults
 from flowtok.text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector, load_text_encoder
 from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
 
@@ -59,3 +64,57 @@ def test_interpolation_honours_the_sampler(reading):
     heun_first = reading.text_to_image("a red circle", sample_text_latent=False, sampler="heun", **kw)
     torch.testing.assert_close(heun[:1], heun_first, atol=1e-5, rtol=0)
     assert not torch.allclose(heun, euler)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A saved pipeline whose own sampling defaults differ from the code's."""
+    pipe = _pipeline(text_dim=0)
+    pipe.defaults = SamplingDefaults(num_inference_steps=3, guidance_scale=3.0, sampler="heun")
+    return pipe.save_pretrained(tmp_path_factory.mktemp("pipe") / "p")
+
+
+def test_the_folders_sampling_defaults_win_and_every_caller_reads_them(folder, tmp_path, capsys):
+    pipe = FlowTokPipeline.from_pretrained(folder, device="cpu")
+    assert pipe.defaults == SamplingDefaults(num_inference_steps=3, guidance_scale=3.0, sampler="heun")
+    assert SamplingDefaults().guidance_scale == 2.0  # the code's default, overruled by the folder
+    implicit = pipe.text_to_image("a red circle", output_type="pt", sample_text_latent=False)
+    explicit = pipe.text_to_image("a red circle", output_type="pt", sample_text_latent=False,
+                                  num_inference_steps=3, guidance_scale=3.0, sampler="heun")
+    assert torch.equal(implicit, explicit)
+    assert not torch.equal(implicit, pipe.text_to_image("a red circle", output_type="pt", sample_text_latent=False,
+                                                        guidance_scale=2.0))
+    # flowtok eval records the settings it sampled with: the folder's
+    out = tmp_path / "t2i.json"
+    assert main(["eval", "t2i", "--model", str(folder), "--device", "cpu", "--n", "1", "--objects", "1",
+                 "--split", "seen", "--fid-n", "0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["sampling"] == {"num_inference_steps": 3, "guidance_scale": 3.0,
+                                                       "sampler": "heun"}
+    capsys.readouterr()
+    from flowtok.pipelines import BUNDLED_MODEL
+
+    bundled = json.loads((BUNDLED_MODEL / "pipeline.json").read_text())["defaults"]
+    assert FlowTokPipeline.from_pretrained(device="cpu").defaults.guidance_scale == bundled["guidance_scale"] == 3.0
+
+
+@pytest.mark.parametrize("defaults", [{"guidance_scale": "loud"}, {"num_inference_steps": 0}, {"steps": 20}, [20]])
+def test_bad_sampling_defaults_in_a_folder_are_one_checkpoint_error(folder, tmp_path, defaults):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    spec = json.loads((bad / "pipeline.json").read_text())
+    (bad / "pipeline.json").write_text(json.dumps({**spec, "defaults": defaults}))
+    with pytest.raises(CheckpointError) as exc:
+        FlowTokPipeline.from_pretrained(bad, device="cpu")
+    assert "pipeline.json" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_each_public_method_checks_its_prompts_once(folder, monkeypatch):
+    import flowtok.pipelines as pipelines
+
+    pipe = FlowTokPipeline.from_pretrained(folder, device="cpu")
+    calls = []
+    real = pipelines.check_prompts
+    monkeypatch.setattr(pipelines, "check_prompts", lambda p: calls.append(p) or real(p))
+    pipe.text_to_image(["a red circle", "a blue square"], num_inference_steps=1, batch_size=1)
+    assert len(calls) == 1
+    assert pipe.image_tokenizer is pipe.__dict__["image_tokenizer"] and not hasattr(pipe, "tokenizer")

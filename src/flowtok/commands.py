@@ -155,20 +155,21 @@ def _showcase(args: argparse.Namespace) -> int:
         prompts = args.prompts or DEFAULT_SHOWCASE_PROMPTS
         t0 = time.perf_counter()
         gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
-        images = pipe.text_to_image(prompts, generator=gen, num_inference_steps=args.steps)
+        steps = pipe.defaults.override(num_inference_steps=args.steps).num_inference_steps
+        images = pipe.text_to_image(prompts, generator=gen, num_inference_steps=steps)
         t_gen = time.perf_counter() - t0
         items = []
         for i, (p, img) in enumerate(zip(prompts, images)):
             _atomic_save_image(img, out / "images" / f"t2i-{i}.png")
             items.append((f"images/t2i-{i}.png", p))
             print(f"text->image: {p!r} -> {out / 'images' / f't2i-{i}.png'}")
-        sections.append((f"Text to image ({len(prompts)} images, {args.steps} steps, {t_gen:.1f} s)", items))
+        sections.append((f"Text to image ({len(prompts)} images, {steps} steps, {t_gen:.1f} s)", items))
         if pipe.i2t_flow is not None and pipe.text_decoder is not None:
             rng = np.random.default_rng(args.seed)
             scenes = [shapes.sample_scene(rng, split="test") for _ in range(args.n_captions)]
-            real = [shapes.render(s, size=pipe.tokenizer.config.image_size) for s in scenes]
+            real = [shapes.render(s, size=pipe.image_tokenizer.config.image_size) for s in scenes]
             t0 = time.perf_counter()
-            caps = pipe.image_to_text(real, num_inference_steps=args.steps)
+            caps = pipe.image_to_text(real, num_inference_steps=steps)
             t_cap = time.perf_counter() - t0
             items = []
             for i, (img, cap) in enumerate(zip(real, caps)):
@@ -254,20 +255,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="out.png", help="output file; with --n > 1, -0, -1, ... are appended")
     p.add_argument("--n", type=int, default=1, help="number of images")
     p.add_argument("--batch-size", type=int, default=16, help="images generated at once (memory grows with it)")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 20 for the bundle)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["euler", "heun", "euler-upstream"], default="euler",
-                   help="euler-upstream: the FlowTok release's grid, to reproduce its samples")
+    p.add_argument("--sampler", choices=["euler", "heun", "euler-upstream"], default=None,
+                   help="ODE solver (default: the model's); euler-upstream: the FlowTok release's grid, "
+                        "to reproduce its samples")
     _add_model_args(p)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("caption", help="image -> text", description="Print one caption per image on stdout.")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's, 20 for the bundle)")
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--sampler", choices=["euler", "heun", "euler-upstream"], default="euler",
-                   help="euler-upstream: the FlowTok release's grid, to reproduce its samples")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--sampler", choices=["euler", "heun", "euler-upstream"], default=None,
+                   help="ODE solver (default: the model's); euler-upstream: the FlowTok release's grid, "
+                        "to reproduce its samples")
     p.add_argument("--with-names", action="store_true", help="print 'file<TAB>caption'")
     _add_model_args(p)
     p.set_defaults(func=_caption)
@@ -276,7 +279,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--prompts", nargs="*", default=None)
     p.add_argument("--n-captions", type=int, default=4)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     _add_model_args(p)
     p.set_defaults(func=_showcase)

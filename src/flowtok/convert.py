@@ -26,7 +26,6 @@ implemented here by :func:`convert_tokenizer_state_dict`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -40,7 +39,6 @@ from typing import Any
 
 import torch
 
-from .config import atomic_write_text
 from .errors import CheckpointError, InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -49,8 +47,6 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 FLOW_KINDS = {"flow-xl": "FlowTok-XL", "flow-h": "FlowTok-H"}
 TOKENIZER_KINDS = {"tokenizer-512": "flowtitok-512"}
 KINDS = (*FLOW_KINDS, *TOKENIZER_KINDS)
-# Upstream's evaluation settings (configs/*: sample.sample_steps=20, sample.scale=2).
-PIPELINE_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 2.0}
 
 # Keys under which training tools nest a state dict, most useful first: EMA weights are the ones
 # upstream samples with during training.
@@ -346,7 +342,7 @@ def convert_flow(path: str | os.PathLike, out: str | os.PathLike, kind: str,
     and ``tokenizer`` when a converted tokenizer folder is given)."""
     from .config import preset
     from .flow import FLOW_PRESETS, FlowTransformer
-    from .pipelines import PIPELINE_FILE, assemble_pipeline
+    from .pipelines import SamplingDefaults, assemble_pipeline, write_pipeline_spec
     from .text import PROJECTOR_PRESETS, TextEncoderSpec, TextProjector
     from .tokenizer import ImageTokenizer
 
@@ -392,13 +388,10 @@ def convert_flow(path: str | os.PathLike, out: str | os.PathLike, kind: str,
         # assemble_pipeline re-loads every component, so a folder that would not load fails now.
         return assemble_pipeline(out, {"tokenizer": tokenizer, "text_projector": out / "text_projector",
                                        "t2i_flow": out / "t2i_flow"},
-                                 text_encoder=text_encoder, defaults=PIPELINE_DEFAULTS, dtype=dtype)
+                                 text_encoder=text_encoder, defaults=SamplingDefaults(), dtype=dtype)
     # The same pipeline.json as assemble_pipeline writes; FlowTokPipeline needs a tokenizer before it loads.
-    spec = {"pipeline_type": "flowtok", "components": {"text_projector": "text_projector", "t2i_flow": "t2i_flow"},
-            "text_encoder": text_encoder,
-            "defaults": {"num_inference_steps": 20, "guidance_scale": 2.0, "caption_guidance_scale": 1.0,
-                         **PIPELINE_DEFAULTS}}
-    atomic_write_text(out / PIPELINE_FILE, json.dumps(spec, indent=2) + "\n")
+    write_pipeline_spec(out, {"text_projector": "text_projector", "t2i_flow": "t2i_flow"}, text_encoder,
+                        SamplingDefaults())
     log.warning("no --tokenizer given: %s is not a complete pipeline yet; convert FlowTiTok_512.bin "
                 "(--kind tokenizer-512) and pass its folder with --tokenizer", out)
     return out

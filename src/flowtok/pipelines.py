@@ -7,73 +7,100 @@ and ``pipeline.json`` naming them, the text encoder to load, and the default sam
       pipeline.json
       tokenizer/  text_projector/  t2i_flow/  i2t_flow/  text_decoder/
 
-The pipeline only orchestrates: the models live in :mod:`flowtok.tokenizer`, :mod:`flowtok.text`
-and :mod:`flowtok.flow`; the ODE solvers in :mod:`flowtok.sampling`.
+The image tokenizer's folder keeps the name ``tokenizer/`` (every pipeline folder and training export
+already has it); in Python it is ``pipe.image_tokenizer``, since diffusers users read ``tokenizer`` as
+the text tokenizer. The pipeline only orchestrates: the models live in :mod:`flowtok.tokenizer`,
+:mod:`flowtok.text` and :mod:`flowtok.flow`, the ODE solvers in :mod:`flowtok.sampling`, input and
+output conversion in :mod:`flowtok.processing`. Each public method checks its arguments once.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import unicodedata
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .config import atomic_write_text
 from .errors import CheckpointError, InvalidInputError
+from .processing import (
+    MAX_PROMPT_CHARS,
+    ImageInput,
+    ImageOutput,
+    ImageProcessor,
+    OutputType,
+    check_output_type,
+    check_prompts,
+)
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .flow import FlowTransformer
+    from .text import TextDecoder, TextEncoder, TextProjector
+    from .tokenizer import ImageTokenizer
+
+__all__ = ["BUNDLED_MODEL", "COMPONENTS", "MAX_PROMPT_CHARS", "FlowTokPipeline", "SamplingDefaults",
+           "assemble_pipeline", "resolve_model_path", "write_pipeline_spec"]
 
 PIPELINE_FILE = "pipeline.json"
 BUNDLED_MODEL = Path(__file__).parent / "pretrained" / "flowtok-shapes"
-MAX_PROMPT_CHARS = 4096  # far beyond any text encoder's window; longer input is a mistake, not a prompt
 MAX_GUIDANCE_SCALE = 100.0  # the paper uses 1.5-3; far beyond, latents overflow
 MAX_INFERENCE_STEPS = 1000  # the paper samples with tens of steps; a million is a typo that would look like a hang
-COMPONENTS = ("tokenizer", "text_projector", "t2i_flow", "i2t_flow", "text_decoder")
-
-ImageInput = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
-
-
-def _clean_prompt(prompt: Any, index: int) -> str:
-    if not isinstance(prompt, str):
-        raise InvalidInputError(f"prompt {index} is a {type(prompt).__name__}, expected a string")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise InvalidInputError(f"prompt {index} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-    # Control characters carry no meaning for the text encoder; collapse them to spaces.
-    text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in prompt)
-    text = " ".join(text.split())
-    if not text:
-        raise InvalidInputError(f"prompt {index} is empty")
-    return text
+# pipeline attribute -> its sub-folder and its key in pipeline.json
+COMPONENTS = {"image_tokenizer": "tokenizer", "text_projector": "text_projector", "t2i_flow": "t2i_flow",
+              "i2t_flow": "i2t_flow", "text_decoder": "text_decoder"}
+# euler-upstream: the FlowTok release's grid, to reproduce its samples (flowtok.sampling.upstream_euler_sample)
+Sampler = Literal["euler", "heun", "euler-upstream"]
 
 
-def _check_steps(steps: Any, name: str = "num_inference_steps") -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_INFERENCE_STEPS:
-        raise InvalidInputError(f"{name} must be an integer from 1 to {MAX_INFERENCE_STEPS}, got {steps!r}")
-    return int(steps)
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling settings a call uses when it leaves them out. These are upstream's evaluation settings
+    (``sample.sample_steps=20``, ``sample.scale=2``); a pipeline folder's ``pipeline.json`` ``"defaults"``
+    override them field by field (the bundled model samples at guidance 3.0). The CLI, the demo and
+    ``flowtok eval`` read them from ``pipe.defaults``; the training stages evaluate with them too."""
 
+    num_inference_steps: int = 20
+    guidance_scale: float = 2.0  # text to image
+    caption_guidance_scale: float = 1.0  # image to text
+    sampler: Sampler = "euler"
 
-def _check_guidance(scale: Any) -> float:
-    # abs() first: np.isfinite raises TypeError on an int beyond int64 (10**30 from a pipeline.json).
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or abs(scale) > MAX_GUIDANCE_SCALE \
-            or not np.isfinite(scale):
-        # 1e30 overflows the latents to inf, which would then be blamed on the weights.
-        raise InvalidInputError(f"guidance_scale must be a number from -{MAX_GUIDANCE_SCALE:g} to "
-                                f"{MAX_GUIDANCE_SCALE:g}, got {scale!r}")
-    return float(scale)
+    def __post_init__(self) -> None:
+        steps = self.num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_INFERENCE_STEPS:
+            raise InvalidInputError(f"num_inference_steps must be an integer from 1 to {MAX_INFERENCE_STEPS}, "
+                                    f"got {steps!r}")
+        for name in ("guidance_scale", "caption_guidance_scale"):
+            scale = getattr(self, name)
+            # abs() first: np.isfinite raises TypeError on an int beyond int64 (10**30 from a pipeline.json);
+            # 1e30 overflows the latents to inf, which would then be blamed on the weights.
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or abs(scale) > MAX_GUIDANCE_SCALE \
+                    or not np.isfinite(scale):
+                raise InvalidInputError(f"{name} must be a number from -{MAX_GUIDANCE_SCALE:g} to "
+                                        f"{MAX_GUIDANCE_SCALE:g}, got {scale!r}")
+        if self.sampler not in get_args(Sampler):
+            raise InvalidInputError(f"sampler must be one of {', '.join(get_args(Sampler))}, got {self.sampler!r}")
 
+    def override(self, **values: Any) -> SamplingDefaults:
+        """These settings with every non-None value of ``values`` in place (checked)."""
+        unknown = sorted(set(values) - {f.name for f in fields(self)})
+        if unknown:
+            raise InvalidInputError(f"unknown sampling setting '{unknown[0]}' "
+                                    f"(known: {', '.join(f.name for f in fields(self))})")
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
 
-def _check_batch_size(batch_size: int | None, n: int) -> int:
-    if batch_size is None:
-        return n
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
+    @classmethod
+    def from_json(cls, data: Any, source: str) -> SamplingDefaults:
+        """``pipeline.json``'s ``"defaults"`` over the class's; unknown keys or bad values are a CheckpointError."""
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: \"defaults\" must be a JSON object, got {type(data).__name__}")
+        try:
+            return cls().override(**data)
+        except InvalidInputError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
 
 
 def _component_classes() -> dict[str, type]:
@@ -82,7 +109,7 @@ def _component_classes() -> dict[str, type]:
     from .text import TextDecoder, TextProjector
     from .tokenizer import ImageTokenizer
 
-    return {"tokenizer": ImageTokenizer, "text_projector": TextProjector, "t2i_flow": FlowTransformer,
+    return {"image_tokenizer": ImageTokenizer, "text_projector": TextProjector, "t2i_flow": FlowTransformer,
             "i2t_flow": FlowTransformer, "text_decoder": TextDecoder}
 
 
@@ -100,12 +127,20 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     text = str(path)
     if text.count("/") == 1 and not text.startswith((".", "/")):
         try:
-            from huggingface_hub import snapshot_download
+            import huggingface_hub
 
-            return Path(snapshot_download(text))
+            return Path(huggingface_hub.snapshot_download(text))
         except Exception as exc:  # noqa: BLE001 - offline, missing repo, auth: all one user-facing message
             raise CheckpointError(f"cannot get '{text}' from the Hugging Face Hub: {type(exc).__name__}") from None
     raise CheckpointError(f"model folder not found: {p}")
+
+
+def write_pipeline_spec(root: Path, components: dict[str, str], text_encoder: dict[str, Any],
+                        defaults: SamplingDefaults) -> None:
+    """``pipeline.json``: the component folders (keyed by folder name), the text encoder, the sampling defaults."""
+    spec = {"pipeline_type": "flowtok", "components": components, "text_encoder": text_encoder,
+            "defaults": asdict(defaults)}
+    atomic_write_text(Path(root) / PIPELINE_FILE, json.dumps(spec, indent=2) + "\n")
 
 
 class FlowTokPipeline:
@@ -118,71 +153,72 @@ class FlowTokPipeline:
         captions = pipe.image_to_text(images)
     """
 
-    def __init__(self, tokenizer, text_encoder, text_projector, t2i_flow=None, i2t_flow=None,
-                 text_decoder=None, text_encoder_spec: dict[str, Any] | None = None,
-                 defaults: dict[str, Any] | None = None) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, image_tokenizer: ImageTokenizer, text_encoder: TextEncoder, text_projector: TextProjector,
+                 t2i_flow: FlowTransformer | None = None, i2t_flow: FlowTransformer | None = None,
+                 text_decoder: TextDecoder | None = None, text_encoder_spec: dict[str, Any] | None = None,
+                 defaults: SamplingDefaults | dict[str, Any] | None = None) -> None:
+        self.image_tokenizer = image_tokenizer
         self.text_encoder = text_encoder
         self.text_projector = text_projector
         self.t2i_flow = t2i_flow
         self.i2t_flow = i2t_flow
         self.text_decoder = text_decoder
         self.text_encoder_spec = text_encoder_spec or {"name": "minilm"}
-        self.defaults = {"num_inference_steps": 20, "guidance_scale": 2.0, "caption_guidance_scale": 1.0,
-                         **(defaults or {})}
+        if not isinstance(defaults, SamplingDefaults):
+            defaults = SamplingDefaults().override(**(defaults or {}))
+        self.defaults = defaults
+        self.image_processor = ImageProcessor(image_tokenizer.config.image_size)
         self.model_path: Path | None = None
         # Where the components already are: a training stage builds a pipeline around the modules it
         # trains, and the pipeline must neither move them nor switch them to eval mode.
-        param = next(tokenizer.parameters())
+        param = next(image_tokenizer.parameters())
         self.device, self.dtype = param.device, param.dtype
 
     # ------------------------------------------------------------------------------- loading / saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> FlowTokPipeline:
+        """A pipeline folder, a Hub id, or (None) the bundled model; on CUDA when available unless ``device``."""
         from .model_checks import check_components, read_pipeline_spec
         from .text import load_text_encoder
 
         root = resolve_model_path(path)
-        spec = read_pipeline_spec(root / PIPELINE_FILE, COMPONENTS)
+        spec = read_pipeline_spec(root / PIPELINE_FILE, tuple(COMPONENTS.values()))
         comps = spec.get("components", {})
-        classes = _component_classes()
         loaded: dict[str, Any] = {}
-        for name, klass in classes.items():
-            sub = comps.get(name)
-            loaded[name] = klass.from_pretrained(root / sub) if sub else None
-        if loaded["tokenizer"] is None or loaded["text_projector"] is None:
+        for attr, klass in _component_classes().items():
+            sub = comps.get(COMPONENTS[attr])
+            loaded[attr] = klass.from_pretrained(root / sub) if sub else None
+        if loaded["image_tokenizer"] is None or loaded["text_projector"] is None:
             raise CheckpointError(f"{root}: a pipeline needs at least a tokenizer and a text_projector")
         text_spec = spec.get("text_encoder", {"name": "minilm"})
-        encoder = load_text_encoder(text_spec, max_length=loaded["tokenizer"].config.num_latent_tokens)
-        check_components({k: m.config for k, m in loaded.items() if m is not None}, str(root), encoder.dim)
-        pipe = cls(loaded["tokenizer"], encoder, loaded["text_projector"], loaded["t2i_flow"], loaded["i2t_flow"],
-                   loaded["text_decoder"], text_encoder_spec=text_spec, defaults=spec.get("defaults"))
+        encoder = load_text_encoder(text_spec, max_length=loaded["image_tokenizer"].config.num_latent_tokens)
+        check_components({COMPONENTS[a]: m.config for a, m in loaded.items() if m is not None}, str(root), encoder.dim)
+        defaults = SamplingDefaults.from_json(spec.get("defaults", {}), str(root / PIPELINE_FILE))
+        pipe = cls(**loaded, text_encoder=encoder, text_encoder_spec=text_spec, defaults=defaults)
         pipe.model_path = root
-        pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
-        return pipe
+        return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         comps = {}
-        for name in COMPONENTS:
-            model = getattr(self, name)
+        for attr, folder in COMPONENTS.items():
+            model = getattr(self, attr)
             if model is not None:
-                model.save_pretrained(root / name, dtype=dtype)
-                comps[name] = name
-        spec = {"pipeline_type": "flowtok", "components": comps, "text_encoder": self.text_encoder_spec,
-                "defaults": self.defaults}
-        atomic_write_text(root / PIPELINE_FILE, json.dumps(spec, indent=2) + "\n")
+                model.save_pretrained(root / folder, dtype=dtype)
+                comps[folder] = folder
+        write_pipeline_spec(root, comps, self.text_encoder_spec, self.defaults)
         return root
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> FlowTokPipeline:
+        """Move every component (and put the models in eval mode); returns self."""
         if device is not None:
             self.device = torch.device(device)
         if dtype is not None:
             self.dtype = dtype
-        for name in COMPONENTS:
-            model = getattr(self, name)
+        for attr in COMPONENTS:
+            model = getattr(self, attr)
             if model is not None:
                 model.to(device=self.device, dtype=self.dtype).eval()
         self.text_encoder.to(self.device)
@@ -200,7 +236,7 @@ class FlowTokPipeline:
         from the prompts). A flow with nothing to calibrate on scales its inputs per token on the fly. ``emulate=True``
         computes the same quantised numbers with float matmuls on any device (a numerics check, slow).
         """
-        prompts = self._prompts(calibration_prompts) if calibration_prompts is not None else None
+        prompts = check_prompts(calibration_prompts) if calibration_prompts is not None else None
         made: dict[str, Any] = {}
         if self.t2i_flow is not None:
             run = None if prompts is None else (
@@ -212,167 +248,114 @@ class FlowTokPipeline:
             self.i2t_flow.quantize_fp8(emulate=emulate, calibrate=run)
         return self
 
-    # ------------------------------------------------------------------------------------- encoders
-    def _prompts(self, prompt: str | list[str]) -> list[str]:
-        if not isinstance(prompt, (str, list, tuple)):  # a dict or a generator would be silently iterated
-            raise InvalidInputError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise InvalidInputError("no prompt given")
-        return [_clean_prompt(p, i) for i, p in enumerate(prompts)]
-
-    @torch.no_grad()
-    def encode_prompt(self, prompt: str | list[str], generator: torch.Generator | None = None,
-                      sample: bool = True):
-        """Text latents [B, K, C] (t = 0 of the T2I flow) and the text states the decoder may read."""
-        ts = self.text_encoder.encode(self._prompts(prompt))
+    # ------------------------------------------------------------------------- the steps of a call
+    def _text_latents(self, prompts: list[str], generator: torch.Generator | None,
+                      sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ts = self.text_encoder.encode(prompts)
         states = ts.states.to(self.device, self.dtype)
         out = self.text_projector(states, ts.mask.to(self.device), sample=sample, generator=generator)
         return (out.z if sample else out.mean), states
 
-    def _image_tensor(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
-        from .data.readers import MAX_IMAGE_PIXELS, _to_rgb, load_image, resize_and_crop
-
-        size = self.tokenizer.config.image_size
-        if isinstance(images, torch.Tensor):
-            t = images if images.dim() == 4 else images[None]
-            if t.dim() != 4 or t.shape[1] != 3 or 0 in t.shape:
-                raise InvalidInputError(f"image tensor must be [B,3,H,W] and non-empty, got {tuple(images.shape)}")
-            if not t.is_floating_point():
-                raise InvalidInputError(f"image tensor must be float in [0, 1], got {t.dtype}")
-            if not torch.isfinite(t).all():
-                raise InvalidInputError("image tensor contains NaN or inf")
-            lo, hi = float(t.min()), float(t.max())
-            if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
-                # Clamping a [-1, 1] or [0, 255] tensor would caption a different image without a word.
-                raise InvalidInputError(f"image tensor values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
-            if t.shape[-2:] != (size, size):
-                t = torch.nn.functional.interpolate(t.float(), size=(size, size), mode="bilinear",
-                                                    antialias=True, align_corners=False)
-            return t.clamp(0, 1).to(self.device, self.dtype)
-        items = images if isinstance(images, (list, tuple)) else [images]
-        if not items:
-            raise InvalidInputError("no image given")
-        arrays = []
-        for item in items:
-            if isinstance(item, np.ndarray):
-                if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
-                    raise InvalidInputError(f"image arrays must be uint8 HxW or HxWxC with C in 1, 3, 4; "
-                                            f"got {item.dtype} {item.shape}")
-                if 0 in item.shape:
-                    raise InvalidInputError(f"image array has no pixels: {item.shape}")
-                item = Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
-            elif not isinstance(item, (Image.Image, str, os.PathLike, bytes)):
-                raise InvalidInputError(f"cannot read an image from a {type(item).__name__}")
-            if isinstance(item, Image.Image):
-                if item.width * item.height > MAX_IMAGE_PIXELS:
-                    raise InvalidInputError(f"image of {item.width}x{item.height} pixels is too large")
-                img = _to_rgb(item)
-            else:
-                img = load_image(item)
-            arrays.append(np.asarray(resize_and_crop(img, size).convert("RGB"), dtype=np.uint8))
-        batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-        return batch.to(self.device, self.dtype)
-
-    @torch.no_grad()
-    def encode_image(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
-        """Scaled image latents [B, K, C] (t = 1 of the T2I flow, t = 0 of the I2T flow)."""
-        return self.tokenizer.encode_for_flow(self._image_tensor(images))
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, text_states: torch.Tensor | None = None) -> torch.Tensor:
-        return self.tokenizer.decode_from_flow(latents, text_states)
-
-    # ------------------------------------------------------------------------------------ sampling
-    def _solve(self, model, x0: torch.Tensor, steps: int, guidance: float, sampler: str, progress: bool,
-               t_end: float = 1.0) -> torch.Tensor:
+    def _solve(self, model: FlowTransformer | None, x0: torch.Tensor, steps: int, guidance: float,
+               sampler: Sampler, progress: bool = False) -> torch.Tensor:
         from .sampling import sample
 
         if model is None:
             raise InvalidInputError("this pipeline lacks the flow model this call needs")
-        if sampler not in ("euler", "heun", "euler-upstream"):
-            raise InvalidInputError(f"sampler must be 'euler', 'heun' or 'euler-upstream', got {sampler!r}")
-        out = sample(model, x0, method=sampler, num_steps=_check_steps(steps), guidance_scale=_check_guidance(guidance),
-                     progress=progress, t_end=t_end)
+        out = sample(model, x0, method=sampler, num_steps=int(steps), guidance_scale=float(guidance),
+                     progress=progress)
         if not torch.isfinite(out).all():
             # A NaN latent decodes to a black image or a garbage caption; say so instead.
             raise CheckpointError("the flow model produced NaN or inf; its weights may be corrupt "
                                   f"(model folder: {self.model_path or 'in memory'})")
         return out
 
-    @staticmethod
-    def _output(images: torch.Tensor, output_type: str):
-        if not torch.isfinite(images).all():
-            raise CheckpointError("the image decoder produced NaN or inf; its weights may be corrupt")
-        images = images.float().clamp(0, 1)
-        if output_type == "pt":
-            return images.cpu()
-        arr = images.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "np":
-            return arr
-        if output_type == "pil":
-            return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
-        raise InvalidInputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-
-    @torch.no_grad()
-    def text_to_image(self, prompt: str | list[str], num_inference_steps: int | None = None,
-                      guidance_scale: float | None = None, generator: torch.Generator | None = None,
-                      output_type: Literal["pil", "np", "pt"] = "pil", batch_size: int | None = None,
-                      sampler: Literal["euler", "heun"] = "euler", progress: bool = False,
-                      sample_text_latent: bool = True):
-        """Images for ``prompt`` (a string or a list). FlowTok has no noise: the randomness of several
-        images for one prompt comes from sampling the text projector's posterior with ``generator``;
-        ``sample_text_latent=False`` uses its mean (one image per prompt)."""
-        if self.t2i_flow is None:
-            raise InvalidInputError("this pipeline has no text-to-image flow model")
-        steps = self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        guidance = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        _check_steps(steps)
-        _check_guidance(guidance)
-        if output_type not in ("pil", "np", "pt"):
-            raise InvalidInputError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
-        prompts = self._prompts(prompt)
-        bs = _check_batch_size(batch_size, len(prompts))
-        out = []
-        for i in range(0, len(prompts), bs):
-            z, states = self.encode_prompt(prompts[i:i + bs], generator=generator, sample=sample_text_latent)
-            lat = self._solve(self.t2i_flow, z, steps, guidance, sampler, progress)
-            out.append(self.decode_latents(lat, states))
-        return self._output(torch.cat(out), output_type)
-
-    @torch.no_grad()
-    def caption_latents(self, text_latents: torch.Tensor) -> list[str]:
+    def _caption(self, text_latents: torch.Tensor) -> list[str]:
         if self.text_decoder is None:
             raise InvalidInputError("this pipeline has no text decoder")
         return self.text_decoder.decode(text_latents, self.text_encoder)
 
+    @staticmethod
+    def _batch_size(batch_size: int | None, n: int) -> int:
+        if batch_size is None:
+            return n
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return batch_size
+
+    # ------------------------------------------------------------------------ public building blocks
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str | list[str], generator: torch.Generator | None = None,
+                      sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text latents [B, K, C] (t = 0 of the T2I flow) and the text states the decoder may read."""
+        return self._text_latents(check_prompts(prompt), generator, sample)
+
+    @torch.no_grad()
+    def encode_image(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
+        """Scaled image latents [B, K, C] (t = 1 of the T2I flow, t = 0 of the I2T flow)."""
+        return self.image_tokenizer.encode_for_flow(self.image_processor.preprocess(images, self.device, self.dtype))
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, text_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Scaled image latents -> images [B, 3, H, W] in [0, 1] (text states used if the decoder reads text)."""
+        return self.image_tokenizer.decode_from_flow(latents, text_states)
+
+    @torch.no_grad()
+    def caption_latents(self, text_latents: torch.Tensor) -> list[str]:
+        """Text latents [B, K, C] -> one caption each, by the text decoder."""
+        return self._caption(text_latents)
+
+    # ------------------------------------------------------------------------------- the two directions
+    @torch.no_grad()
+    def text_to_image(self, prompt: str | list[str], num_inference_steps: int | None = None,
+                      guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                      output_type: OutputType = "pil", batch_size: int | None = None,
+                      sampler: Sampler | None = None, progress: bool = False,
+                      sample_text_latent: bool = True) -> ImageOutput:
+        """Images for ``prompt`` (a string or a list). FlowTok has no noise: the randomness of several
+        images for one prompt comes from sampling the text projector's posterior with ``generator``;
+        ``sample_text_latent=False`` uses its mean (one image per prompt). Settings left None are
+        :attr:`defaults`'."""
+        prompts = check_prompts(prompt)
+        s = self.defaults.override(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                   sampler=sampler)
+        check_output_type(output_type)
+        bs = self._batch_size(batch_size, len(prompts))
+        if self.t2i_flow is None:
+            raise InvalidInputError("this pipeline has no text-to-image flow model")
+        out = []
+        for i in range(0, len(prompts), bs):
+            z, states = self._text_latents(prompts[i:i + bs], generator, sample_text_latent)
+            lat = self._solve(self.t2i_flow, z, s.num_inference_steps, s.guidance_scale, s.sampler, progress)
+            out.append(self.image_tokenizer.decode_from_flow(lat, states))
+        return self.image_processor.postprocess(torch.cat(out), output_type)
+
     @torch.no_grad()
     def image_to_text(self, images: ImageInput | list[ImageInput], num_inference_steps: int | None = None,
                       guidance_scale: float | None = None, batch_size: int | None = None,
-                      sampler: Literal["euler", "heun"] = "euler", progress: bool = False) -> list[str]:
-        """One caption per image (PIL images, paths, uint8 arrays or a [B,3,H,W] tensor in [0, 1])."""
+                      sampler: Sampler | None = None, progress: bool = False) -> list[str]:
+        """One caption per image (PIL images, paths, uint8 arrays or a [B,3,H,W] tensor in [0, 1]).
+        ``guidance_scale`` None: :attr:`defaults`' ``caption_guidance_scale``."""
+        s = self.defaults.override(num_inference_steps=num_inference_steps, caption_guidance_scale=guidance_scale,
+                                   sampler=sampler)
         if self.i2t_flow is None or self.text_decoder is None:
             raise InvalidInputError("this pipeline has no image-to-text flow model and text decoder")
-        steps = self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        guidance = self.defaults["caption_guidance_scale"] if guidance_scale is None else guidance_scale
-        _check_steps(steps)
-        _check_guidance(guidance)
-        x = self._image_tensor(images)
-        bs = _check_batch_size(batch_size, x.shape[0])
+        x = self.image_processor.preprocess(images, self.device, self.dtype)
+        bs = self._batch_size(batch_size, x.shape[0])
         captions: list[str] = []
         for i in range(0, x.shape[0], bs):
-            lat = self.tokenizer.encode_for_flow(x[i:i + bs])
-            z = self._solve(self.i2t_flow, lat, steps, guidance, sampler, progress)
-            captions.extend(self.caption_latents(z))
+            lat = self.image_tokenizer.encode_for_flow(x[i:i + bs])
+            z = self._solve(self.i2t_flow, lat, s.num_inference_steps, s.caption_guidance_scale, s.sampler, progress)
+            captions.extend(self._caption(z))
         return captions
 
     # ------------------------------------------------------------------------- beyond the paper
-    def roundtrip_image(self, images, **kwargs) -> tuple[list[str], list[Image.Image]]:
+    def roundtrip_image(self, images: ImageInput | list[ImageInput], **kwargs: Any) -> tuple[list[str], ImageOutput]:
         """image -> caption -> image."""
         captions = self.image_to_text(images, **kwargs)
         return captions, self.text_to_image(captions, sample_text_latent=False, **kwargs)
 
-    def roundtrip_text(self, prompt: str | list[str], **kwargs) -> tuple[list[Image.Image], list[str]]:
+    def roundtrip_text(self, prompt: str | list[str], **kwargs: Any) -> tuple[ImageOutput, list[str]]:
         """caption -> image -> caption."""
         images = self.text_to_image(prompt, sample_text_latent=False, **kwargs)
         return images, self.image_to_text(images, **kwargs)
@@ -380,7 +363,7 @@ class FlowTokPipeline:
     @torch.no_grad()
     def interpolate(self, start: str | ImageInput, end: str | ImageInput, num_frames: int = 8,
                     num_inference_steps: int | None = None, guidance_scale: float | None = None,
-                    sampler: Literal["euler", "heun"] = "euler", output_type: Literal["pil", "np", "pt"] = "pil"):
+                    sampler: Sampler | None = None, output_type: OutputType = "pil") -> ImageOutput:
         """Frames between two prompts, or between a prompt and an image (either order).
 
         Both ends are brought to the text-latent space (an image through the I2T flow), the text
@@ -391,47 +374,47 @@ class FlowTokPipeline:
         """
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or not 2 <= num_frames <= 1000:
             raise InvalidInputError(f"num_frames must be an integer from 2 to 1000, got {num_frames!r}")
-        steps = self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        s = self.defaults.override(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                   sampler=sampler)
+        check_output_type(output_type)
+        if self.t2i_flow is None:
+            raise InvalidInputError("this pipeline has no text-to-image flow model")
+        reads_text = self.image_tokenizer.reads_text
 
-        reads_text = self.tokenizer.reads_text
-
-        def text_latent(x) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def text_latent(x: str | ImageInput) -> tuple[torch.Tensor, torch.Tensor | None]:
             if isinstance(x, str):
-                return self.encode_prompt(x, sample=False)
+                return self._text_latents(check_prompts(x), None, sample=False)
             if self.i2t_flow is None:
                 raise InvalidInputError("interpolating from an image needs the image-to-text flow model")
             lat = self.encode_image(x)
-            z = self._solve(self.i2t_flow, lat, steps, self.defaults["caption_guidance_scale"], sampler, False)
+            z = self._solve(self.i2t_flow, lat, s.num_inference_steps, s.caption_guidance_scale, s.sampler)
             if not reads_text:
                 return z, None
             if self.text_decoder is None:
                 raise InvalidInputError("this image decoder reads text: interpolating from an image needs the "
                                         "text decoder to caption it")
             # The caption is our decoder's, not the user's: encoded as it is (it may even be empty).
-            ts = self.text_encoder.encode_tokens(*self.text_encoder.tokenize(self.caption_latents(z)))
+            ts = self.text_encoder.encode_tokens(*self.text_encoder.tokenize(self._caption(z)))
             return z, ts.states.to(self.device, self.dtype)
 
         (za, sa), (zb, sb) = text_latent(start), text_latent(end)
         w = torch.linspace(0, 1, num_frames, device=self.device, dtype=za.dtype)[:, None, None]
-        z = (1 - w) * za + w * zb
-        states = (1 - w) * sa + w * sb if reads_text else None
-        guidance = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        lat = self._solve(self.t2i_flow, z, steps, guidance, sampler, False)
-        return self._output(self.decode_latents(lat, states), output_type)
-
-
-_RANGE_SLACK = 0.25  # as the tokenizer: bicubic rings overshoot [0, 1] a little, [0, 255] input much more
+        states = (1 - w) * sa + w * sb if sa is not None and sb is not None else None
+        lat = self._solve(self.t2i_flow, (1 - w) * za + w * zb, s.num_inference_steps, s.guidance_scale, s.sampler)
+        return self.image_processor.postprocess(self.image_tokenizer.decode_from_flow(lat, states), output_type)
 
 
 def assemble_pipeline(out: str | os.PathLike, components: dict[str, str | os.PathLike],
-                      text_encoder: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None,
+                      text_encoder: dict[str, Any] | None = None,
+                      defaults: SamplingDefaults | dict[str, Any] | None = None,
                       dtype: torch.dtype | None = None) -> Path:
     """Gather trained component folders (as the training stages export them) into one pipeline folder.
 
-    ``components`` maps names from :data:`COMPONENTS` to ``save_pretrained`` folders; each is loaded
-    (so a broken one fails here, not at a user's first call) and re-saved, in ``dtype`` if given.
+    ``components`` maps folder names (the values of :data:`COMPONENTS`: ``tokenizer``, ``text_projector``,
+    ...) to ``save_pretrained`` folders; each is loaded (so a broken one fails here, not at a user's first
+    call) and re-saved, in ``dtype`` if given. ``defaults`` override :class:`SamplingDefaults`' fields.
     """
-    classes = _component_classes()
+    classes = {COMPONENTS[attr]: klass for attr, klass in _component_classes().items()}
     unknown = sorted(set(components) - set(classes))
     if unknown:
         raise InvalidInputError(f"unknown pipeline component '{unknown[0]}' (known: {', '.join(classes)})")
@@ -440,17 +423,13 @@ def assemble_pipeline(out: str | os.PathLike, components: dict[str, str | os.Pat
             raise InvalidInputError(f"a pipeline needs a {required}")
     from .model_checks import check_components, check_defaults
 
-    check_defaults(defaults, "defaults")
+    if not isinstance(defaults, SamplingDefaults):
+        defaults = SamplingDefaults.from_json(check_defaults(defaults, "defaults") or {}, "defaults")
     # Shapes agree before anything is loaded or written (a mismatch would otherwise surface as a matmul error).
     check_components({name: classes[name].read_config(src) for name, src in components.items()}, "assemble")
     root = Path(out)
-    names = {}
     for name, src in components.items():
-        model = classes[name].from_pretrained(src)
-        model.save_pretrained(root / name, dtype=dtype)
-        names[name] = name
-    spec = {"pipeline_type": "flowtok", "components": names, "text_encoder": text_encoder or {"name": "minilm"},
-            "defaults": {"num_inference_steps": 20, "guidance_scale": 2.0, "caption_guidance_scale": 1.0,
-                         **(defaults or {})}}
-    atomic_write_text(root / PIPELINE_FILE, json.dumps(spec, indent=2) + "\n")
+        classes[name].from_pretrained(src).save_pretrained(root / name, dtype=dtype)
+    write_pipeline_spec(root, {n: n for n in components}, text_encoder or {"name": "minilm"}, defaults)
     return root
+

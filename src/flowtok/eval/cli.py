@@ -41,7 +41,7 @@ def load_reconstructor(model: str | None, device: str | None):
         where = str(model)
     else:
         pipe = load_pipeline(model, device)
-        tok, where = pipe.tokenizer, str(pipe.model_path)
+        tok, where = pipe.image_tokenizer, str(pipe.model_path)
     param = next(tok.parameters())
 
     def reconstruct(images: torch.Tensor) -> torch.Tensor:
@@ -170,10 +170,9 @@ def cmd_t2i(args: argparse.Namespace) -> int:
         return pipe.text_to_image(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                                   generator=generator, output_type="pt", batch_size=args.batch_size)
 
-    steps = args.steps or pipe.defaults["num_inference_steps"]
-    guidance = pipe.defaults["guidance_scale"] if args.guidance is None else args.guidance
-    results = {**_header(args, str(pipe.model_path)), "task": "t2i",
-               "sampling": {"num_inference_steps": steps, "guidance_scale": guidance, "sampler": "euler"}}
+    s = pipe.defaults.override(num_inference_steps=args.steps, guidance_scale=args.guidance)
+    results = {**_header(args, str(pipe.model_path)), "task": "t2i", "sampling": {
+        "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale, "sampler": s.sampler}}
     extractor = _inception(args) if (args.fid_n or args.ref_dir) else None
     if args.n > 0:
         results.update(benchmark.evaluate_t2i(
@@ -213,11 +212,11 @@ def cmd_i2t(args: argparse.Namespace) -> int:
         return pipe.image_to_text(images, num_inference_steps=args.steps, guidance_scale=args.guidance,
                                   batch_size=args.batch_size)
 
-    steps = args.steps or pipe.defaults["num_inference_steps"]
-    guidance = pipe.defaults["caption_guidance_scale"] if args.guidance is None else args.guidance
-    size = args.image_size or int(pipe.tokenizer.config.image_size)
-    results = {**_header(args, str(pipe.model_path)), "task": "i2t",
-               "sampling": {"num_inference_steps": steps, "guidance_scale": guidance, "sampler": "euler"}}
+    s = pipe.defaults.override(num_inference_steps=args.steps, caption_guidance_scale=args.guidance)
+    size = args.image_size or int(pipe.image_tokenizer.config.image_size)
+    results = {**_header(args, str(pipe.model_path)), "task": "i2t", "sampling": {
+        "num_inference_steps": s.num_inference_steps, "guidance_scale": s.caption_guidance_scale,
+        "sampler": s.sampler}}
     results.update(benchmark.evaluate_i2t(caption, n_per_group=args.n, seed=args.seed, objects=objects,
                                              splits=splits, batch_size=args.batch_size, image_size=size,
                                              metrics=not args.no_metrics))
@@ -280,7 +279,7 @@ def _common(p: argparse.ArgumentParser, n_default: int, out: str) -> None:
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's, 20)")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--fp8", nargs="?", const="static", choices=["static", "dynamic"], default=None,
                    help="FP8 flow transformers (needs a Hopper / Ada GPU); static (default): scales calibrated on "

@@ -38,7 +38,8 @@ from PIL import Image  # noqa: E402
 
 from ..data.readers import load_image  # noqa: E402
 from ..errors import FlowTokError, InvalidInputError  # noqa: E402
-from ..pipelines import MAX_PROMPT_CHARS, FlowTokPipeline  # noqa: E402
+from ..pipelines import FlowTokPipeline  # noqa: E402
+from ..processing import MAX_PROMPT_CHARS  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,8 @@ def build_app(pipeline: FlowTokPipeline, max_upload_mb: float = 10.0, queue_size
     if queue_size < 1 or concurrency < 1:
         raise InvalidInputError(f"queue_size and concurrency must be at least 1, got {queue_size}, {concurrency}")
     max_bytes = int(max_upload_mb * 2**20)
-    default_steps = min(int(pipeline.defaults["num_inference_steps"]), MAX_STEPS)
-    default_guidance = float(pipeline.defaults["guidance_scale"])
+    default_steps = min(pipeline.defaults.num_inference_steps, MAX_STEPS)
+    default_guidance = float(pipeline.defaults.guidance_scale)
 
     def text_to_image(prompt: str, steps: float, guidance: float, seed: float, n: float) -> list[Image.Image]:
         if not isinstance(prompt, str) or not prompt.strip():

@@ -12,7 +12,7 @@ import torch
 from ...config import preset
 from ...errors import ConfigError
 from ...flow import FLOW_PRESETS, FlowObjective, FlowObjectiveConfig, FlowTransformer
-from ...pipelines import FlowTokPipeline
+from ...pipelines import FlowTokPipeline, SamplingDefaults
 from ...text import TextDecoder, TextEncoder, TextEncoderSpec, TextProjector, load_text_encoder
 from ...tokenizer import ImageTokenizer
 from ..data import BatchSource, DataConfig, LatentSource, build_source
@@ -42,8 +42,8 @@ class I2TStageConfig:
     # averaged; "canonical" trains on one fixed template per scene (shapes world only).
     caption_mode: Literal["canonical", "random"] = "canonical"
     eval_images: int = 64
-    eval_steps: int = 20
-    eval_guidance: float = 1.0
+    eval_steps: int = SamplingDefaults.num_inference_steps
+    eval_guidance: float = SamplingDefaults.caption_guidance_scale
 
     def __post_init__(self) -> None:
         if not self.tokenizer_path or not self.projector_path:

@@ -12,7 +12,7 @@ import torch
 from ...config import preset
 from ...errors import ConfigError
 from ...flow import FLOW_PRESETS, FlowObjective, FlowObjectiveConfig, FlowTransformer
-from ...pipelines import FlowTokPipeline
+from ...pipelines import FlowTokPipeline, SamplingDefaults
 from ...text import PROJECTOR_PRESETS, TextEncoder, TextEncoderSpec, TextProjector, load_text_encoder
 from ...tokenizer import ImageTokenizer
 from ..data import BatchSource, DataConfig, build_source
@@ -43,8 +43,8 @@ class T2IStageConfig:
     kl_weight: float = 1e-4
     align_weight: float = 1.0
     eval_prompts: int = 64
-    eval_steps: int = 20
-    eval_guidance: float = 2.0
+    eval_steps: int = SamplingDefaults.num_inference_steps
+    eval_guidance: float = SamplingDefaults.guidance_scale
 
     def __post_init__(self) -> None:
         if not self.tokenizer_path:
