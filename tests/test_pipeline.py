@@ -14,7 +14,7 @@ import torch
 from flowtok.cli import main
 from flowtok.errors import CheckpointError
 from flowtok.flow import FlowTransformer, flow_preset
-from flowtok.pipelines import FlowTokPipeline, SamplingDefaults
+from flowtok.pipelines import COMPONENTS, FlowTokPipeline, SamplingDefaults
 from flowtok.text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector, load_text_encoder
 from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
 
@@ -118,3 +118,80 @@ def test_each_public_method_checks_its_prompts_once(folder, monkeypatch):
     pipe.text_to_image(["a red circle", "a blue square"], num_inference_steps=1, batch_size=1)
     assert len(calls) == 1
     assert pipe.image_tokenizer is pipe.__dict__["image_tokenizer"] and not hasattr(pipe, "tokenizer")
+
+
+# ------------------------------------------------------------------------------ saving and loading
+def _components(pipe: FlowTokPipeline) -> dict[str, torch.nn.Module]:
+    return {name: getattr(pipe, name) for name in COMPONENTS}
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_every_component_saves_and_loads_a_folder(reading, tmp_path):
+    for name, model in _components(reading).items():
+        folder = model.save_pretrained(tmp_path / name)
+        assert {"config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+        assert json.loads((folder / "config.json").read_text())["model_type"] == model.model_type
+        back = type(model).from_pretrained(folder)
+        assert _same_weights(model, back) and back.config == model.config and not back.training
+
+
+def _hub_cache(cache: Path, repo_id: str, folder: Path, revision: str = "a" * 40) -> None:
+    """The layout huggingface_hub keeps a downloaded repo in (refs/main -> snapshots/<commit>/files)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(folder, repo / "snapshots" / revision)
+
+
+def test_every_component_loads_from_a_hub_id_in_the_local_cache(reading, tmp_path):
+    for name, model in _components(reading).items():
+        _hub_cache(tmp_path / "cache", f"someone/{name}", model.save_pretrained(tmp_path / name))
+        back = type(model).from_pretrained(f"someone/{name}", cache_dir=tmp_path / "cache", local_files_only=True)
+        assert _same_weights(model, back)
+    with pytest.raises(CheckpointError, match="cannot get 'someone/absent' from the Hugging Face Hub"):
+        ImageTokenizer.from_pretrained("someone/absent", cache_dir=tmp_path / "cache", local_files_only=True)
+
+
+def test_a_hub_id_downloads_config_and_weights(reading, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    folder = reading.image_tokenizer.save_pretrained(tmp_path / "tok")
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename, kwargs.get("revision")))
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    back = ImageTokenizer.from_pretrained("someone/tok", revision="v1")
+    assert _same_weights(reading.image_tokenizer, back)
+    assert asked == [("someone/tok", "config.json", "v1"), ("someone/tok", "model.safetensors", "v1")]
+    (folder / "model.safetensors").write_bytes(b"not safetensors")  # a corrupt download: one clear line
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        ImageTokenizer.from_pretrained("someone/tok")
+    with pytest.raises(CheckpointError, match="model folder not found"):
+        ImageTokenizer.from_pretrained(tmp_path / "no" / "such" / "folder")
+
+
+def test_push_to_hub_uploads_the_saved_folder(reading, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    uploaded = {}
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+        uploaded["repo_id"] = repo_id
+        return "https://huggingface.co/someone/flow/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("Url", (), {"repo_id": repo_id})())
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert reading.t2i_flow.push_to_hub("someone/flow").endswith("/commit/0")
+    assert uploaded["repo_id"] == "someone/flow"
+    files = {p.name for p in (tmp_path / "uploaded").iterdir()}
+    assert files == {"config.json", "model.safetensors", "README.md"}
+    assert "FlowTransformer.from_pretrained" in (tmp_path / "uploaded" / "README.md").read_text()
+    assert _same_weights(reading.t2i_flow, FlowTransformer.from_pretrained(tmp_path / "uploaded"))
