@@ -27,6 +27,7 @@ import torch
 
 from .config import atomic_write_text
 from .errors import CheckpointError, InvalidInputError
+from .modeling import looks_like_hub_id
 from .processing import (
     MAX_PROMPT_CHARS,
     ImageInput,
@@ -125,7 +126,7 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
             raise CheckpointError(f"{p} is not a flowtok pipeline folder (no {PIPELINE_FILE})")
         return p
     text = str(path)
-    if text.count("/") == 1 and not text.startswith((".", "/")):
+    if looks_like_hub_id(text):
         try:
             import huggingface_hub
 
