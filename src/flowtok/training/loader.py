@@ -27,13 +27,26 @@ import numpy as np
 import torch
 
 from ..data.tokens import TokenShards, epoch_permutation, plan_memory
-from ..errors import DataError
+from ..errors import DataError, FlowTokError
 
 log = logging.getLogger(__name__)
 
 
 def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _next(it: Iterator) -> Any:
+    """The next batch; a FlowTokError raised in a loader worker comes back as its own one line (DataLoader
+    re-raises it with the worker's traceback inside the message)."""
+    try:
+        return next(it)
+    except FlowTokError as exc:
+        text = str(exc)
+        if "Traceback (most recent call last)" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        raise type(exc)(last.split(": ", 1)[1] if ": " in last else last) from None
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -113,7 +126,7 @@ class TokenSource:
             self._it = iter(torch.utils.data.DataLoader(
                 ds, batch_size=None, sampler=_keys(step, rank, real_world, accum), num_workers=self.workers,
                 pin_memory=self.device.type == "cuda", **kw))
-        batch = next(self._it)
+        batch = _next(self._it)
         self.wait_s += time.perf_counter() - t0
         self._next = ((step, rank + real_world, local_batch, world) if rank // real_world + 1 < accum
                       else (step + 1, rank % real_world, local_batch, world))
@@ -242,13 +255,13 @@ class RawImageSource:
         t0 = time.perf_counter()
         if self._shape is not None and local_batch != self._shape:
             # A one-off read of another size (the tokenizer's scale measurement): a fresh stream from the start.
-            return self._finish(next(self._stream(local_batch, {}, 0)))
+            return self._finish(_next(self._stream(local_batch, {}, 0)))
         if self._it is None:
             self._shape = local_batch
             # DataLoader takes batches from its workers in turn, starting at worker 0: rotate the logical
             # workers so that the batch this rank takes next comes from the worker whose turn it is.
             self._it = self._stream(local_batch, self.positions, self.batches % max(1, self.workers))
-        batch = next(self._it)
+        batch = _next(self._it)
         self.wait_s += time.perf_counter() - t0
         self.batches += 1
         self.positions[int(batch["worker"])] = batch["state"]
