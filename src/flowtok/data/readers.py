@@ -74,7 +74,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS,
-               name: str | None = None) -> Image.Image:
+               name: str | None = None, draft: int | None = None) -> Image.Image:
     """Decode an image file, its bytes, or an (possibly lazily opened) PIL image into an RGB PIL image,
     fully loaded.
 
@@ -112,6 +112,9 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
             if max_pixels is not None and width * height > max_pixels:
                 raise DataError(f"{label}: image of {width}x{height} pixels exceeds the limit of "
                                 f"{max_pixels} pixels (possible decompression bomb)")
+            if draft and image.format == "JPEG":
+                # JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT for free; draft keeps both sides >= draft.
+                image.draft("RGB", (draft, draft))
             image.load()
             image = ImageOps.exif_transpose(image) or image
             return _to_rgb(image)
@@ -378,17 +381,32 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
             yield from self._iter_shard(shard_id)
 
     def _iter_shard(self, shard_id: int) -> Iterator[tuple[torch.Tensor, str]]:
+        for count, (key, files) in enumerate(self.samples_of(shard_id)):
+            sample = self._decode(self.shards[shard_id], shard_id, count, key, files)
+            if sample is not None:
+                yield sample
+
+    @property
+    def spec(self) -> str:
+        return str(self.shards[0].parent) if self.shards else "?"
+
+    def samples_of(self, shard_id: int) -> Iterator[tuple[str, dict[str, bytes | int]]]:
+        """The undecoded samples of one shard; a bad or cut-short shard is a ``bad_shard`` problem."""
         shard = self.shards[shard_id]
         count = 0
         try:
             for key, files in self._samples(shard, self.max_member_bytes):
-                sample = self._decode(shard, shard_id, count, key, files)
                 count += 1
-                if sample is not None:
-                    yield sample
+                yield key, files
         except (tarfile.TarError, EOFError, OSError) as exc:
             what = "not a tar file" if count == 0 and isinstance(exc, tarfile.ReadError) else "cut short or corrupt"
             self._problem("bad_shard", f"{shard}: {what} ({exc})")
+
+    def decode(self, shard_id: int, index: int, key: str, files: dict[str, bytes | int],
+               prepare=None) -> tuple[torch.Tensor, str] | None:
+        """``(image, caption)`` of one undecoded sample, or None when it is skipped; ``prepare(reader,
+        bytes, name, rng_key)`` replaces the float-tensor decoding (the loader's workers ship uint8)."""
+        return self._decode(self.shards[shard_id], shard_id, index, key, files, prepare)
 
     @staticmethod
     def _samples(shard: Path, max_bytes: int) -> Iterator[tuple[str, dict[str, bytes | int]]]:
@@ -418,8 +436,8 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
             if files:
                 yield key, files  # type: ignore[misc]
 
-    def _decode(self, shard: Path, shard_id: int, index: int, key: str,
-                files: dict[str, bytes | int]) -> tuple[torch.Tensor, str] | None:
+    def _decode(self, shard: Path, shard_id: int, index: int, key: str, files: dict[str, bytes | int],
+                prepare=None) -> tuple[torch.Tensor, str] | None:
         where = f"{shard}:{key}"
         oversized = next((ext for ext, data in files.items() if isinstance(data, int)), None)
         if oversized is not None:
@@ -434,7 +452,9 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
         if text is None:
             return None
         try:
-            image = self._prepare(files[image_ext], f"{where}.{image_ext}", (shard_id, index))
+            name = f"{where}.{image_ext}"
+            image = (self._prepare(files[image_ext], name, (shard_id, index)) if prepare is None  # type: ignore[arg-type]
+                     else prepare(self, files[image_ext], name, (shard_id, index)))
         except DataError as exc:
             self._problem(_reason_of(exc), str(exc))
             return None

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from .. import shapes
-from ..data.readers import ImageCaptionFolder, WebDatasetReader
+from ..data.readers import ImageCaptionFolder
 from ..errors import ConfigError, DataError
+from .loader import RawImageSource, TokenSource
 from .pretokenize import LatentShards
 
 log = logging.getLogger(__name__)
@@ -24,18 +25,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataConfig:
-    kind: Literal["shapes", "folder", "webdataset", "latents"] = "shapes"
-    path: str | None = None  # folder / shard directory or glob / latents directory
+    # tokens: the compact pre-tokenised format streamed from disk (flowtok pretokenize); latents: the older
+    # format with stored text states, held in memory.
+    kind: Literal["shapes", "folder", "webdataset", "tokens", "latents"] = "shapes"
+    path: str | None = None  # folder / shard directory or brace pattern / pre-tokenised folder
     size: int = 128  # image resolution
     split: Literal["train", "test", "any"] = "train"  # shapes world split
     num_objects: int | None = None  # shapes world: fix the number of objects (None: 1 to 3)
     crop: Literal["center", "random"] = "center"
     on_error: Literal["raise", "skip"] = "raise"
-    workers: int = 4  # image-decoding threads for folder data
+    workers: int = 4  # loader worker processes (tokens, webdataset); decoding threads for folder data
+    prefetch: int = 4  # batches each loader worker prepares ahead
+    in_memory: Literal["auto", "memory", "stream"] = "auto"  # tokens: hold a small set in host memory
+    shuffle_buffer: int = 2000  # webdataset: samples pooled (whole shards) and shuffled per loader worker
+    # A held-out set read like the training data: in-training evaluation reports the stage's loss on it.
+    eval_path: str | None = None
+    eval_batches: int = 8
 
     def __post_init__(self) -> None:
         if self.kind != "shapes" and not self.path:
             raise ConfigError(f"data.path is required for data.kind={self.kind}")
+        if self.workers < 0 or self.prefetch < 1 or self.shuffle_buffer < 1 or self.eval_batches < 1:
+            raise ConfigError("data.workers must be >= 0 and data.prefetch, shuffle_buffer, eval_batches >= 1")
         if self.num_objects is not None and not 1 <= self.num_objects <= 3:
             raise ConfigError(f"data.num_objects must be 1, 2 or 3, got {self.num_objects}")
 
@@ -110,38 +121,8 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device) -> BatchSourc
         return IndexedSource(ds, seed, device, cfg.workers)
     if cfg.kind == "latents":
         return LatentSource(str(cfg.path), seed, device)
+    if cfg.kind == "tokens":
+        return TokenSource(str(cfg.path), seed, device, cfg.workers, cfg.prefetch, cfg.in_memory)
     if cfg.kind == "webdataset":
-        return StreamSource(cfg, seed, device)
+        return RawImageSource(cfg, seed, device)
     raise ConfigError(f"unknown data.kind {cfg.kind!r}")
-
-
-class StreamSource:
-    """Webdataset shards read in order; resuming skips the samples already consumed."""
-
-    def __init__(self, cfg: DataConfig, seed: int, device: torch.device) -> None:
-        self.cfg, self.seed, self.device = cfg, seed, device
-        self._it = None
-        self._pos = 0
-
-    def _stream(self):
-        while True:  # endless epochs
-            got = 0
-            for item in WebDatasetReader(self.cfg.path, resolution=self.cfg.size, crop=self.cfg.crop,
-                                         on_error=self.cfg.on_error):
-                got += 1
-                yield item
-            if got == 0:  # every sample was skipped: stop instead of looping over the shards forever
-                raise DataError(f"no usable sample in {self.cfg.path} (all skipped or the shards are empty)")
-
-    def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
-        start = (step * world + rank) * local_batch
-        if self._it is None or start < self._pos:
-            self._it, self._pos = self._stream(), 0
-        items = []
-        while self._pos < start + local_batch:
-            item = next(self._it)
-            if self._pos >= start:
-                items.append(item)
-            self._pos += 1
-        images = torch.stack([it[0] for it in items]).to(self.device)
-        return {"images": images, "captions": [it[1] for it in items], "scenes": None}

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 64  # global batch over all processes
+    batch_size: int = 64  # global batch over all processes and accumulation micro-steps
+    grad_accum: int = 1  # micro-batches per optimizer step: batch_size / (processes * grad_accum) each
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -67,8 +68,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ConfigError("train.steps and train.batch_size must be positive")
+        if self.steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError("train.steps, train.batch_size and train.grad_accum must be positive")
         if not 0 < self.lr < math.inf:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         # Caught here, not as a ZeroDivisionError or an optimizer traceback after the model is built.
@@ -109,6 +110,7 @@ class _Loop:
     opt: torch.optim.Optimizer
     ema: EMA | None
     forward: Callable[[dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    ddp: nn.parallel.DistributedDataParallel | None  # for no_sync() on accumulation micro-steps
     params: list[nn.Parameter]
     ckpt_dir: Path
     writer: Any  # a TensorBoard SummaryWriter, or None
@@ -120,8 +122,35 @@ class _Loop:
     running: dict[str, torch.Tensor] = field(default_factory=dict)  # metric sums since the last log step
     n_running: int = 0
     n_last: int = 0  # samples since the last log step
+    data_s: float = 0.0  # seconds spent getting batches since the last log step (the GPU idles meanwhile)
+    start: int = 0  # the step this process started (or resumed) at
     t_last: float = field(default_factory=time.perf_counter)
     t_begin: float = field(default_factory=time.perf_counter)
+
+
+def _memory() -> dict[str, float]:
+    """Peak GPU memory allocated and this process's resident host memory, GiB."""
+    out = {}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/statm") as fh:
+            out["host_rss_gib"] = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -149,9 +178,11 @@ class Trainer:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if cfg.batch_size % self.world:
-            raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by {self.world} processes")
-        self.local_batch = cfg.batch_size // self.world
+        if cfg.batch_size % (self.world * cfg.grad_accum):
+            raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by {self.world} processes x "
+                              f"{cfg.grad_accum} accumulation steps")
+        self.local_batch = cfg.batch_size // self.world  # per process and optimizer step
+        self.micro_batch = self.local_batch // cfg.grad_accum
         self.resolved_config = resolved_config or {}
         self.is_main = self.rank == 0
 
@@ -230,21 +261,23 @@ class Trainer:
         start = self._resume(resume, ckpt_dir, opt, ema) if resume else 0
         model: nn.Module = stage
         if self.world > 1:
-            model = nn.parallel.DistributedDataParallel(stage, device_ids=[self.device.index] if
-                                                        self.device.type == "cuda" else None)
+            model = nn.parallel.DistributedDataParallel(
+                stage, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=stage.ddp_find_unused_parameters)
         forward = torch.compile(model) if cfg.compile else model
         bar = None
         if self.is_main and cfg.progress:
             bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, dynamic_ncols=True)
         stage.train()
         return _Loop(opt=opt, ema=ema, forward=forward, params=params, ckpt_dir=ckpt_dir,
-                     writer=self._open_writer(), bar=bar, step=start, stop_at=cfg.steps)
+                     writer=self._open_writer(), bar=bar, step=start, stop_at=cfg.steps, start=start,
+                     ddp=model if isinstance(model, nn.parallel.DistributedDataParallel) else None)
 
     def _resume(self, resume: str, ckpt_dir: Path, opt: torch.optim.Optimizer, ema: EMA | None) -> int:
         """Load the stage, optimizer and EMA from ``resume`` ('latest' or a checkpoint); the step to go on from."""
         # A checkpoint whose files verify but whose contents do not fit is skipped like a corrupt one.
         sound = lambda c: (self._check_resumable(c), ckpt.check_optimizer_state(c, opt))  # noqa: E731
-        found = ckpt.load_checkpoint(Path(resume), sound) if resume != "latest" else ckpt.load_latest(ckpt_dir, sound)
+        found = self._choose_checkpoint(resume, ckpt_dir, sound)
         if found is None:
             log.info("no checkpoint in %s; starting from scratch", ckpt_dir)
             return 0
@@ -252,8 +285,28 @@ class Trainer:
         opt.load_state_dict(found.optimizer)
         if ema is not None:
             ema.load_state_dict(found.ema)
+        data_states = found.state.get("data")
+        if isinstance(data_states, list) and len(data_states) == self.world:
+            self.stage.load_data_state(data_states[self.rank])
         log.info("resumed from %s at step %d", found.path, found.step)
         return found.step
+
+    def _choose_checkpoint(self, resume: str, ckpt_dir: Path,
+                           sound: Callable[[ckpt.Checkpoint], Any]) -> ckpt.Checkpoint | None:
+        """Rank 0 picks the checkpoint and every rank loads that one: ranks that saw different folders
+        (a checkpoint being written, a slow file system) would resume at different steps and hang."""
+        path: str | None = None
+        if self.is_main:
+            if resume == "latest":
+                found = ckpt.load_latest(ckpt_dir, sound)
+                path = str(found.path) if found is not None else None
+            else:
+                path = resume
+        if self.world > 1:
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        return ckpt.load_checkpoint(Path(path), sound) if path is not None else None
 
     def _open_writer(self) -> Any:
         if not (self.is_main and self.cfg.tensorboard):
@@ -269,18 +322,12 @@ class Trainer:
         """One optimisation step; False when it was skipped for a non-finite batch, loss or gradient."""
         cfg, step = self.cfg, loop.step
         self._seed_step(step)
-        batch = self.stage.batch(step, self.local_batch, self.rank, self.world)
         loop.lr = self.lr_at(step)
         for g in loop.opt.param_groups:
             g["lr"] = loop.lr
-        # Checked before the forward: models refuse NaN input with an error, which would end the run
-        # instead of applying nan_policy.
-        bad_input = _nonfinite_key(batch)
+        loss, metrics, bad_input = self._forward_backward(loop, step)
         finite = bad_input is None
         if finite:
-            with self._autocast():
-                loss, metrics = loop.forward(batch)
-            loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(loop.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             # One sync for both: a non-finite loss gives non-finite gradients, which are never applied.
             finite = bool(torch.isfinite(gnorm) & torch.isfinite(loss.detach()))
@@ -299,9 +346,41 @@ class Trainer:
             v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
             loop.running[k] = loop.running[k] + v if k in loop.running else v
         loop.n_running += 1
+        if loop.step == loop.start + 1:  # how long a (re)start takes to its first optimizer step
+            self._log_jsonl({"step": loop.step, "first_step_s": time.perf_counter() - loop.t_begin,
+                             "since_process_start_s": _process_age()})
         if loop.bar is not None:
             loop.bar.update(1)
         return True
+
+    def _forward_backward(self, loop: _Loop, step: int) -> tuple[Any, dict[str, Any], str | None]:
+        """Loss and gradients of the step's ``train.grad_accum`` micro-batches; the name of a batch entry
+        holding NaN or inf instead, if one does (checked before the forward: models refuse NaN input
+        with an error, which would end the run instead of applying nan_policy).
+
+        Micro-batch m of this process is "rank m * world + rank of world * grad_accum": the step reads
+        the samples of one batch of ``batch_size``, so accumulation equals the larger batch.
+        """
+        accum = self.cfg.grad_accum
+        sums: dict[str, Any] = {}
+        loss, metrics = None, {}
+        for m in range(accum):
+            t0 = time.perf_counter()
+            batch = self.stage.batch(step, self.micro_batch, m * self.world + self.rank, self.world * accum)
+            loop.data_s += time.perf_counter() - t0
+            bad_input = _nonfinite_key(batch)
+            if bad_input is not None:
+                return None, {}, bad_input
+            sync = loop.ddp is None or m == accum - 1
+            with contextlib.nullcontext() if sync else loop.ddp.no_sync(), self._autocast():
+                loss, metrics = loop.forward(batch)
+            (loss / accum if accum > 1 else loss).backward()
+            if accum > 1:
+                sums = {k: sums.get(k, 0) + (v.detach() if torch.is_tensor(v) else v) / accum
+                        for k, v in {"loss": loss, **metrics}.items()}
+        if accum > 1:
+            loss, metrics = sums.pop("loss"), sums
+        return loss, metrics, None
 
     def _skip(self, loop: _Loop, bad_input: str | None) -> None:
         """Drop a non-finite step's gradients, or stop the run when ``nan_policy`` says so."""
@@ -322,8 +401,10 @@ class Trainer:
         """Averages of the metrics since the last log step, and throughput, to metrics.jsonl, TensorBoard
         and the progress bar."""
         dt = time.perf_counter() - loop.t_last
-        rec = {k: float(v) / max(loop.n_running, 1) for k, v in loop.running.items()}
-        rec.update(step=loop.step, lr=loop.lr, samples_per_s=loop.n_last / max(dt, 1e-9))
+        rec = self._mean_over_ranks(loop.running, loop.n_running)
+        rec.update(step=loop.step, lr=loop.lr, samples_per_s=loop.n_last / max(dt, 1e-9),
+                   data_wait_s=loop.data_s / max(loop.n_running, 1), data_wait_frac=loop.data_s / max(dt, 1e-9),
+                   **_memory())
         self._log_jsonl(rec)
         if loop.writer is not None:
             for k, v in rec.items():
@@ -331,7 +412,19 @@ class Trainer:
                     loop.writer.add_scalar(f"train/{k}", v, loop.step)
         if loop.bar is not None:
             loop.bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.0f}")
-        loop.running, loop.t_last, loop.n_last, loop.n_running = {}, time.perf_counter(), 0, 0
+        loop.running, loop.t_last, loop.n_last, loop.n_running, loop.data_s = {}, time.perf_counter(), 0, 0, 0.0
+
+    def _mean_over_ranks(self, running: dict[str, torch.Tensor], n: int) -> dict[str, float]:
+        """Running metric means, averaged over all ranks (one collective per log step)."""
+        keys = sorted(running)
+        if not keys:
+            return {}
+        vals = torch.stack([running[k].float().reshape(()) for k in keys]) / max(n, 1)
+        if self.world > 1:
+            vals = vals.to(self.device)
+            dist.all_reduce(vals)
+            vals = vals / self.world
+        return dict(zip(keys, vals.tolist()))
 
     def _stop_when_out_of_time(self, loop: _Loop) -> None:
         """Past ``train.max_minutes``, make this step the last (on every rank at once)."""
@@ -386,8 +479,12 @@ class Trainer:
             self.stage.train()
 
     def _evaluate(self, ema: EMA | None, step: int, writer) -> None:
-        if not self.is_main:
-            return
+        if self.is_main:
+            self._evaluate_main(ema, step, writer)
+        if self.world > 1:
+            dist.barrier()  # the others wait for rank 0's evaluation here, not in a collective that times out
+
+    def _evaluate_main(self, ema: EMA | None, step: int, writer) -> None:
         metrics, images = self._with_ema(ema, lambda: self.stage.evaluate(step))
         if metrics:
             self._log_jsonl({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
@@ -403,11 +500,21 @@ class Trainer:
             Image.fromarray(arr).save(self.run_dir / "previews" / f"{k}-{step:07d}.png")
 
     def _save(self, ckpt_dir: Path, step: int, stage: Stage, ema: EMA | None, opt) -> None:
-        if not self.is_main:
-            return
+        data = stage.data_state()
+        states: list[Any] = [data] if data is not None else []
+        if data is not None and self.world > 1:
+            states = [None] * self.world
+            dist.all_gather_object(states, data)
+        if self.is_main:
+            self._save_main(ckpt_dir, step, stage, ema, opt, states)
+        if self.world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint rank 0 is still writing
+
+    def _save_main(self, ckpt_dir: Path, step: int, stage: Stage, ema: EMA | None, opt, data: list) -> None:
         model_state = {k: v.detach().cpu() for k, v in stage.state_dict().items()}
         ema_state = ema.state_dict() if ema is not None else model_state
         ckpt.save_checkpoint(ckpt_dir, step, model_state, {k: v.cpu() for k, v in ema_state.items()},
                              opt.state_dict(), {"step": step, "samples_seen": step * self.cfg.batch_size,
                                                 "world_size": self.world, "seed": self.seed,
-                                                "stage": stage.name}, keep_last=self.cfg.keep_last)
+                                                "stage": stage.name, **({"data": data} if data else {})},
+                             keep_last=self.cfg.keep_last)

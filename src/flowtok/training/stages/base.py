@@ -8,6 +8,7 @@ batch, computes its loss, evaluates and exports, and one line in the registry (`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,7 +20,9 @@ from ...flow import FlowConfig
 from ...flow.objective import binned_loss_tensors
 from ...text import ProjectorConfig, TextEncoder
 from ...tokenizer import ImageTokenizer
-from ..data import BatchSource, DataConfig, LatentSource
+from ...tokenizer.model import DiagonalGaussian
+from ..data import BatchSource, DataConfig, LatentSource, build_source
+from ..loader import TokenSource
 from .shapes_world import ShapesWorld
 
 
@@ -35,6 +38,7 @@ class Stage(nn.Module):
     name: ClassVar[str] = "stage"
     config_class: ClassVar[type] = object
     frozen_helpers: ClassVar[tuple[str, ...]] = ()
+    ddp_find_unused_parameters: bool = False  # True where some parameters get no gradient on some steps
 
     device: torch.device
 
@@ -55,6 +59,28 @@ class Stage(nn.Module):
     def setup(self, device: torch.device) -> None:
         """Move frozen helpers to ``device`` (trainable parts are moved by the trainer)."""
         self.device = device
+
+    def data_state(self) -> dict[str, Any] | None:
+        """The data position to checkpoint, for a source whose position is not a function of the step
+        (raw-image shards read by loader workers); None for the others."""
+        source = getattr(self, "source", None)
+        return source.state() if hasattr(source, "state") else None
+
+    def load_data_state(self, state: dict[str, Any] | None) -> None:
+        source = getattr(self, "source", None)
+        if hasattr(source, "load_state"):
+            source.load_state(state)
+
+    def is_shapes_data(self) -> bool:
+        """Whether the run's data is the shapes world (rendered, or pre-tokenised from it): only then can
+        the shapes judge score an evaluation; other data is evaluated by :func:`heldout_metrics`."""
+        if self.data_cfg.kind == "shapes":
+            return True
+        source = getattr(self, "source", None)
+        if (getattr(source, "meta", None) or {}).get("source") == "shapes":
+            return True
+        records = getattr(getattr(source, "dataset", None), "records", None)
+        return bool(records) and isinstance(records[0], dict) and bool(records[0].get("scene"))
 
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -87,10 +113,52 @@ def load_frozen_tokenizer(path: str, device: torch.device) -> ImageTokenizer:
 
 
 def image_latents(batch: dict[str, Any], tokenizer: ImageTokenizer) -> torch.Tensor:
-    """Scaled image latents of a batch: pre-tokenised (stored unscaled) or encoded from its images."""
+    """Scaled image latents of a batch: a draw from the stored posterior (compact pre-tokenised data, sampled
+    at train time as the authors do), stored latents (unscaled), or encoded from its images."""
+    if "image_moments" in batch:
+        cfg = tokenizer.config
+        raw = DiagonalGaussian(batch["image_moments"], cfg.logvar_min, cfg.logvar_max).sample()
+        return tokenizer.scale_latents(raw)
     if "image_latents_raw" in batch:
         return tokenizer.scale_latents(batch["image_latents_raw"])
     return tokenizer.encode_for_flow(batch["images"])
+
+
+def text_states(batch: dict[str, Any], encoder: TextEncoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(states float32, mask)`` of a batch: stored, or the frozen encoder run here, inside the training
+    step, batched, on the stored token ids when they are its own length (else on the captions)."""
+    if "text_states" in batch:
+        return batch["text_states"], batch["text_mask"]
+    ids = batch.get("input_ids")
+    if ids is not None and ids.shape[1] == encoder.max_length:
+        ts = encoder.encode_tokens(ids.long(), batch["text_mask"])
+    else:
+        ts = encoder.encode(batch["captions"])
+    return ts.states.float(), ts.mask
+
+
+@torch.no_grad()
+def heldout_metrics(stage: Stage, batch_size: int = 64) -> dict[str, float]:
+    """The stage's loss (and its parts) on ``data.eval_path``, a held-out set read like the training data;
+    empty without one. Its random draws are seeded, so the evaluations of one run are comparable."""
+    data = stage.data_cfg
+    if not data.eval_path:
+        return {}
+    if getattr(stage, "eval_source", None) is None:
+        stage.eval_source = build_source(replace(data, path=data.eval_path, workers=0), stage.seed + 1,
+                                         stage.device)
+    train_source, stage.source = stage.source, stage.eval_source
+    sums: dict[str, float] = {}
+    try:
+        with torch.random.fork_rng(devices=[stage.device] if stage.device.type == "cuda" else []):
+            torch.manual_seed(stage.seed + 1)
+            for i in range(data.eval_batches):
+                loss, metrics = stage(stage.batch(i, batch_size, 0, 1))
+                for k, v in {"loss": loss, **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / data.eval_batches
+    finally:
+        stage.source = train_source
+    return {f"heldout_{k}": v for k, v in sums.items() if not k.startswith("flow_t")}
 
 
 def flow_bins(info: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -112,13 +180,18 @@ def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
 
 def check_pretokenized(source: BatchSource, tokenizer: ImageTokenizer, encoder: TextEncoder) -> None:
     """Pre-tokenised shards must come from the same tokenizer shape and text encoder."""
-    if not isinstance(source, LatentSource):
+    if not isinstance(source, (LatentSource, TokenSource)):
         return
     meta = source.meta
     k, c = tokenizer.latent_shape
     if (meta["num_tokens"], meta["channels"]) != (k, c):
         raise ConfigError(f"pre-tokenised latents are {meta['num_tokens']}x{meta['channels']}, "
                           f"the tokenizer makes {k}x{c}")
+    if isinstance(source, TokenSource):  # token ids, which must be this encoder's own
+        if meta.get("text_encoder", {}).get("name") != encoder.spec.get("name"):
+            raise ConfigError(f"pre-tokenised token ids come from text encoder {meta.get('text_encoder')}, "
+                              f"this run uses {encoder.spec}")
+        return
     if meta["text_dim"] != encoder.dim or meta["text_length"] != encoder.max_length:
         raise ConfigError(f"pre-tokenised text states are {meta['text_length']}x{meta['text_dim']}, "
                           f"the text encoder makes {encoder.max_length}x{encoder.dim}")

@@ -17,7 +17,7 @@ from ...sampling import CudaGraphed, euler_sample
 from ...text import TextEncoder, TextEncoderSpec, TextProjector, load_text_encoder
 from ...tokenizer import ImageTokenizer
 from ..data import BatchSource, DataConfig, build_source
-from .base import Stage, freeze, image_latents, load_frozen_tokenizer
+from .base import Stage, freeze, image_latents, load_frozen_tokenizer, text_states
 
 TokenBatch = tuple[torch.Tensor, torch.Tensor]  # token ids and mask
 StepKey = tuple[int, int, int, int]  # step, local batch, rank, world
@@ -144,11 +144,7 @@ class DistillStage(Stage):
         if self.cfg.direction == "i2t":
             assert self.tokenizer is not None  # DistillStageConfig requires tokenizer_path for i2t
             return image_latents(b, self.tokenizer)
-        if "text_states" in b:
-            states, mask = b["text_states"], b["text_mask"]
-        else:
-            ts = self.encoder.encode(b["captions"])
-            states, mask = ts.states.float(), ts.mask
+        states, mask = text_states(b, self.encoder)
         return self.projector(states, mask, sample=self.cfg.source_latent != "mean").z  # z = mean unsampled
 
     @torch.no_grad()

@@ -23,8 +23,10 @@ from .base import (
     check_pretokenized,
     flow_bins,
     freeze,
+    heldout_metrics,
     image_latents,
     load_frozen_tokenizer,
+    text_states,
 )
 
 
@@ -104,11 +106,14 @@ class I2TStage(Stage):
         if self.targets is not None and self.cfg.target == "mean":
             b["text_latents"] = self.targets.index_select(0, b["index"])
             return b
-        caps = b["captions"]
-        if self.cfg.caption_mode == "canonical" and b.get("scenes"):
-            caps = [self.shapes.canonical_caption(s) for s in b["scenes"]]
-        ts = self.encoder.encode(caps)
-        out = self.projector(ts.states.float(), ts.mask, sample=self.cfg.target == "sample")
+        if self.cfg.caption_mode == "canonical" and (b.get("scenes") or self.is_shapes_data()):
+            # Compact shards store captions, not scenes: a shapes caption is parsed back to its scene.
+            scenes = b.get("scenes") or [self.shapes.scene_of(c) for c in b["captions"]]
+            ts = self.encoder.encode([self.shapes.canonical_caption(s) for s in scenes])
+            states, mask = ts.states.float(), ts.mask
+        else:
+            states, mask = text_states(b, self.encoder)
+        out = self.projector(states, mask, sample=self.cfg.target == "sample")
         b["text_latents"] = out.z if self.cfg.target == "sample" else out.mean
         return b
 
@@ -126,13 +131,16 @@ class I2TStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        if not self.is_shapes_data():
+            return heldout_metrics(self), {}
         # Loaded here, not in setup: the decoder may be trained at the same time as this stage.
         if self.decoder is None:
             if not self.cfg.decoder_path or not Path(self.cfg.decoder_path).is_dir():
                 return {}, {}
             self.decoder = TextDecoder.from_pretrained(self.cfg.decoder_path, device=self.device)
             freeze(self.decoder)
-        images, _, scenes = self.shapes.test_batch(self.cfg.eval_images, 30_000, self.device, num_objects=1)
+        images, _, scenes = self.shapes.test_batch(self.cfg.eval_images, 30_000, self.device, num_objects=1,
+                                                   size=self.tokenizer.config.image_size)
         caps = self.caption(images, self.cfg.eval_steps, self.cfg.eval_guidance)
         return {"caption_exact_1obj": self.shapes.caption_exact(caps, scenes)}, {}
 

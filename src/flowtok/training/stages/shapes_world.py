@@ -38,11 +38,11 @@ class ShapesWorld:
         rng = np.random.default_rng([self.seed, stream])
         return [shapes.caption(shapes.sample_scene(rng, None, split="test"), rng) for _ in range(n)]
 
-    def test_batch(self, n: int, stream: int, device: torch.device,
-                   num_objects: int | None = None) -> tuple[torch.Tensor, list[str], list[shapes.Scene]]:
-        """``n`` held-out scenes rendered at the run's image size: images, captions, scenes."""
+    def test_batch(self, n: int, stream: int, device: torch.device, num_objects: int | None = None,
+                   size: int | None = None) -> tuple[torch.Tensor, list[str], list[shapes.Scene]]:
+        """``n`` held-out scenes rendered at ``size`` (default: the run's image size): images, captions, scenes."""
         return shapes.shapes_batch(self.seed + stream, 0, n, split="test", num_objects=num_objects,
-                                   size=self.data.size, device=device)
+                                   size=size or self.data.size, device=device)
 
     @staticmethod
     def judge_exact(images: torch.Tensor, scenes: list[shapes.Scene]) -> float:
@@ -60,6 +60,11 @@ class ShapesWorld:
             except InvalidInputError:
                 pass
         return ok / len(scenes)
+
+    @staticmethod
+    def scene_of(caption: str) -> shapes.Scene:
+        """The scene a shapes caption describes (InvalidInputError for text that is not one)."""
+        return shapes.parse(caption)
 
     @staticmethod
     def canonical_caption(scene: shapes.Scene | dict) -> str:

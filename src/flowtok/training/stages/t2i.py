@@ -22,9 +22,11 @@ from .base import (
     check_pretokenized,
     flow_bins,
     freeze,
+    heldout_metrics,
     image_grid,
     image_latents,
     load_frozen_tokenizer,
+    text_states,
 )
 
 
@@ -73,6 +75,9 @@ class T2IStage(Stage):
         else:
             pcfg = preset(PROJECTOR_PRESETS, cfg.projector_preset, cfg.projector, what="model.projector")
             self.projector = TextProjector(pcfg)
+            if cfg.align_weight == 0:  # unused parameters: frozen, or DDP waits for their gradients forever
+                self.projector.align_mlp.requires_grad_(False)
+                self.projector.logit_scale.requires_grad_(False)
         check_latent_shapes(k, c, pcfg, fcfg)
         self.flow = FlowTransformer(fcfg)
         self.objective = FlowObjective.from_config(cfg.objective)
@@ -99,9 +104,7 @@ class T2IStage(Stage):
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         b = self.source.get(step, local_batch, rank, world)
         b["image_latents"] = image_latents(b, self.tokenizer)
-        if "text_states" not in b:
-            ts = self.encoder.encode(b["captions"])
-            b["text_states"], b["text_mask"] = ts.states.float(), ts.mask
+        b["text_states"], b["text_mask"] = text_states(b, self.encoder)
         return b
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -132,9 +135,12 @@ class T2IStage(Stage):
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         n = self.cfg.eval_prompts
+        if not self.is_shapes_data():
+            return heldout_metrics(self), {}
         if n <= 0:
             return {}, {}
-        real, captions, scenes = self.shapes.test_batch(n, 20_000, self.device, num_objects=1)
+        real, captions, scenes = self.shapes.test_batch(n, 20_000, self.device, num_objects=1,
+                                                        size=self.tokenizer.config.image_size)
         images = self.generate(captions, self.cfg.eval_steps, self.cfg.eval_guidance)
         grid = image_grid(torch.cat([real[:8], images[:8]]).float())
         return {"judge_acc_1obj": self.shapes.judge_exact(images, scenes)}, {"samples": grid}

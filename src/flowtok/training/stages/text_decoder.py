@@ -23,8 +23,8 @@ from ...text import (
     load_text_encoder,
     text_roundtrip_accuracy,
 )
-from ..data import DataConfig
-from .base import Stage, freeze
+from ..data import BatchSource, DataConfig, build_source
+from .base import Stage, freeze, heldout_metrics
 
 
 @dataclass
@@ -45,9 +45,10 @@ class TextDecoderStageConfig:
 class TextDecoderStage(Stage):
     name: ClassVar[str] = "text_decoder"
     config_class: ClassVar[type] = TextDecoderStageConfig
-    frozen_helpers: ClassVar[tuple[str, ...]] = ("frozen_projector", "encoder")
+    frozen_helpers: ClassVar[tuple[str, ...]] = ("frozen_projector", "encoder", "source")
     frozen_projector: TextProjector | None  # set when model.projector_path names a trained one
     encoder: TextEncoder
+    source: BatchSource | None  # None for the shapes world (captions drawn without images)
 
     def __init__(self, cfg: TextDecoderStageConfig, data: DataConfig, seed: int) -> None:
         super().__init__(data, seed)
@@ -56,6 +57,9 @@ class TextDecoderStage(Stage):
         if self.train_projector:
             self.projector = TextProjector(preset(PROJECTOR_PRESETS, cfg.projector_preset, cfg.projector,
                                                   what="model.projector"))
+            if cfg.align_weight == 0:  # unused parameters: frozen, or DDP waits for their gradients forever
+                self.projector.align_mlp.requires_grad_(False)
+                self.projector.logit_scale.requires_grad_(False)
         else:
             self.frozen_projector = TextProjector.from_pretrained(cfg.projector_path)
         self.decoder = TextDecoder(preset(DECODER_PRESETS, cfg.decoder_preset, cfg.decoder, what="model.decoder"))
@@ -83,11 +87,16 @@ class TextDecoderStage(Stage):
         if self.encoder.vocab_size != self.decoder.config.vocab_size:
             raise ConfigError(f"decoder vocab_size {self.decoder.config.vocab_size} differs from the text "
                               f"encoder's tokenizer ({self.encoder.vocab_size})")
+        # The configured data's captions; the shapes world's are drawn without rendering images.
+        self.source = None if self.data_cfg.kind == "shapes" else build_source(self.data_cfg, self.seed, device)
 
     @torch.no_grad()
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
-        caps = self.shapes.train_captions(step, local_batch, rank, world)  # no images to render for this stage
-        ts = self.encoder.encode(caps)
+        if self.source is None:
+            caps = self.shapes.train_captions(step, local_batch, rank, world)  # no images to render
+        else:
+            caps = self.source.get(step, local_batch, rank, world)["captions"]
+        ts = self.encoder.encode(caps)  # at the decoder's max_length, which stored ids need not have
         return {"captions": caps, "text_states": ts.states.float(), "text_mask": ts.mask, "input_ids": ts.input_ids}
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -108,6 +117,8 @@ class TextDecoderStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        if not self.is_shapes_data():
+            return heldout_metrics(self), {}
         caps = self.shapes.test_captions(self.cfg.eval_captions, stream=777)
         acc = text_roundtrip_accuracy(self.proj, self.decoder, self.encoder, caps)
         return {"text_roundtrip_exact": acc}, {}

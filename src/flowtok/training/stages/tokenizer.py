@@ -4,6 +4,7 @@ PatchGAN terms), its latent scale measured at export."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +22,7 @@ from ...tokenizer import (
     latent_scale_factor,
 )
 from ..data import BatchSource, DataConfig, build_source
-from .base import Stage, image_grid
+from .base import Stage, heldout_metrics, image_grid
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class TokenizerStage(Stage):
         # A registered child: the discriminator (when on) is trained by the same optimizer and checkpointed.
         self.loss_fn = TokenizerLoss(from_dict(TokenizerLossConfig, {"kl_weight": cfg.kl_weight, **cfg.loss},
                                                "model.loss"))
+        # A discriminator that starts late has no gradients until then: DDP must look for unused parameters.
+        self.ddp_find_unused_parameters = (self.loss_fn.discriminator is not None
+                                           and self.loss_fn.config.discriminator_start > 0)
 
     def setup(self, device: torch.device) -> None:
         super().setup(device)
@@ -95,6 +99,11 @@ class TokenizerStage(Stage):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        if not self.is_shapes_data():  # held-out loss and reconstruction PSNR on data.eval_path
+            got = heldout_metrics(self, batch_size=min(64, self.cfg.eval_images))
+            if "heldout_mse" in got:
+                got["heldout_psnr"] = 10 * math.log10(1.0 / max(got["heldout_mse"], 1e-10))
+            return got, {}
         images, captions, scenes = self.shapes.test_batch(self.cfg.eval_images, 10_000, self.device)
         recon = self.tokenizer.reconstruct(images, text_states=self._text(captions))
         mse = torch.mean((recon.float() - images.float()) ** 2, dim=(1, 2, 3))
