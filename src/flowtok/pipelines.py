@@ -342,8 +342,17 @@ class FlowTokPipeline:
 
     @torch.no_grad()
     def caption_latents(self, text_latents: torch.Tensor) -> list[str]:
+        """Captions of text latents: the decoder's argmax, or with ``defaults["caption_grammar"] ==
+        "shapes"`` its best caption of the shapes world's grammar (always parseable)."""
         if self.text_decoder is None:
             raise InvalidInputError("this pipeline has no text decoder")
+        grammar = self.defaults.get("caption_grammar")
+        if grammar == "shapes":
+            from .shapes.grammar import grammar_decode
+
+            return grammar_decode(self.text_decoder, text_latents, self.text_encoder)
+        if grammar is not None:
+            raise InvalidInputError(f"unknown caption_grammar {grammar!r}; expected 'shapes' or none")
         return self.text_decoder.decode(text_latents, self.text_encoder)
 
     @torch.no_grad()
