@@ -24,6 +24,7 @@ from .base import (
     freeze,
     image_grid,
     image_latents,
+    init_weights,
     load_frozen_tokenizer,
 )
 
@@ -45,6 +46,8 @@ class T2IStageConfig:
     eval_prompts: int = 64
     eval_steps: int = 20
     eval_guidance: float = 2.0
+    # A trained flow folder of the same architecture to start from (fine-tuning); empty: from scratch.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if not self.tokenizer_path:
@@ -75,6 +78,7 @@ class T2IStage(Stage):
             self.projector = TextProjector(pcfg)
         check_latent_shapes(k, c, pcfg, fcfg)
         self.flow = FlowTransformer(fcfg)
+        init_weights(self.flow, cfg.init_from, "model")
         self.objective = FlowObjective.from_config(cfg.objective)
         self.k = k
 
