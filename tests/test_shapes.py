@@ -277,3 +277,18 @@ def test_grammar_decoding_always_parses() -> None:
     assert grammar_decode_logits(noisy, encoder) == targets
     for text in grammar_decode_logits(torch.randn((16, 32, encoder.vocab_size), generator=gen) * 5, encoder):
         S.parse(text)
+
+
+def test_bundled_pipeline_captions_through_the_grammar(tmp_path) -> None:
+    from flowtok.errors import CheckpointError
+    from flowtok.model_checks import check_defaults
+    from flowtok.pipelines import FlowTokPipeline
+
+    pipe = FlowTokPipeline.from_pretrained(device="cpu")
+    assert pipe.defaults["caption_grammar"] == "shapes"
+    # Off-world images (noise) still get captions of the world.
+    noise = torch.rand((3, 3, 128, 128), generator=torch.Generator().manual_seed(0))
+    for text in pipe.image_to_text(noise, num_inference_steps=2):
+        S.parse(text)
+    with pytest.raises(CheckpointError, match="caption_grammar"):
+        check_defaults({"caption_grammar": "english"}, "pipeline.json")
