@@ -9,8 +9,8 @@ vocabulary. So for each (template, where-phrase) skeleton the token at every pos
 fixed or one of a slot's few words, and the best caption of a skeleton takes each slot word's best
 score independently. :func:`grammar_decode` scores every skeleton (fixed tokens, the best slot words,
 and the end and pad tokens after the caption, which is how the decoder says where a caption ends)
-and writes the best one. Exact maximum of the summed log-probabilities over the whole grammar, a
-few hundred gathers per batch; the caption always parses.
+and writes the best one: the exact maximum of the summed log-probabilities over the whole grammar,
+read from the grammar's few hundred token ids only; the caption always parses.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class _Skeletons:
     fixed: torch.Tensor               # [K, L] token id at each position (slot positions: any)
     slot: torch.Tensor                # [K, L] -1 fixed, else 3 * object + word class
     words: list[torch.Tensor]         # per word class, its token ids
-    num_slots: int
+    vocab: torch.Tensor               # every token id a caption of the grammar can hold
 
 
 def _single_ids(encoder, words: tuple[str, ...]) -> torch.Tensor:
@@ -75,22 +75,34 @@ def _skeletons(encoder) -> _Skeletons:
         if len(pos) != 3 * n_obj[k]:
             raise ConfigError("the shapes grammar could not find its slot words in the tokenised captions")
         slot[k, pos] = torch.arange(len(pos))
-    return _Skeletons(skeletons, ids_a, slot, words, 9)
+    # Scores are read only at these ids, with every id renumbered by its place among them.
+    vocab, local = torch.unique(torch.cat([ids_a.flatten(), *words]), return_inverse=True)
+    fixed = local[:ids_a.numel()].view_as(ids_a)
+    offset, local_words = ids_a.numel(), []
+    for w in words:
+        local_words.append(local[offset:offset + len(w)])
+        offset += len(w)
+    return _Skeletons(skeletons, fixed, slot, local_words, vocab)
 
 
 @torch.no_grad()
 def grammar_decode_logits(logits: torch.Tensor, encoder) -> list[str]:
-    """The best caption of the grammar for each row of decoder logits ``[B, L, V]``."""
+    """The best caption of the grammar for each row of decoder logits ``[B, L, V]``.
+
+    Every skeleton fills all ``L`` positions (the caption, then end and pads), so the per-position
+    normaliser of the log-probabilities is the same for all of them: raw logits rank the captions
+    exactly as log-probabilities do, and only the grammar's few hundred token ids need reading.
+    """
     sk = _skeletons(encoder)
-    logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-    b, length, _ = logp.shape
+    b, length, _ = logits.shape
+    sub = logits[..., sk.vocab.to(logits.device)].float().cpu()  # [B, L, U]
     fixed, slot = sk.fixed[:, :length], sk.slot[:, :length]
     positions = torch.arange(length).view(1, -1).expand_as(fixed)
-    score = logp[:, positions, fixed]  # [B, K, L]
+    score = sub[:, positions, fixed]  # [B, K, L]
     best_word = torch.zeros(b, 3, length, dtype=torch.long)
     best_score = torch.empty(b, 3, length)
     for c, ids in enumerate(sk.words):
-        best_score[:, c], best_word[:, c] = logp[:, :, ids].max(-1)
+        best_score[:, c], best_word[:, c] = sub[:, :, ids].max(-1)
     word_class = (slot % 3).clamp(min=0)
     slot_score = best_score[:, word_class, positions]  # [B, K, L]
     total = torch.where(slot >= 0, slot_score, score).sum(-1)  # [B, K]
