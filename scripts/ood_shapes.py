@@ -101,6 +101,14 @@ def ood_set(n_single: int, n_multi: int, seed: int = 0) -> list[tuple[str, Image
     return out + [("multi", *sample_image(rng, int(rng.integers(2, 4)))) for _ in range(n_multi)]
 
 
+def _shown(path) -> str:
+    """The model path relative to the working directory when below it (no machine paths in records)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="pipeline folder (default: the bundled model)")
@@ -139,7 +147,7 @@ def main() -> None:
             Path(args.save_images).mkdir(parents=True, exist_ok=True)
             image.save(Path(args.save_images) / f"{k:04d}-{group}.png")
     result = {"protocol": {"script": "scripts/ood_shapes.py", "seed": args.seed, "n_single": args.n_single,
-                           "n_multi": args.n_multi, "model": str(pipe.model_path),
+                           "n_multi": args.n_multi, "model": _shown(pipe.model_path),
                            "decoding": "argmax" if args.raw else pipe.defaults.get("caption_grammar") or "argmax"},
               "single_named_color_and_shape": named / max(1, args.n_single),
               "single_parses": parsed["single"] / max(1, args.n_single),
