@@ -106,7 +106,8 @@ def compute(args, out: Path, steps_grid: list[int], guid_grid: list[float]):
            "threads": args.threads, "model": _shown(pipe.model_path), "steps": steps0, "guidance": g0,
            "command": "python scripts/make_results.py " + " ".join(
                f"--{k.replace('_', '-')}" + ("" if v is True else f" {Path(v).name if k.endswith('_from') else v}")
-               for k, v in vars(args).items() if v is not None and v is not False and k != "few_step"),
+               for k, v in vars(args).items()
+               if v is not None and v is not False and k not in ("few_step", "append")),
            "elapsed_s": round(elapsed, 1)}
     for name, res in {"t2i": t2i, "i2t": i2t, "recon": recon, "sweeps": sweep, "env": env}.items():
         atomic_write_text(out / "results" / f"{name}.json", json.dumps(res, indent=2, default=str) + "\n")
@@ -128,6 +129,9 @@ def main() -> None:
                     "(FID is still computed here with --fid-n)")
     ap.add_argument("--i2t-from", default=None, help="use this `flowtok eval i2t` JSON for the image-to-text tables")
     ap.add_argument("--few-step", default=None, help="few_step.json of scripts/few_step.py: adds its table")
+    ap.add_argument("--append", default="docs/results/world_v2.md",
+                    help="a hand-written markdown section appended to the page when the file exists (the v2 world: "
+                         "its judge, its out-of-distribution set and their protocols)")
     ap.add_argument("--page-only", action="store_true",
                     help="only rebuild results.md and the plots from the JSONs of an earlier run under --out")
     args = ap.parse_args()
@@ -188,6 +192,8 @@ def main() -> None:
               "![accuracy against guidance](results/accuracy_vs_guidance.png)", ""]
     if args.few_step:
         lines += _few_step_section(json.loads(Path(args.few_step).read_text()))
+    if args.append and Path(args.append).is_file():
+        lines += ["", Path(args.append).read_text().rstrip()]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     print(f"wrote {out / 'results.md'} in {elapsed / 60:.1f} min")
 

@@ -14,6 +14,8 @@ from PIL import Image, ImageFilter
 from flowtok import shapes as S
 from flowtok.cli import main
 from flowtok.errors import InvalidInputError
+from flowtok.shapes import world as W
+from flowtok.shapes.stream import drawn_at
 
 
 def _scenes(n: int, seed: int = 123, split: str = "any") -> list[S.Scene]:
@@ -107,10 +109,12 @@ def test_render_batch_matches_render() -> None:
     assert np.array_equal(np.asarray(S.render(scenes[3], 96)), np.asarray(S.tensor_to_pil(batch[3])))
 
 
-def test_judge_accuracy_clean_and_jpeg() -> None:
-    # 1,000 scenes here to stay fast; 5,000 measured once (see the report in the docs).
-    scenes = _scenes(1000, seed=7)
-    images = S.render_batch(scenes, 128)
+@pytest.mark.parametrize("world", ["v1", "v2"])
+def test_judge_accuracy_clean_and_jpeg(world: str) -> None:
+    # 300 scenes per world here to stay fast; 5,000 per world in benchmarks/shapes_judge.py (100% both).
+    samples = [drawn_at(7, i, "any", None, world) for i in range(300)]
+    scenes = [s[0] for s in samples]
+    images = S.render_batch(scenes, 128, drawings=[s[2] for s in samples])
     clean = S.judge_batch(images)
     jpeg = S.judge_batch([_jpeg(S.tensor_to_pil(im)) for im in images])
     assert np.mean([p == s for p, s in zip(clean, scenes)]) >= 0.995
@@ -198,3 +202,93 @@ def test_cli_writes_folder_and_shards(tmp_path, capsys) -> None:
     assert len(list((tmp_path / "b").glob("*.tar"))) == 2
     assert main(["data", "shapes", "--out", str(tmp_path / "c"), "--n", "3", "--size", "20"]) == 2
     assert "image size must be" in capsys.readouterr().err
+
+
+def test_v2_drawings_follow_their_captions() -> None:
+    seen_styles, seen_white, angles = set(), 0, []
+    for i in range(400):
+        scene, text, drawing = drawn_at(5, i, "any")
+        assert S.parse(text) == scene
+        assert ("white background" in text) <= drawing.plain_white  # a tinted background is never called white
+        seen_styles.add(drawing.style)
+        seen_white += drawing.plain_white
+        for obj, place in zip(scene.objects, drawing.placements):
+            lo, hi = W.SIZE_RANGE[obj.size]
+            assert lo <= place.radius <= hi
+            assert abs(place.angle) <= W.MAX_ROTATION[obj.shape]
+            reach = place.radius * W.SHAPE_EXTENT[obj.shape]
+            assert reach <= place.x <= 1 - reach and reach <= place.y <= 1 - reach  # inside the image
+            angles.append(place.angle)
+        places = drawing.placements
+        if scene.num_objects == 1:
+            assert W.cell_of(places[0].x, places[0].y) == scene.layout
+        else:
+            # Reading order along the relation's axis, which is the longer spread, with free space between.
+            along = [p.x if scene.layout == "left of" else p.y for p in places]
+            across = [p.y if scene.layout == "left of" else p.x for p in places]
+            assert along == sorted(along)
+            assert max(across) - min(across) <= 0.4 * (along[-1] - along[0]) + 1e-9
+            for a, b, oa, ob in zip(places, places[1:], scene.objects, scene.objects[1:]):
+                gap = np.hypot(a.x - b.x, a.y - b.y) - a.radius * W.SHAPE_EXTENT[oa.shape] \
+                    - b.radius * W.SHAPE_EXTENT[ob.shape]
+                assert gap > 0.03
+    assert seen_styles == set(W.STYLES) and 50 < seen_white < 160 and np.std(angles) > 5
+    # The scenes are v1's, drawn differently; v1's drawing is the canonical one, pixel for pixel.
+    assert drawn_at(5, 3, world="v1")[0] == drawn_at(5, 3)[0]
+    scene = drawn_at(5, 3, world="v1")[0]
+    assert torch.equal(S.shapes_batch(5, 3, 1, world="v1")[0][0], S.render_batch([scene])[0])
+    assert not torch.equal(S.shapes_batch(5, 3, 1)[0][0], S.render_batch([scene])[0])
+    with pytest.raises(InvalidInputError, match="world must be"):
+        S.shapes_batch(5, 3, 1, world="v3")
+
+
+def test_v2_shades_backgrounds_and_styles_render() -> None:
+    scene = S.Scene((S.ShapeObject("blue", "square", "large"),), "center")
+    base = W.Placement(0.5, 0.5, 0.13, 0.0, W.shade("blue", 0.0))
+    flat = np.asarray(S.render(scene, 128, W.Drawing((base,))))
+    hard = np.asarray(S.render(scene, 128, W.Drawing((base,), style="hard")))
+    assert len({tuple(p) for p in flat.reshape(-1, 3)}) > 2 and len({tuple(p) for p in hard.reshape(-1, 3)}) == 2
+    outlined = np.asarray(S.render(scene, 128, W.Drawing((base,), style="outlined", outline=2.0)))
+    assert outlined[64, 64].tolist() == flat[64, 64].tolist() and outlined[64, 49].sum() < flat[64, 49].sum()
+    dark = W.Drawing((W.Placement(0.5, 0.5, 0.13, 0.0, W.shade("blue", -0.25)),), background=(0.9, 0.95, 0.85),
+                     texture=0.03, noise=0.02, noise_seed=4)
+    arr = np.asarray(S.render(scene, 128, dark)).astype(float)
+    assert np.abs(arr[64, 64] - 0.75 * np.array(S.COLORS["blue"])).max() < 20
+    assert 3 < arr[:20, :20].std() < 20  # textured and noisy, not flat
+    assert np.array_equal(arr, np.asarray(S.render(scene, 128, dark)))  # the noise is a function of its seed
+    turned = W.Drawing((W.Placement(0.5, 0.5, 0.13, 20.0, base.rgb),))
+    assert S.judge(S.render(scene, 128, turned)) == scene and S.judge(S.render(scene, 128, dark)) == scene
+
+
+def test_grammar_decoding_always_parses() -> None:
+    from flowtok.shapes.grammar import grammar_decode_logits
+    from flowtok.text import load_text_encoder
+
+    encoder = load_text_encoder("minilm", max_length=32, device="cpu")
+    targets = ["a large red square to the left of a little blue circle",
+               "from top to bottom: a big green star, a small pink cross and a large brown diamond",
+               "there is a little yellow triangle in the bottom left corner"]
+    ids, _ = encoder.tokenize(targets)
+    logits = torch.nn.functional.one_hot(ids, encoder.vocab_size).float() * 10
+    assert grammar_decode_logits(logits, encoder) == targets
+    # Noise on top of a target: still the target; pure noise: still a caption of the world.
+    gen = torch.Generator().manual_seed(0)
+    noisy = logits + torch.randn(logits.shape, generator=gen) * 2
+    assert grammar_decode_logits(noisy, encoder) == targets
+    for text in grammar_decode_logits(torch.randn((16, 32, encoder.vocab_size), generator=gen) * 5, encoder):
+        S.parse(text)
+
+
+def test_bundled_pipeline_captions_through_the_grammar(tmp_path) -> None:
+    from flowtok.errors import CheckpointError
+    from flowtok.model_checks import check_defaults
+    from flowtok.pipelines import FlowTokPipeline
+
+    pipe = FlowTokPipeline.from_pretrained(device="cpu")
+    assert pipe.defaults["caption_grammar"] == "shapes"
+    # Off-world images (noise) still get captions of the world.
+    noise = torch.rand((3, 3, 128, 128), generator=torch.Generator().manual_seed(0))
+    for text in pipe.image_to_text(noise, num_inference_steps=2):
+        S.parse(text)
+    with pytest.raises(CheckpointError, match="caption_grammar"):
+        check_defaults({"caption_grammar": "english"}, "pipeline.json")

@@ -164,6 +164,9 @@ def check_defaults(defaults: Any, source: str) -> dict[str, Any]:
         ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
         if not ok or not math.isfinite(value) or (kind is int and not 1 <= value <= 1000):
             raise CheckpointError(f"{source}: defaults.{key} = {value!r} is not a valid setting")
+    if defaults.get("caption_grammar") not in (None, "shapes"):
+        raise CheckpointError(f"{source}: defaults.caption_grammar = {defaults['caption_grammar']!r} is not a valid "
+                              "setting (expected \"shapes\" or none)")
     return defaults
 
 

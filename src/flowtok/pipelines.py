@@ -68,8 +68,12 @@ class SamplingDefaults:
     guidance_scale: float = 2.0  # text to image
     caption_guidance_scale: float = 1.0  # image to text
     sampler: Sampler = "euler"
+    # "shapes": captions are the text decoder's best sentence of the shapes world's grammar (always parseable).
+    caption_grammar: Literal["shapes"] | None = None
 
     def __post_init__(self) -> None:
+        if self.caption_grammar not in (None, "shapes"):
+            raise InvalidInputError(f"caption_grammar must be 'shapes' or null, got {self.caption_grammar!r}")
         steps = self.num_inference_steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_INFERENCE_STEPS:
             raise InvalidInputError(f"num_inference_steps must be an integer from 1 to {MAX_INFERENCE_STEPS}, "
@@ -272,8 +276,14 @@ class FlowTokPipeline:
         return out
 
     def _caption(self, text_latents: torch.Tensor) -> list[str]:
+        """Captions of text latents: the decoder's argmax, or with ``defaults.caption_grammar == "shapes"``
+        its best caption of the shapes world's grammar (always parseable)."""
         if self.text_decoder is None:
             raise InvalidInputError("this pipeline has no text decoder")
+        if self.defaults.caption_grammar == "shapes":
+            from .shapes.grammar import grammar_decode  # the shapes world is imported only by its models
+
+            return grammar_decode(self.text_decoder, text_latents, self.text_encoder)
         return self.text_decoder.decode(text_latents, self.text_encoder)
 
     @staticmethod

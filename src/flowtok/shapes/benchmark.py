@@ -10,7 +10,10 @@ Prompts come in groups of (object count) x (split): ``seen`` scenes follow the t
 ``held_out`` scenes contain a colour-shape pair or a relation never shown in training
 (:func:`flowtok.shapes.scene_split`), so the two are always reported apart. Scenes of group
 ``(k, split)`` come from ``numpy.random.default_rng([seed, k, split_index])``: a group's prompts do
-not change when other groups are added or removed.
+not change when other groups are added or removed. ``world`` picks how scenes are drawn
+(:mod:`flowtok.shapes.world`): ``"v2"`` (the default) draws each scene with the variation of the
+world, from ``default_rng([seed, k, split_index, 1])``, and ``"v1"`` the original canonical way; both
+worlds use the same scenes, and the prompts differ only where v1's would call a tinted background white.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from .captions import all_captions, caption, parse
 from .judge import attribute_matches, judge_batch, scene_matches
 from .render import render_batch
 from .stream import sample_at, shapes_batch
-from .world import Scene, sample_scene
+from .world import DEFAULT_WORLD, Drawing, Scene, check_world, draw_scene, sample_scene
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ class BenchItem:
     scene: Scene
     prompt: str
     references: list[str] = field(default_factory=list)
+    drawing: Drawing | None = None  # how the scene is drawn for image to text (None: v1's drawing)
 
     @property
     def group(self) -> str:
@@ -71,18 +75,22 @@ def _check_groups(objects: Sequence[int], splits: Sequence[str]) -> None:
 
 
 def benchmark_items(n_per_group: int, seed: int = 0, objects: Sequence[int] = (1, 2, 3),
-                    splits: Sequence[str] = ("train", "test")) -> list[BenchItem]:
+                    splits: Sequence[str] = ("train", "test"), world: str = DEFAULT_WORLD) -> list[BenchItem]:
     """``n_per_group`` prompts for every (object count, split) group, with every paraphrase as reference."""
     if n_per_group < 1:
         raise InvalidInputError(f"the number of prompts per group must be >= 1, got {n_per_group}")
     _check_groups(objects, splits)
+    check_world(world)
     items = []
     for k in objects:
         for split in splits:
             rng = np.random.default_rng([seed, k, list(SPLIT_NAMES).index(split)])
+            draw_rng = np.random.default_rng([seed, k, list(SPLIT_NAMES).index(split), 1])
             for _ in range(n_per_group):
                 scene = sample_scene(rng, num_objects=k, split=split)
-                items.append(BenchItem(k, split, scene, caption(scene, rng), all_captions(scene)))
+                drawing = draw_scene(scene, world, draw_rng)
+                text = caption(scene, rng, white_background=drawing.plain_white)
+                items.append(BenchItem(k, split, scene, text, all_captions(scene), drawing))
     return items
 
 
@@ -135,14 +143,15 @@ def _generate(generate_fn: GenerateFn, prompts: Sequence[str], generator: torch.
 
 
 def shapes_reference_stats(extractor: fidlib.InceptionFeatures, n: int, size: int, batch_size: int = 32,
-                           split: str = "train", cache_dir: str | None = None) -> tuple[fidlib.FIDStats, dict]:
+                           split: str = "train", cache_dir: str | None = None,
+                           world: str = DEFAULT_WORLD) -> tuple[fidlib.FIDStats, dict]:
     """Inception statistics of ``n`` real shapes images (cached), and a description of the set."""
-    key = f"shapes-{split}-seed{FID_REFERENCE_SEED}-n{n}-{size}px"
+    key = f"shapes-{split}-seed{FID_REFERENCE_SEED}-n{n}-{size}px" + ("" if world == "v1" else f"-{world}")
 
     def batches() -> Iterable[torch.Tensor]:
         for start in range(0, n, batch_size):
             yield shapes_batch(FID_REFERENCE_SEED, start, min(batch_size, n - start), split=split,
-                                      size=size)[0]
+                               size=size, world=world)[0]
 
     stats, path = fidlib.cached_stats(key, extractor, batches, cache_dir)
     return stats, {"reference_set": key, "reference_n": n, "reference_size": size, "stats_file": str(path)}
@@ -189,7 +198,7 @@ def generated_fid(generate_fn: GenerateFn, prompts: Sequence[str], generator: to
 def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
                  objects: Sequence[int] = (1, 2, 3), splits: Sequence[str] = ("train", "test"),
                  batch_size: int = 16, fid_n: int = 0, extractor: fidlib.InceptionFeatures | None = None,
-                 generator_device: str | torch.device = "cpu") -> dict:
+                 generator_device: str | torch.device = "cpu", world: str = DEFAULT_WORLD) -> dict:
     """Judge accuracy of generated images per group and attribute, and optionally FID.
 
     The judge (:func:`flowtok.shapes.judge`) reads each generated image back into a scene,
@@ -198,7 +207,7 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
     One ``torch.Generator`` seeded with ``seed`` feeds every call in order, so results depend on
     ``batch_size`` as well as ``seed``; both are recorded.
     """
-    items = benchmark_items(n_per_group, seed, objects, splits)
+    items = benchmark_items(n_per_group, seed, objects, splits, world)
     generator = torch.Generator(generator_device).manual_seed(seed)
     t0 = time.perf_counter()
     images = _generate(generate_fn, [it.prompt for it in items], generator, batch_size)
@@ -207,7 +216,7 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
     results: dict = {
         "task": "t2i",
         "protocol": {
-            "benchmark": "flowtok shapes world, judge-exact accuracy",
+            "benchmark": "flowtok shapes world, judge-exact accuracy", "world": world,
             "n_per_group": n_per_group, "seed": seed, "objects": list(objects),
             "splits": [SPLIT_NAMES[s] for s in splits], "n_prompts": len(items), "batch_size": batch_size,
             "generator": f"torch.Generator('{generator_device}').manual_seed(seed), shared across batches",
@@ -218,25 +227,31 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
         "timing": {"generate_s": round(gen_s, 3), "images": len(items)},
     }
     if fid_n > 0:
-        prompts = [sample_at(seed, i, "train")[1] for i in range(fid_n)]
-        results["fid"] = generated_fid(generate_fn, prompts, generator, batch_size, extractor)
+        prompts = [sample_at(seed, i, "train", world=world)[1] for i in range(fid_n)]
+        ext = extractor if extractor is not None else fidlib.InceptionFeatures()
+        results["fid"] = generated_fid(generate_fn, prompts, generator, batch_size, ext, reference_fn=lambda size:
+                                       shapes_reference_stats(ext, fid_n, size, batch_size, world=world))
         results["fid"]["prompts"] = f"shapes seen-split stream seed {seed}, samples 0..{fid_n - 1}"
     return results
 
 
 def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
                  objects: Sequence[int] = (1, 2, 3), splits: Sequence[str] = ("train", "test"),
-                 batch_size: int = 16, image_size: int = 128, metrics: bool = True, spice: bool = True) -> dict:
+                 batch_size: int = 16, image_size: int = 128, metrics: bool = True, spice: bool = True,
+                 world: str = DEFAULT_WORLD, jpeg_quality: int | None = None) -> dict:
     """Caption rendered scenes: exact-scene accuracy (via :func:`~flowtok.shapes.parse`) and COCO metrics.
 
     Each image's references are all paraphrases of its scene (:func:`~flowtok.shapes.all_captions`),
-    so a caption that describes the scene correctly in any template scores BLEU-1 = 1.
+    so a caption that describes the scene correctly in any template scores BLEU-1 = 1. Images are
+    drawn in ``world``, and with ``jpeg_quality`` passed through JPEG at that quality first.
     """
-    items = benchmark_items(n_per_group, seed, objects, splits)
+    items = benchmark_items(n_per_group, seed, objects, splits, world)
     preds: list[str] = []
     t0 = time.perf_counter()
     for chunk in _batched(items, batch_size):
-        images = render_batch([it.scene for it in chunk], image_size)
+        images = render_batch([it.scene for it in chunk], image_size, drawings=[it.drawing for it in chunk])
+        if jpeg_quality is not None:
+            images = jpeg_round_trip(images, jpeg_quality)
         out = caption_fn(images)
         if not isinstance(out, (list, tuple)) or len(out) != len(chunk) or not all(isinstance(c, str) for c in out):
             raise InvalidInputError(f"caption_fn must return {len(chunk)} strings, got {out!r:.80}")
@@ -253,11 +268,11 @@ def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
     results: dict = {
         "task": "i2t",
         "protocol": {
-            "benchmark": "flowtok shapes world, exact-scene accuracy of parsed captions",
-            "n_per_group": n_per_group, "seed": seed, "objects": list(objects),
+            "benchmark": "flowtok shapes world, exact-scene accuracy of parsed captions", "world": world,
+            "jpeg_quality": jpeg_quality, "n_per_group": n_per_group, "seed": seed, "objects": list(objects),
             "splits": [SPLIT_NAMES[s] for s in splits], "n_images": len(items), "batch_size": batch_size,
             "image_size": image_size, "references": "all paraphrases of the scene (flowtok.shapes.all_captions)",
-            "parser": "flowtok.data.parse (unparseable caption = every attribute wrong)",
+            "parser": "flowtok.shapes.parse (unparseable caption = every attribute wrong)",
         },
         "accuracy": _breakdown(items, scenes),
         "timing": {"caption_s": round(cap_s, 3), "images": len(items)},
@@ -275,15 +290,34 @@ def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
     return results
 
 
-def shapes_image_batches(n: int, seed: int = 0, image_size: int = 128, batch_size: int = 16) -> Iterable[torch.Tensor]:
+def shapes_image_batches(n: int, seed: int = 0, image_size: int = 128, batch_size: int = 16,
+                         world: str = DEFAULT_WORLD) -> Iterable[torch.Tensor]:
     """``n`` rendered shapes images (any split) from the stream ``seed``, in batches."""
     for start in range(0, n, batch_size):
-        yield shapes_batch(seed, start, min(batch_size, n - start), split="any", size=image_size)[0]
+        yield shapes_batch(seed, start, min(batch_size, n - start), split="any", size=image_size, world=world)[0]
+
+
+def jpeg_round_trip(images: torch.Tensor, quality: int) -> torch.Tensor:
+    """``[B, 3, H, W]`` images in [0, 1] encoded as JPEG at ``quality`` (PIL) and decoded again."""
+    import io
+
+    from PIL import Image
+
+    from .render import tensor_to_pil
+
+    out = []
+    for image in images:
+        buf = io.BytesIO()
+        tensor_to_pil(image).save(buf, format="JPEG", quality=quality)
+        arr = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.uint8)
+        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0)
+    return torch.stack(out)
 
 
 def evaluate_recon(reconstruct_fn: ReconstructFn, images: Iterable[torch.Tensor] | None = None,
                    n: int = 64, seed: int = 0, image_size: int = 128, batch_size: int = 16, fid: bool = True,
-                   extractor: fidlib.InceptionFeatures | None = None, source: str | None = None) -> dict:
+                   extractor: fidlib.InceptionFeatures | None = None, source: str | None = None,
+                   world: str = DEFAULT_WORLD) -> dict:
     """PSNR, SSIM and rFID of ``reconstruct_fn`` over ``images`` (batches) or ``n`` shapes renders.
 
     rFID is the FID between the originals and their reconstructions (both sets of the same size,
@@ -291,8 +325,8 @@ def evaluate_recon(reconstruct_fn: ReconstructFn, images: Iterable[torch.Tensor]
     """
     from_shapes = images is None
     if images is None:
-        images = shapes_image_batches(n, seed, image_size, batch_size)
-        source = source or f"shapes world (any split), stream seed {seed}, {image_size}px"
+        images = shapes_image_batches(n, seed, image_size, batch_size, world)
+        source = source or f"shapes world {world} (any split), stream seed {seed}, {image_size}px"
     if fid and extractor is None:
         extractor = fidlib.InceptionFeatures()
     psnrs, ssims, feats_real, feats_rec = [], [], [], []

@@ -73,9 +73,15 @@ def _fill(template: str, scene: Scene, size_words: Sequence[str], where: str = "
     return template.format(*phrases, w=where)
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """One random paraphrase of the scene (template, where-phrase and size words vary)."""
+def caption(scene: Scene, rng: np.random.Generator, white_background: bool = True) -> str:
+    """One random paraphrase of the scene (template, where-phrase and size words vary).
+
+    ``white_background=False`` leaves out the templates that call the background white, for a
+    drawing on a tinted or textured one (:attr:`~flowtok.shapes.world.Drawing.plain_white`).
+    """
     templates = _TEMPLATES[_template_key(scene)]
+    if not white_background:
+        templates = tuple(t for t in templates if "white" not in t)
     template = templates[rng.integers(len(templates))]
     words = [_SIZE_WORDS[o.size][rng.integers(2)] for o in scene.objects]
     where = ""

@@ -14,7 +14,7 @@ import torch
 from ..errors import InvalidInputError
 from .render import check_size, tensor_to_pil
 from .stream import shapes_batch
-from .world import sample_scene
+from .world import DEFAULT_WORLD, check_world, sample_scene
 
 
 def _png_bytes(image: torch.Tensor) -> bytes:
@@ -32,7 +32,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> No
 
 def export_shapes(out_dir: str | Path, n: int, seed: int = 0, size: int = 128, split: str = "train",
                   num_objects: int | None = None, shards: bool = False, shard_size: int = 1000,
-                  progress: bool = False) -> Path:
+                  progress: bool = False, world: str = DEFAULT_WORLD) -> Path:
     """Write ``n`` samples of the stream ``seed`` to ``out_dir`` and return it.
 
     Folder form: ``images/00000000.png`` ... and ``captions.jsonl`` with ``file``, ``caption``
@@ -45,6 +45,7 @@ def export_shapes(out_dir: str | Path, n: int, seed: int = 0, size: int = 128, s
     if shard_size < 1:
         raise InvalidInputError(f"shard_size must be >= 1, got {shard_size}")
     sample_scene(np.random.default_rng(0), num_objects, split)  # validates split / num_objects early
+    check_world(world)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not shards:
@@ -59,7 +60,8 @@ def export_shapes(out_dir: str | Path, n: int, seed: int = 0, size: int = 128, s
     tar: tarfile.TarFile | None = None
     try:
         for start in range(0, n, chunk):
-            images, texts, scenes = shapes_batch(seed, start, min(chunk, n - start), split, num_objects, size)
+            images, texts, scenes = shapes_batch(seed, start, min(chunk, n - start), split, num_objects, size,
+                                                 world=world)
             for k, (image, text, scene) in enumerate(zip(images, texts, scenes)):
                 i = start + k
                 key = f"{i:08d}"
@@ -87,7 +89,7 @@ def export_shapes(out_dir: str | Path, n: int, seed: int = 0, size: int = 128, s
             tar.close()
         if bar is not None:
             bar.close()
-    info = {"generator": "flowtok.shapes", "n": n, "seed": seed, "size": size, "split": split,
+    info = {"generator": "flowtok.shapes", "world": world, "n": n, "seed": seed, "size": size, "split": split,
             "num_objects": num_objects, "shards": shards, "shard_size": shard_size if shards else None}
     (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return out

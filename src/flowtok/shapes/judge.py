@@ -14,12 +14,25 @@ from PIL import Image
 
 from ..errors import InvalidInputError
 from .render import shape_sdf
-from .world import CELLS, COLORS, SHAPES, SIZE_RADIUS, Scene, ShapeObject
+from .world import (
+    COLORS,
+    MAX_ROTATION,
+    SHADE_DARKEST,
+    SHADE_LIGHTEST,
+    SHAPES,
+    SIZE_RANGE,
+    Scene,
+    ShapeObject,
+    cell_of,
+)
 
 _JUDGE_RES = 128          # every image is judged at this resolution
 _FG_THRESHOLD = 0.2       # RGB distance from the background that counts as foreground
 _MIN_AREA_FRAC = 0.3      # a blob smaller than this fraction of the smallest object is noise
-_CELL_EDGES = (0.35, 0.65)
+# Rotations tried per shape: every few degrees across the world's range (world.MAX_ROTATION).
+_ANGLE_STEP = 4.0
+# Sizes: the threshold sits in the gap between the words' radius ranges (geometric mean).
+_SIZE_THRESHOLD = math.sqrt(SIZE_RANGE["small"][1] * SIZE_RANGE["large"][0])
 # Blur widths (Gaussian sigma, judge pixels) each candidate shape is also tried with, so a soft
 # or JPEG-smeared blob is compared with an equally soft rendering rather than a crisp one.
 _BLUR_SIGMAS = (0.0, 0.8, 1.4)
@@ -44,6 +57,33 @@ def _shape_tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         areas.append(float(mass) * step * step)
         offsets.append([float((alpha * x).sum() / mass), float((alpha * y).sum() / mass)])
     return torch.stack(tables)[:, None], torch.tensor(areas), torch.tensor(offsets)
+
+
+@functools.lru_cache(maxsize=1)
+def _candidate_angles() -> list[torch.Tensor]:
+    """Per shape, the rotations (radians) the judge draws it at."""
+    out = []
+    for shape in SHAPES:
+        limit = MAX_ROTATION[shape]
+        k = math.ceil(limit / _ANGLE_STEP)
+        out.append(torch.tensor([math.radians(limit * i / k) for i in range(-k, k + 1)] if k else [0.0]))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _shade_segments() -> tuple[torch.Tensor, torch.Tensor]:
+    """Per colour, its base and two segments: to its darkest and to its lightest shade, ``[C, 3]`` each."""
+    base = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255.0
+    return base, torch.stack([-SHADE_DARKEST * base, SHADE_LIGHTEST * (1 - base)])
+
+
+def nearest_color(rgb: torch.Tensor) -> int:
+    """Index in :data:`COLORS` of the colour whose range of shades passes nearest ``rgb``."""
+    base, steps = _shade_segments()
+    d = rgb - base  # [C, 3]
+    t = ((d[None] * steps).sum(-1) / steps.pow(2).sum(-1).clamp(min=1e-8)).clamp(0, 1)  # [2, C]
+    dist = (d[None] - t[..., None] * steps).pow(2).sum(-1).amin(0)
+    return int(dist.argmin())
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,13 +164,16 @@ def _read_blob(img: torch.Tensor, bg: torch.Tensor, mask: torch.Tensor) -> tuple
     y0, y1 = max(int(ys.min()) - pad, 0), min(int(ys.max()) + pad + 1, res)
     x0, x1 = max(int(xs.min()) - pad, 0), min(int(xs.max()) + pad + 1, res)
     win, m = img[:, y0:y1, x0:x1], mask[y0:y1, x0:x1]
-    # Colour: the median over the blob's core, away from anti-aliased and JPEG-smeared edges.
-    core = -F.max_pool2d(-m.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0.5
-    if int(core.sum()) < 4:
-        core = m
+    # Colour: the median over the blob's core, away from anti-aliased and JPEG-smeared edges and
+    # from an outline: two pixels in where the blob is large enough, else one.
+    core = m
+    for _ in range(2):
+        inner = -F.max_pool2d(-core.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0.5
+        if int(inner.sum()) < 6:
+            break
+        core = inner
     rgb = win[:, core].median(dim=1).values
-    palette = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 255.0
-    color_idx = int(((palette - rgb) ** 2).sum(1).argmin())
+    color_idx = nearest_color(rgb)
     # Coverage: how far each pixel moved from the background toward the blob's colour. Blur and
     # JPEG leave its sum (the area) and its centroid unchanged on average.
     direction = rgb - bg
@@ -140,40 +183,46 @@ def _read_blob(img: torch.Tensor, bg: torch.Tensor, mask: torch.Tensor) -> tuple
     gy = torch.arange(y0, y1, dtype=torch.float32).view(-1, 1) + 0.5
     gx = torch.arange(x0, x1, dtype=torch.float32).view(1, -1) + 0.5
     mx, my = float((alpha * gx).sum() / mass), float((alpha * gy).sum() / mass)
-    # Shape by synthesis: draw every candidate with the blob's area and centroid, at a few blur
-    # widths, and keep the one that explains the blob best.
+    # Shape by synthesis: draw every candidate shape with the blob's area and centroid, at every
+    # rotation the world allows, and keep each shape's best-fitting rotation; then compare those
+    # few, each also blurred by a few amounts, and keep the one that explains the blob best.
     tables, areas, offsets = _shape_tables()
-    radii = torch.sqrt(mass / areas)  # pixels, one per shape
-    cx = mx - offsets[:, 0] * radii
-    cy = my - offsets[:, 1] * radii
-    norm = radii.view(-1, 1, 1) * _SDF_SPAN
-    grid = torch.stack([
-        ((gx - cx.view(-1, 1, 1)) / norm).expand(-1, y1 - y0, -1),
-        ((gy - cy.view(-1, 1, 1)) / norm).expand(-1, -1, x1 - x0)], dim=-1)
-    sd = F.grid_sample(tables, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
-    drawn = (0.5 - sd * radii.view(-1, 1, 1)).clamp(0, 1)
-    errors = (_blurred_variants(drawn) - alpha).abs().sum((2, 3)).amin(1)
+    drawn, radii, centres = [], [], []
+    for s_idx, angles in enumerate(_candidate_angles()):
+        radius = float(torch.sqrt(mass / areas[s_idx]))  # pixels
+        cos, sin = torch.cos(angles).view(-1, 1, 1), torch.sin(angles).view(-1, 1, 1)
+        ox, oy = float(offsets[s_idx, 0]), float(offsets[s_idx, 1])
+        cx = mx - (cos * ox - sin * oy) * radius  # the centroid's offset turns with the shape
+        cy = my - (sin * ox + cos * oy) * radius
+        dx, dy = gx - cx, gy - cy  # [A, H, W] by broadcasting
+        norm = radius * _SDF_SPAN
+        grid = torch.stack([(cos * dx + sin * dy) / norm, (-sin * dx + cos * dy) / norm], dim=-1)
+        table = tables[s_idx:s_idx + 1].expand(len(angles), -1, -1, -1)
+        sd = F.grid_sample(table, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+        candidates = (0.5 - sd * radius).clamp(0, 1)
+        a = int((candidates - alpha).abs().sum((1, 2)).argmin())
+        drawn.append(candidates[a])
+        radii.append(radius)
+        centres.append((float(cx.flatten()[a]), float(cy.flatten()[a])))
+    errors = (_blurred_variants(torch.stack(drawn)) - alpha).abs().sum((2, 3)).amin(1)
     shape_idx = int(errors.argmin())
-    radius = float(radii[shape_idx]) / res
-    size = "small" if radius < math.sqrt(SIZE_RADIUS["small"] * SIZE_RADIUS["large"]) else "large"
+    size = "small" if radii[shape_idx] / res < _SIZE_THRESHOLD else "large"
     obj = ShapeObject(list(COLORS)[color_idx], SHAPES[shape_idx], size)
-    return obj, float(cx[shape_idx]) / res, float(cy[shape_idx]) / res
+    return obj, centres[shape_idx][0] / res, centres[shape_idx][1] / res
 
 
 def _judge_one(img: torch.Tensor, labels: torch.Tensor, bg: torch.Tensor) -> Scene | None:
     ids, counts = torch.unique(labels, return_counts=True)
     res = img.shape[-1]
     _, areas, _ = _shape_tables()
-    min_area = _MIN_AREA_FRAC * float(areas.min()) * (SIZE_RADIUS["small"] * res) ** 2
+    min_area = _MIN_AREA_FRAC * float(areas.min()) * (SIZE_RANGE["small"][0] * res) ** 2
     blobs = [int(i) for i, c in zip(ids, counts) if int(i) != 0 and int(c) >= min_area]
     if not 1 <= len(blobs) <= 3:
         return None
     found = [_read_blob(img, bg, labels == i) for i in blobs]
     if len(found) == 1:
         obj, cx, cy = found[0]
-        col = sum(cx >= e for e in _CELL_EDGES)
-        row = sum(cy >= e for e in _CELL_EDGES)
-        return Scene((obj,), CELLS[3 * row + col])
+        return Scene((obj,), cell_of(cx, cy))
     xs = [f[1] for f in found]
     ys = [f[2] for f in found]
     if max(xs) - min(xs) >= max(ys) - min(ys):

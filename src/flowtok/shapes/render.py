@@ -9,10 +9,11 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InvalidInputError
-from .world import BACKGROUND, COLORS, MAX_SIZE, MIN_SIZE, SIZE_RADIUS, Scene
+from .world import MAX_SIZE, MIN_SIZE, STYLES, Drawing, Placement, Scene, canonical_drawing
 
 
 def _sd_box(x: torch.Tensor, y: torch.Tensor, hx: float, hy: float) -> torch.Tensor:
@@ -82,44 +83,100 @@ def check_size(size: int) -> None:
         raise InvalidInputError(f"image size must be an integer from {MIN_SIZE} to {MAX_SIZE}, got {size!r}")
 
 
-_EXTENT = 1.25  # every shape lies within this many radii of its centre (the star reaches 1.2)
+_EXTENT = 1.3  # every shape, at any rotation, lies within this many radii of its centre (world.SHAPE_EXTENT)
+# Per-pixel noise is a hash of (noise seed, pixel), so a drawing looks the same on any device and in
+# any batch, with no generator state to carry; the texture is the same hash on a coarse grid.
+_TEXTURE_GRID = 6
+_OUTLINE_DARKEN = 0.35
 
 
-def render_batch(scenes: Sequence[Scene], size: int = 128, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Draw scenes as a float tensor ``[B, 3, size, size]`` in [0, 1], anti-aliased.
+def _hash_uniform(seeds: torch.Tensor, count: int, salt: int) -> torch.Tensor:
+    """``[B, count]`` values uniform in [-1, 1), a pure function of (seed, position, salt)."""
+    mask = 0xFFFFFFFF
+    x = (seeds.view(-1, 1) * 0x9E3779B1 + torch.arange(count, device=seeds.device) * 0x85EBCA77 + salt) & mask
+    # Two rounds of a 32-bit integer mixer; int64 products wrap, and the low 32 bits are exact.
+    for mult in (0x7FEB352D, 0x846CA68B):
+        x = x ^ (x >> 16)
+        x = (x * mult) & mask
+    x = x ^ (x >> 15)
+    return x.float() / 2**31 - 1.0
 
-    Coverage is ``clamp(0.5 - signed_distance_in_pixels, 0, 1)``, a box-filter estimate that is
-    exact for straight edges. Objects are grouped by (slot, shape, size), and each group is drawn
-    in one vectorised step on a window around each object, so the cost is a handful of kernels
-    whatever the batch size, and grows with the objects' area rather than the image's.
+
+def _backgrounds(drawings: Sequence[Drawing], size: int, device: torch.device) -> torch.Tensor:
+    b = len(drawings)
+    bg = torch.tensor([d.background for d in drawings], dtype=torch.float32, device=device).view(b, 3, 1, 1)
+    image = bg.expand(b, 3, size, size).clone()
+    amp = torch.tensor([d.texture for d in drawings], dtype=torch.float32, device=device)
+    if bool((amp > 0).any()):
+        seeds = torch.tensor([d.noise_seed for d in drawings], dtype=torch.int64, device=device)
+        g = _TEXTURE_GRID
+        coarse = _hash_uniform(seeds, g * g, salt=1).view(b, 1, g, g) * math.sqrt(3)  # unit variance
+        smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+        image = image + smooth * amp.view(b, 1, 1, 1)
+    return image
+
+
+def render_batch(scenes: Sequence[Scene], size: int = 128, device: str | torch.device = "cpu",
+                 drawings: Sequence[Drawing] | None = None) -> torch.Tensor:
+    """Draw scenes as a float tensor ``[B, 3, size, size]`` in [0, 1].
+
+    ``drawings`` says where and how each scene is drawn (:func:`~flowtok.shapes.world.sample_drawing`);
+    without it every scene gets the v1 world's canonical drawing. Styles: ``smooth`` is an
+    anti-aliased fill, whose coverage ``clamp(0.5 - signed_distance_in_pixels, 0, 1)`` is a
+    box-filter estimate exact for straight edges; ``hard`` is the same fill without anti-aliasing
+    (each pixel in or out by its centre, as a plain polygon fill draws it); ``outlined`` is the
+    smooth fill with a darker band of the drawing's outline width along the inside of its edge.
+    Objects are grouped by (slot, shape), and each group is drawn in one vectorised step on a
+    window around each object, so the cost is a handful of kernels whatever the batch size.
     """
     check_size(size)
     device = torch.device(device)
-    b = len(scenes)
-    bg = torch.tensor(BACKGROUND, dtype=torch.float32, device=device) / 255.0
-    image = bg.view(1, 3, 1, 1).expand(b, 3, size, size).clone()
-    groups: dict[tuple[int, str, str], list[tuple[int, float, float, tuple[int, int, int]]]] = {}
-    for i, scene in enumerate(scenes):
-        for slot, (obj, (cx, cy)) in enumerate(zip(scene.objects, scene.centers())):
-            groups.setdefault((slot, obj.shape, obj.size), []).append((i, cx, cy, COLORS[obj.color]))
+    if drawings is None:
+        drawings = [canonical_drawing(s) for s in scenes]
+    if len(drawings) != len(scenes):
+        raise InvalidInputError(f"{len(scenes)} scenes but {len(drawings)} drawings")
+    image = _backgrounds(drawings, size, device)
+    groups: dict[tuple[int, str], list[tuple[int, Placement, Drawing]]] = {}
+    for i, (scene, drawing) in enumerate(zip(scenes, drawings)):
+        if len(drawing.placements) != scene.num_objects:
+            raise InvalidInputError(f"scene {i} has {scene.num_objects} objects but its drawing {len(drawing.placements)}")
+        for slot, (obj, place) in enumerate(zip(scene.objects, drawing.placements)):
+            groups.setdefault((slot, obj.shape), []).append((i, place, drawing))
     channels = torch.arange(3, device=device).view(1, 3, 1, 1)
     # Objects of one slot belong to different images, so a group's windows never collide.
-    for (_, shape, size_name), items in sorted(groups.items()):
-        r = SIZE_RADIUS[size_name]
-        win = min(size, math.ceil(2 * _EXTENT * r * size) + 4)
-        idx = torch.tensor([it[0] for it in items], device=device)
-        centre = torch.tensor([[it[1], it[2]] for it in items], device=device) * size
+    for (_, shape), items in sorted(groups.items(), key=lambda kv: kv[0]):
+        def column(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        r = column([p.radius for _, p, _ in items]).view(-1, 1, 1)
+        win = min(size, math.ceil(2 * _EXTENT * float(r.max()) * size) + 4)
+        idx = torch.tensor([i for i, _, _ in items], device=device)
+        centre = column([[p.x, p.y] for _, p, _ in items]) * size
         corner = (centre - win / 2).round().clamp(0, size - win).long()  # [n, 2] as (x0, y0)
         steps = torch.arange(win, device=device)
         cols, rows = corner[:, :1] + steps, corner[:, 1:] + steps  # [n, win] each
-        x = ((cols.float() + 0.5) / size - centre[:, :1] / size) / r
-        y = ((rows.float() + 0.5) / size - centre[:, 1:] / size) / r
-        sd_px = shape_sdf(shape, x[:, None, :], y[:, :, None]) * r * size
-        alpha = (0.5 - sd_px).clamp(0, 1)[:, None]  # [n, 1, win, win]
-        rgb = torch.tensor([it[3] for it in items], dtype=torch.float32, device=device).view(-1, 3, 1, 1) / 255.0
+        dx = ((cols.float() + 0.5) - centre[:, :1])[:, None, :] / (r * size)
+        dy = ((rows.float() + 0.5) - centre[:, 1:])[:, :, None] / (r * size)
+        # Sample the upright shape at coordinates turned back by the object's angle.
+        theta = column([math.radians(p.angle) for _, p, _ in items]).view(-1, 1, 1)
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        sd_px = shape_sdf(shape, cos * dx + sin * dy, -sin * dx + cos * dy) * r * size
+        smooth = (0.5 - sd_px).clamp(0, 1)
+        style = torch.tensor([STYLES.index(d.style) for _, _, d in items], device=device).view(-1, 1, 1)
+        alpha = torch.where(style == STYLES.index("hard"), (sd_px < 0).float(), smooth)[:, None]
+        fill = column([p.rgb for _, p, _ in items]).view(-1, 3, 1, 1)
+        # Outlined: the part of the shape more than `width` pixels inside its edge keeps the fill.
+        width = column([d.outline * size / 128 for _, _, d in items]).view(-1, 1, 1)
+        inner = torch.where(style == STYLES.index("outlined"), (0.5 - sd_px - width).clamp(0, 1), smooth)[:, None]
+        rgb = fill * inner + fill * (1 - _OUTLINE_DARKEN) * (alpha - inner).clamp(min=0)
         where = (idx.view(-1, 1, 1, 1), channels, rows[:, None, :, None], cols[:, None, None, :])
-        image[where] = image[where] * (1 - alpha) + rgb * alpha
-    return image
+        image[where] = image[where] * (1 - alpha) + rgb
+    noise = torch.tensor([d.noise for d in drawings], dtype=torch.float32, device=device)
+    if bool((noise > 0).any()):
+        seeds = torch.tensor([d.noise_seed for d in drawings], dtype=torch.int64, device=device)
+        grain = _hash_uniform(seeds, 3 * size * size, salt=2).view(-1, 3, size, size) * math.sqrt(3)
+        image = image + grain * noise.view(-1, 1, 1, 1)
+    return image.clamp(0, 1)
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
@@ -128,6 +185,6 @@ def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def render(scene: Scene, size: int = 128) -> Image.Image:
-    """Draw one scene as an RGB PIL image of ``size`` x ``size`` pixels (64 to 512)."""
-    return tensor_to_pil(render_batch([scene], size)[0])
+def render(scene: Scene, size: int = 128, drawing: Drawing | None = None) -> Image.Image:
+    """Draw one scene as an RGB PIL image of ``size`` x ``size`` pixels (64 to 512); v1's drawing by default."""
+    return tensor_to_pil(render_batch([scene], size, drawings=None if drawing is None else [drawing])[0])

@@ -106,6 +106,18 @@ def freeze(m: nn.Module) -> nn.Module:
     return m
 
 
+def init_weights(model: nn.Module, path: str, what: str) -> None:
+    """Start ``model`` from the weights of the pretrained folder ``path`` (same architecture), to fine-tune it."""
+    if not path:
+        return
+    trained = type(model).from_pretrained(path)  # type: ignore[attr-defined]
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{what}.init_from {path}: not the architecture of this run ({first})") from None
+
+
 def load_frozen_tokenizer(path: str, device: torch.device) -> ImageTokenizer:
     tokenizer = ImageTokenizer.from_pretrained(path, device=device)
     freeze(tokenizer)

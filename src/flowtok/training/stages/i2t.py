@@ -25,6 +25,7 @@ from .base import (
     freeze,
     heldout_metrics,
     image_latents,
+    init_weights,
     load_frozen_tokenizer,
     text_states,
 )
@@ -44,6 +45,8 @@ class I2TStageConfig:
     # averaged; "canonical" trains on one fixed template per scene (shapes world only).
     caption_mode: Literal["canonical", "random"] = "canonical"
     eval_images: int = 64
+    # A trained flow folder of the same architecture to start from (fine-tuning); empty: from scratch.
+    init_from: str = ""
     eval_steps: int = SamplingDefaults.num_inference_steps
     eval_guidance: float = SamplingDefaults.caption_guidance_scale
 
@@ -72,6 +75,7 @@ class I2TStage(Stage):
         fcfg = preset(FLOW_PRESETS, cfg.flow_preset, cfg.flow, what="model.flow")
         check_latent_shapes(tok_cfg.num_latent_tokens, tok_cfg.token_channels, pcfg, fcfg)
         self.flow = FlowTransformer(fcfg)
+        init_weights(self.flow, cfg.init_from, "model")
         self.objective = FlowObjective.from_config(cfg.objective)
         self.k = tok_cfg.num_latent_tokens
 

@@ -25,6 +25,7 @@ from .base import (
     heldout_metrics,
     image_grid,
     image_latents,
+    init_weights,
     load_frozen_tokenizer,
     text_states,
 )
@@ -45,6 +46,8 @@ class T2IStageConfig:
     kl_weight: float = 1e-4
     align_weight: float = 1.0
     eval_prompts: int = 64
+    # A trained flow folder of the same architecture to start from (fine-tuning); empty: from scratch.
+    init_from: str = ""
     eval_steps: int = SamplingDefaults.num_inference_steps
     eval_guidance: float = SamplingDefaults.guidance_scale
 
@@ -80,6 +83,7 @@ class T2IStage(Stage):
                 self.projector.logit_scale.requires_grad_(False)
         check_latent_shapes(k, c, pcfg, fcfg)
         self.flow = FlowTransformer(fcfg)
+        init_weights(self.flow, cfg.init_from, "model")
         self.objective = FlowObjective.from_config(cfg.objective)
         self.k = k
 

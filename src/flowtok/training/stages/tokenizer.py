@@ -22,7 +22,7 @@ from ...tokenizer import (
     latent_scale_factor,
 )
 from ..data import BatchSource, DataConfig, build_source
-from .base import Stage, heldout_metrics, image_grid
+from .base import Stage, heldout_metrics, image_grid, init_weights
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ class TokenizerStageConfig:
     # flows see unit-variance latents (0 keeps the preset's value). An unscaled shapes tokenizer (std 0.32)
     # left the image-to-text flow at 24% exact captions; scaled, 97%.
     scale_images: int = 2048
+    # A trained tokenizer folder of the same preset to start from (fine-tuning); empty: from scratch.
+    init_from: str = ""
 
 
 class TokenizerStage(Stage):
@@ -57,6 +59,7 @@ class TokenizerStage(Stage):
         if data.size != tcfg.image_size:
             raise ConfigError(f"data.size {data.size} differs from the tokenizer image_size {tcfg.image_size}")
         self.tokenizer = ImageTokenizer(tcfg)
+        init_weights(self.tokenizer, cfg.init_from, "model")
         # A registered child: the discriminator (when on) is trained by the same optimizer and checkpointed.
         self.loss_fn = TokenizerLoss(from_dict(TokenizerLossConfig, {"kl_weight": cfg.kl_weight, **cfg.loss},
                                                "model.loss"))
