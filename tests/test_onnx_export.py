@@ -225,3 +225,16 @@ def test_cli_export(tiny_pipeline, tmp_path, capsys):
     assert not (tmp_path / "o" / "t2i_flow.fp16.onnx").exists()
     assert main(["export", "onnx", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "p")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_static_site_copies_one_precision(exported, tmp_path, capsys):
+    from flowtok.serving.static import copy_export
+
+    copy_export(exported, tmp_path / "m", precision="int8")
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert {tuple(e["files"]) for e in manifest["graphs"].values()} == {("int8",)}
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(
+        ["manifest.json", "tokenizer.json", *(f"{g}.int8.onnx" for g in GRAPHS)])
+    assert OnnxFlowTokPipeline.from_pretrained(tmp_path / "m", precision="int8").text_to_image("a", generator=0)
+    assert main(["demo", "--static", "--ort-web", str(tmp_path / "nowhere")]) == 2
+    assert "onnxruntime-web not found" in capsys.readouterr().err

@@ -190,6 +190,11 @@ def _showcase(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.static:
+        from .serving.static import launch_static
+
+        launch_static(args.model, args.onnx, args.site, args.host, args.port, args.precision, args.ort_web)
+        return 0
     from .serving.demo import launch
 
     launch(model=args.model, host=args.host, port=args.port, device=args.device,
@@ -276,6 +281,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting beyond this are refused as busy")
     p.add_argument("--concurrency", type=int, default=1, help="requests processed at once")
+    p.add_argument("--static", action="store_true",
+                   help="serve a static page that runs the model in the browser (onnxruntime-web); no server inference")
+    p.add_argument("--onnx", default=None, help="with --static: an export from `flowtok export onnx` (default: "
+                                                 "export --model once into SITE-export/)")
+    p.add_argument("--site", default="outputs/web", help="with --static: where the page's files are laid out")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
+                   help="with --static: which graph files the page downloads")
+    p.add_argument("--ort-web", default=None, help="with --static: onnxruntime-web's dist folder (default: make web's)")
     _add_model_args(p)
     p.set_defaults(func=_demo)
 

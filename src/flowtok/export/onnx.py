@@ -38,7 +38,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -353,17 +352,3 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, precisi
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return root / MANIFEST
 
-
-def copy_manifest_tree(src: str | os.PathLike, dst: str | os.PathLike, precision: str) -> Path:
-    """Copy an exported folder keeping only ``precision``'s graph files (fp32 where it has none): what a
-    web server needs to host, and no more."""
-    src, dst = Path(src), Path(dst)
-    manifest = json.loads((src / MANIFEST).read_text())
-    dst.mkdir(parents=True, exist_ok=True)
-    for entry in manifest["graphs"].values():
-        file = entry["files"].get(precision, entry["files"]["fp32"])
-        entry["files"] = {precision: file}
-        shutil.copy2(src / file, dst / file)
-    shutil.copy2(src / manifest["text"]["tokenizer"], dst / manifest["text"]["tokenizer"])
-    atomic_write_text(dst / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return dst / MANIFEST
