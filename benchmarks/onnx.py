@@ -54,7 +54,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from flowtok.data import shapes
+    from flowtok import shapes
     from flowtok.export.runtime import OnnxFlowTokPipeline
     from flowtok.pipelines import FlowTokPipeline
     from flowtok.sampling import sample
@@ -132,7 +132,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parse(caption: str) -> Any:
-    from flowtok.data import shapes
+    from flowtok import shapes
     from flowtok.errors import InvalidInputError
 
     try:
@@ -162,7 +162,7 @@ def _median_time(fn: Any, iters: int) -> float:
 def latency(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from flowtok.data import shapes
+    from flowtok import shapes
     from flowtok.export.runtime import OnnxFlowTokPipeline
     from flowtok.pipelines import FlowTokPipeline
 
@@ -198,7 +198,7 @@ def browser(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    from flowtok.data import shapes
+    from flowtok import shapes
     from flowtok.serving.static import build_site, serve
 
     site = build_site(args.onnx, Path(tempfile.mkdtemp()) / "site", precision=args.precision)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from flowtok.data import shapes
+from flowtok import shapes
 from flowtok.export.runtime import OnnxFlowTokPipeline
 from flowtok.pipelines import FlowTokPipeline
 

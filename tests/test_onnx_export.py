@@ -26,9 +26,10 @@ PROMPTS = ["a large red circle in the top left", "a small blue star at the cente
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory) -> Path:
     """An untrained tiny pipeline whose image decoder reads the text states (the path the bundle lacks)."""
-    from flowtok.flow import FlowTransformer, flow_preset
+    from flowtok.config import preset
+    from flowtok.flow import FLOW_PRESETS, FlowTransformer
     from flowtok.pipelines import assemble_pipeline
-    from flowtok.text import TextDecoder, TextProjector, decoder_config, projector_config
+    from flowtok.text import DECODER_PRESETS, PROJECTOR_PRESETS, TextDecoder, TextProjector
     from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
 
     torch.manual_seed(0)
@@ -36,10 +37,10 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     k, c = tok_cfg.latent_shape
     parts = {
         "tokenizer": ImageTokenizer(tok_cfg),
-        "text_projector": TextProjector(projector_config("tiny", latent_channels=c)),
-        "t2i_flow": FlowTransformer(flow_preset("tiny", num_tokens=k, in_channels=c)),
-        "i2t_flow": FlowTransformer(flow_preset("tiny", num_tokens=k, in_channels=c)),
-        "text_decoder": TextDecoder(decoder_config("tiny", num_tokens=k, latent_channels=c)),
+        "text_projector": TextProjector(preset(PROJECTOR_PRESETS, "tiny", latent_channels=c)),
+        "t2i_flow": FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=k, in_channels=c)),
+        "i2t_flow": FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=k, in_channels=c)),
+        "text_decoder": TextDecoder(preset(DECODER_PRESETS, "tiny", num_tokens=k, latent_channels=c)),
     }
     for model in parts.values():  # untrained adaLN-Zero flows predict v = 0; give them something to do
         with torch.no_grad():

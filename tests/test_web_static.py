@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from flowtok.data import shapes
+from flowtok import shapes
 from flowtok.export.runtime import OnnxFlowTokPipeline
 from flowtok.serving.static import build_site, find_onnxruntime_web, serve
 
