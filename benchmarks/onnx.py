@@ -1,6 +1,7 @@
 """ONNX export of a pipeline against PyTorch: agreement, accuracy, CPU latency, and the browser page.
 
     python benchmarks/onnx.py accuracy --onnx EXPORT --n 500      # 500 held-out scenes each way
+    python benchmarks/onnx.py precisions --onnx EXPORT --n 200    # the judge's accuracy per precision / int8 graph
     python benchmarks/onnx.py latency --onnx EXPORT --threads 2   # onnxruntime vs PyTorch on 2 cores
     python benchmarks/onnx.py browser --onnx EXPORT               # headless Chromium, flowtok demo --static's page
 
@@ -9,9 +10,11 @@ write int8 files for every graph (``export_onnx(..., int8_graphs=all)``) to meas
 
 accuracy: held-out prompts (``split="test"``: unseen colour-shape pairs and relations) -> images by
 PyTorch and by onnxruntime from the SAME text-latent draw (the runtime's numpy draw fed to PyTorch),
-PSNR between them; held-out rendered scenes -> captions both ways, the share identical. The shapes
-judge's exact-scene accuracy is reported for PyTorch and for each ONNX precision, with int8 tried one
-graph at a time (fp32 elsewhere), so the table says which graphs keep the accuracy in int8.
+PSNR between them; held-out rendered scenes -> captions both ways, the share identical; the shapes
+judge's exact-scene accuracy of both.
+
+precisions: the same accuracies through onnxruntime for the fp32 and fp16 graph sets and with int8
+tried one graph at a time (fp32 elsewhere), so the table says which graphs keep the accuracy in int8.
 
 latency: medians of ``--iters`` calls after one warm-up; 4 images at 20 steps, 4 images at 1 step,
 one caption at 20 steps; PyTorch with ``torch.set_num_threads(T)``, onnxruntime with ``T`` intra-op threads.
@@ -106,28 +109,41 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         "i2t_identical": same / args.n,
         "judge_exact": {k: v / args.n for k, v in judged.items()},
         "caption_exact": {"pytorch": caption_accuracy(pt_caps), "onnx_fp32": caption_accuracy(ox_caps)},
+        "caption_differences": [[a, b] for a, b in zip(pt_caps, ox_caps) if a != b][:10],
     }
-    # Precisions: whole pipelines in fp16, and int8 one graph at a time (fp32 for the rest).
+    return result
+
+
+def precisions(args: argparse.Namespace) -> dict[str, Any]:
+    """The judge's accuracy for the fp32 and fp16 graph sets and for int8 one graph at a time."""
+    from flowtok import shapes
+    from flowtok.export.runtime import OnnxFlowTokPipeline
+
+    scenes, prompts = [], []
+    for i in range(args.n):
+        scene, text = shapes.sample_at(args.seed, i, split="test")
+        scenes.append(scene)
+        prompts.append(text)
+    caption_scenes = [shapes.sample_at(args.seed + 1, i, split="test")[0] for i in range(args.n)]
+    images = [shapes.render(s, size=128) for s in caption_scenes]
+    result: dict[str, Any] = {"n": args.n, "split": "test"}
     variants: dict[str, dict[str, str]] = {"fp32": {}, "fp16": dict.fromkeys(GRAPHS, "fp16")}
     manifest = json.loads((Path(args.onnx) / "manifest.json").read_text())
     for name in GRAPHS:
         if "int8" in manifest["graphs"].get(name, {}).get("files", {}):
             variants[f"int8:{name}"] = {name: "int8"}
-    n_var = min(args.n, args.n_variants)
     for label, choice in variants.items():
         pipe = OnnxFlowTokPipeline.from_pretrained(args.onnx, num_threads=args.threads)
         pipe.graph_file = _chooser(pipe, choice)  # type: ignore[method-assign]
         rng = np.random.default_rng(args.seed)
         hits = 0
-        for b in range(0, n_var, args.batch):
-            batch_images = pipe.text_to_image(prompts[b:min(b + args.batch, n_var)], generator=rng,
-                                              output_type="np")
-            hits += sum(shapes.scene_matches(shapes.judge(im), s) for im, s in zip(batch_images, scenes[b:]))
-        caps = pipe.image_to_text(images[:n_var], batch_size=args.batch)
+        for b in range(0, args.n, args.batch):
+            made = pipe.text_to_image(prompts[b:b + args.batch], generator=rng, output_type="np")
+            hits += sum(shapes.scene_matches(shapes.judge(im), s) for im, s in zip(made, scenes[b:]))
+        caps = pipe.image_to_text(images, batch_size=args.batch)
         cap_hits = sum(shapes.scene_matches(_parse(c), s) for c, s in zip(caps, caption_scenes))
-        result.setdefault("variants", {})[label] = {"n": n_var, "judge_exact": hits / n_var,
-                                                    "caption_exact": cap_hits / n_var}
-        print(label, result["variants"][label], flush=True)
+        result[label] = {"judge_exact": hits / args.n, "caption_exact": cap_hits / args.n}
+        print(label, result[label], flush=True)
     return result
 
 
@@ -255,18 +271,17 @@ def browser(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
-    for name in ("accuracy", "latency", "browser"):
+    for name in ("accuracy", "precisions", "latency", "browser"):
         p = sub.add_parser(name)
         p.add_argument("--onnx", required=True, help="an export from `flowtok export onnx`")
         p.add_argument("--model", default=None, help="the pipeline folder it came from (default: the bundled one)")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--iters", type=int, default=3)
         p.add_argument("--out", default=None, help="write the JSON result here too")
-    sub.choices["accuracy"].add_argument("--n", type=int, default=500)
-    sub.choices["accuracy"].add_argument("--n-variants", type=int, default=200,
-                                         help="scenes per precision variant (fp16, int8 per graph)")
-    sub.choices["accuracy"].add_argument("--batch", type=int, default=50)
-    sub.choices["accuracy"].add_argument("--seed", type=int, default=0)
+    for name in ("accuracy", "precisions"):
+        sub.choices[name].add_argument("--n", type=int, default=500 if name == "accuracy" else 200)
+        sub.choices[name].add_argument("--batch", type=int, default=100)
+        sub.choices[name].add_argument("--seed", type=int, default=0)
     sub.choices["latency"].add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
     sub.choices["browser"].add_argument("--precision", default="fp16")
     args = parser.parse_args()
