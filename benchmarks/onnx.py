@@ -133,8 +133,10 @@ def precisions(args: argparse.Namespace) -> dict[str, Any]:
         if "int8" in manifest["graphs"].get(name, {}).get("files", {}):
             variants[f"int8:{name}"] = {name: "int8"}
     for label, choice in variants.items():
+        if args.only and label not in args.only:
+            continue
         pipe = OnnxFlowTokPipeline.from_pretrained(args.onnx, num_threads=args.threads)
-        pipe.graph_file = _chooser(pipe, choice)  # type: ignore[method-assign]
+        pipe.graph_file = _chooser(pipe.root, pipe.manifest, choice)  # type: ignore[method-assign]
         rng = np.random.default_rng(args.seed)
         hits = 0
         for b in range(0, args.n, args.batch):
@@ -144,6 +146,7 @@ def precisions(args: argparse.Namespace) -> dict[str, Any]:
         cap_hits = sum(shapes.scene_matches(_parse(c), s) for c, s in zip(caps, caption_scenes))
         result[label] = {"judge_exact": hits / args.n, "caption_exact": cap_hits / args.n}
         print(label, result[label], flush=True)
+        del pipe
     return result
 
 
@@ -157,10 +160,10 @@ def _parse(caption: str) -> Any:
         return None
 
 
-def _chooser(pipe: Any, choice: dict[str, str]) -> Any:
+def _chooser(root: Path, manifest: dict[str, Any], choice: dict[str, str]) -> Any:
+    # Holds no reference to the pipeline, so that each variant's sessions are freed with it.
     def graph_file(name: str) -> Path:
-        files = pipe.manifest["graphs"][name]["files"]
-        return pipe.root / files[choice.get(name, "fp32")]
+        return root / manifest["graphs"][name]["files"][choice.get(name, "fp32")]
 
     return graph_file
 
@@ -282,6 +285,7 @@ def main() -> None:
         sub.choices[name].add_argument("--n", type=int, default=500 if name == "accuracy" else 200)
         sub.choices[name].add_argument("--batch", type=int, default=100)
         sub.choices[name].add_argument("--seed", type=int, default=0)
+    sub.choices["precisions"].add_argument("--only", nargs="*", default=None, help="variant labels to run")
     sub.choices["latency"].add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
     sub.choices["browser"].add_argument("--precision", default="fp16")
     args = parser.parse_args()
