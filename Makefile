@@ -8,7 +8,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test env lint clean browser
+.PHONY: demo test env lint clean browser web
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,10 +23,18 @@ env: $(VENV)/.installed
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# onnxruntime-web (MIT) for the in-browser page (flowtok demo --static), from npm into build/web (git-ignored).
+ORT_WEB_VERSION := 1.30.0
+web: build/web/node_modules/onnxruntime-web/package.json
+build/web/node_modules/onnxruntime-web/package.json:
+	@command -v npm >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; }
+	mkdir -p build/web
+	npm install --prefix build/web --no-save --no-audit --no-fund --ignore-scripts onnxruntime-web@$(ORT_WEB_VERSION)
+
 demo: env
 	$(VENV)/bin/flowtok showcase --out outputs/demo
 
-test: env browser
+test: env browser web
 	$(PY) -m pytest -q -x --durations=15
 
 lint: env

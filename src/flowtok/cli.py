@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "flowtok.training.cli",    # train, pretokenize
     "flowtok.eval.cli",        # eval t2i / i2t / recon
     "flowtok.convert",         # convert --from-official
+    "flowtok.export.cli",      # export onnx
 )
 
 

@@ -90,6 +90,10 @@ def _output_paths(out: str, n: int) -> list[Path]:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    if (args.prompt is None) == (args.prompts_file is None):
+        raise InvalidInputError("give either a prompt or --prompts-file, not both or neither")
+    if args.prompts_file is not None:
+        return _generate_from_file(args)
     if args.n < 1:
         raise InvalidInputError(f"--n must be at least 1, got {args.n}")
     if args.batch_size < 1:
@@ -114,7 +118,37 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_from_file(args: argparse.Namespace) -> int:
+    from .bulk import generate_from_file, iter_prompts
+
+    next(iter_prompts(args.prompts_file), None)  # a missing file fails before the model loads
+    pipe = _pipeline(args)
+    done, failed = generate_from_file(pipe, args.prompts_file, args.out_dir, _atomic_save_image,
+                                      batch_size=args.batch_size, seed=args.seed, num_inference_steps=args.steps,
+                                      guidance_scale=args.guidance, sampler=args.sampler)
+    print(f"{done} images in {args.out_dir}, {failed} prompts refused; {Path(args.out_dir) / 'results.jsonl'}")
+    return 2 if failed else 0
+
+
+def _caption_folder(args: argparse.Namespace) -> int:
+    from .bulk import caption_folder
+
+    pipe = _pipeline(args)
+    jsonl = args.jsonl or "captions.jsonl"
+    done, failed = caption_folder(pipe, args.images[0], jsonl, batch_size=args.batch_size,
+                                  num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler)
+    print(f"{done} captions, {failed} files refused; {jsonl}")
+    return 2 if failed else 0
+
+
 def _caption(args: argparse.Namespace) -> int:
+    folders = [p for p in args.images if Path(p).is_dir()]
+    if folders:
+        if len(args.images) != 1:
+            raise InvalidInputError("give one folder, or image files, not both")
+        return _caption_folder(args)
+    if args.jsonl:
+        raise InvalidInputError("--jsonl is for captioning a folder")
     pipe = _pipeline(args)
     captions = pipe.image_to_text(list(args.images), num_inference_steps=args.steps,
                                   guidance_scale=args.guidance, sampler=args.sampler)
@@ -205,6 +239,11 @@ def _demo(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--port must be from 1 to 65535, got {args.port}")
     if not (math.isfinite(args.max_upload_mb) and 0 < args.max_upload_mb <= 1024):
         raise InvalidInputError(f"--max-upload-mb must be a number above 0 and at most 1024, got {args.max_upload_mb}")
+    if args.static:
+        from .serving.static import launch_static
+
+        launch_static(args.model, args.onnx, args.site, args.host, args.port, args.precision, args.ort_web)
+        return 0
     from .serving.demo import launch
 
     launch(model=args.model, host=args.host, port=args.port, device=args.device,
@@ -250,11 +289,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="text -> image", description="Generate images for a prompt.")
-    p.add_argument("prompt")
+    p = sub.add_parser("generate", help="text -> image",
+                       description="Generate images for a prompt, or one image per line of --prompts-file.")
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--prompts-file", default=None,
+                   help="a text file, one prompt per line: one image each into --out-dir, plus results.jsonl")
+    p.add_argument("--out-dir", default="outputs/generate", help="folder for --prompts-file's images")
     p.add_argument("-o", "--output", default="out.png", help="output file; with --n > 1, -0, -1, ... are appended")
     p.add_argument("--n", type=int, default=1, help="number of images")
-    p.add_argument("--batch-size", type=int, default=16, help="images generated at once (memory grows with it)")
+    p.add_argument("--batch-size", type=int, default=16, help="images generated at once, or prompts per batch with --prompts-file "
+                   "(memory grows with it)")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -264,8 +308,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_model_args(p)
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("caption", help="image -> text", description="Print one caption per image on stdout.")
-    p.add_argument("images", nargs="+", help="image files")
+    p = sub.add_parser("caption", help="image -> text",
+                       description="Print one caption per image on stdout; for a folder, write a JSONL file.")
+    p.add_argument("images", nargs="+", help="image files, or one folder (searched recursively)")
+    p.add_argument("--jsonl", default=None, help="with a folder: the JSONL output (default captions.jsonl)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch with a folder")
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--sampler", choices=["euler", "heun", "euler-upstream"], default=None,
@@ -300,6 +347,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.add_argument("--queue-size", type=int, default=32, help="requests waiting beyond this are refused as busy")
     p.add_argument("--concurrency", type=int, default=1, help="requests processed at once")
+    p.add_argument("--static", action="store_true",
+                   help="serve a static page that runs the model in the browser (onnxruntime-web); no server inference")
+    p.add_argument("--onnx", default=None, help="with --static: an export from `flowtok export onnx` (default: "
+                                                 "export --model once into SITE-export/)")
+    p.add_argument("--site", default="outputs/web", help="with --static: where the page's files are laid out")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp16",
+                   help="with --static: which graph files the page downloads")
+    p.add_argument("--ort-web", default=None, help="with --static: onnxruntime-web's dist folder (default: make web's)")
     _add_model_args(p)
     p.set_defaults(func=_demo)
 

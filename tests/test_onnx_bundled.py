@@ -1,0 +1,43 @@
+"""The bundled model exported to ONNX against PyTorch (the full 500-scene comparison is benchmarks/onnx.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from flowtok import shapes
+from flowtok.export.runtime import OnnxFlowTokPipeline
+from flowtok.pipelines import FlowTokPipeline
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipes(bundled_onnx):
+    return FlowTokPipeline.from_pretrained(device="cpu"), OnnxFlowTokPipeline.from_pretrained(bundled_onnx)
+
+
+def test_every_bundled_graph_agrees_with_pytorch(bundled_onnx):
+    manifest = json.loads((bundled_onnx / "manifest.json").read_text())
+    assert len(manifest["graphs"]) == 7
+    for name, entry in manifest["graphs"].items():
+        assert entry["max_abs_diff"]["fp32"] < 1e-4, name
+        assert entry["max_abs_diff"]["fp16"] < 1e-2, name
+    assert manifest["image_latent"]["scale_factor"] == pytest.approx(3.0877)
+    assert manifest["defaults"] == {"num_inference_steps": 20, "guidance_scale": 3.0, "caption_guidance_scale": 1.0}
+
+
+def test_bundled_images_and_captions_match_pytorch(pipes):
+    pt, ox = pipes
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene(rng, num_objects=1, split="test") for _ in range(4)]
+    prompts = [shapes.caption(s, rng) for s in scenes]
+    want = pt.text_to_image(prompts, output_type="np", sample_text_latent=False)
+    got = ox.text_to_image(prompts, output_type="np", sample_text_latent=False)
+    psnr = 10 * np.log10(1 / ((want - got) ** 2).mean(axis=(1, 2, 3)))
+    assert psnr.min() >= 40, psnr
+    images = [shapes.render(s, size=128) for s in scenes]
+    assert ox.image_to_text(images) == pt.image_to_text(images)
+    fp16 = OnnxFlowTokPipeline.from_pretrained(ox.root, precision="fp16")
+    assert [shapes.judge(im) for im in fp16.text_to_image(prompts, sample_text_latent=False)] == \
+        [shapes.judge(im) for im in ox.text_to_image(prompts, sample_text_latent=False)]
