@@ -146,7 +146,7 @@ def test_runtime_image_to_text_matches_the_pipeline(pipes, tmp_path):
     path = tmp_path / "a.png"
     images[0].save(path)
     inputs = [*images, str(path), path.read_bytes()]
-    np.testing.assert_allclose(ox.image_array(inputs), pt._image_tensor(inputs).numpy(), atol=1e-6)
+    np.testing.assert_allclose(ox.image_array(inputs), pt.image_processor.preprocess(inputs).numpy(), atol=1e-6)
     assert ox.image_to_text(inputs) == pt.image_to_text(inputs)
     assert ox.image_to_text(inputs, batch_size=2, guidance_scale=2.0) == pt.image_to_text(inputs, guidance_scale=2.0)
 

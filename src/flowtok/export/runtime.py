@@ -19,7 +19,6 @@ factor, argmax decoding) follows the manifest and gives the PyTorch pipeline's n
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -30,14 +29,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from ..errors import CheckpointError, DataError, InvalidInputError
+from ..errors import CheckpointError, InvalidInputError
+from ..imageio import MAX_IMAGE_PIXELS, _to_rgb, load_image, resize_and_crop
 from .manifest import FORMAT, MANIFEST
 
 MAX_PROMPT_CHARS = 4096
 MAX_INFERENCE_STEPS = 1000
-MAX_IMAGE_PIXELS = 8192 * 8192
 
 ImageInput = Image.Image | str | os.PathLike | bytes | np.ndarray
 Generator = np.random.Generator | int | None
@@ -73,74 +72,6 @@ def _check_batch_size(batch_size: Any, n: int) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     return batch_size
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB as flowtok's image reader makes it: 16-bit / float grey rescaled, transparency over white."""
-    mode = image.mode
-    if mode.startswith("I;16"):
-        grey = np.asarray(image, dtype=np.float32) / 65535.0 * 255.0
-        return Image.fromarray(np.round(grey).astype(np.uint8), "L").convert("RGB")
-    if mode == "I":
-        arr = np.asarray(image, dtype=np.float64)
-        if arr.max(initial=0) > 255:
-            arr = arr / 65535.0 * 255.0
-        return Image.fromarray(np.round(arr.clip(0, 255)).astype(np.uint8), "L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
-        if arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        return Image.fromarray(np.round(np.nan_to_num(arr).clip(0, 255)).astype(np.uint8), "L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def load_image(source: ImageInput, label: str | None = None) -> Image.Image:
-    """A file, its bytes or a PIL image as a decoded RGB image; a bad one is a one-line DataError."""
-    if isinstance(source, Image.Image):
-        label, stream = label or "<PIL image>", None
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        label, stream = label or "<bytes>", io.BytesIO(bytes(source))
-    else:
-        path = Path(source)
-        label = label or str(path)
-        if not path.is_file():
-            raise DataError(f"{label}: image file not found")
-        stream = path
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = source if stream is None else Image.open(stream)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise DataError(f"{label}: image of {image.width}x{image.height} pixels exceeds the limit of "
-                                f"{MAX_IMAGE_PIXELS} pixels (possible decompression bomb)")
-            if image.width < 1 or image.height < 1:
-                raise DataError(f"{label}: image has no pixels ({image.width}x{image.height})")
-            image.load()
-            return _to_rgb(ImageOps.exif_transpose(image) or image)
-    except DataError:
-        raise
-    except Image.DecompressionBombError:
-        raise DataError(f"{label}: image too large (possible decompression bomb)") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{label}: not a readable image file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{label}: truncated or corrupt image ({reason})") from None
-
-
-def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (bicubic), centre crop: the pipeline's preparation of an image."""
-    width, height = image.size
-    scale = size / min(width, height)
-    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def _rng(generator: Generator) -> np.random.Generator:
@@ -326,9 +257,15 @@ class OnnxFlowTokPipeline:
                 if 0 in item.shape:
                     raise InvalidInputError(f"image array has no pixels: {item.shape}")
                 item = Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
-            elif not isinstance(item, (Image.Image, str, os.PathLike, bytes, bytearray)):
+            elif not isinstance(item, (Image.Image, str, os.PathLike, bytes)):
                 raise InvalidInputError(f"cannot read an image from a {type(item).__name__}")
-            arrays.append(np.asarray(resize_and_crop(load_image(item), size).convert("RGB"), dtype=np.uint8))
+            if isinstance(item, Image.Image):  # as flowtok.processing.ImageProcessor
+                if item.width * item.height > MAX_IMAGE_PIXELS:
+                    raise InvalidInputError(f"image of {item.width}x{item.height} pixels is too large")
+                img = _to_rgb(item)
+            else:
+                img = load_image(item)
+            arrays.append(np.asarray(resize_and_crop(img, size).convert("RGB"), dtype=np.uint8))
         return np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
     def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
@@ -366,8 +303,9 @@ class OnnxFlowTokPipeline:
         return guided
 
     def solve(self, name: str, x0: np.ndarray, num_inference_steps: int, guidance_scale: float,
-              sampler: str = "euler", progress: bool = False) -> np.ndarray:
+              sampler: str | None = "euler", progress: bool = False) -> np.ndarray:
         """Integrate flow ``name`` ("t2i_flow" or "i2t_flow") from ``x0`` at t = 0 to t = 1."""
+        sampler = sampler or self.defaults.get("sampler", "euler")
         if sampler not in ("euler", "heun"):
             raise InvalidInputError(f"sampler must be 'euler' or 'heun', got {sampler!r}")
         steps = _check_steps(num_inference_steps)
@@ -390,7 +328,7 @@ class OnnxFlowTokPipeline:
     def text_to_image(self, prompt: str | Sequence[str], num_inference_steps: int | None = None,
                       guidance_scale: float | None = None, generator: Generator = None,
                       output_type: Literal["pil", "np"] = "pil", batch_size: int | None = None,
-                      sampler: Literal["euler", "heun"] = "euler", progress: bool = False,
+                      sampler: Literal["euler", "heun"] | None = None, progress: bool = False,
                       sample_text_latent: bool = True) -> list[Image.Image] | np.ndarray:
         """Images for ``prompt``: PIL images, or a float32 [B, H, W, 3] array in [0, 1] (``output_type="np"``)."""
         steps = _check_steps(self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps)
@@ -416,7 +354,7 @@ class OnnxFlowTokPipeline:
 
     def image_to_text(self, images: ImageInput | Sequence[ImageInput], num_inference_steps: int | None = None,
                       guidance_scale: float | None = None, batch_size: int | None = None,
-                      sampler: Literal["euler", "heun"] = "euler", progress: bool = False) -> list[str]:
+                      sampler: Literal["euler", "heun"] | None = None, progress: bool = False) -> list[str]:
         """One caption per image (PIL images, paths, bytes, uint8 arrays or a float [B, 3, H, W] array)."""
         steps = _check_steps(self.defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps)
         guidance = _check_guidance(self.defaults["caption_guidance_scale"] if guidance_scale is None else guidance_scale)
