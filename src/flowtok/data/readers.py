@@ -21,6 +21,7 @@ import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -73,7 +74,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
 
 
-def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS,
+def load_image(source: str | os.PathLike | bytes | bytearray | memoryview | Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS,
                name: str | None = None, draft: int | None = None) -> Image.Image:
     """Decode an image file, its bytes, or an (possibly lazily opened) PIL image into an RGB PIL image,
     fully loaded.
@@ -84,12 +85,12 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
     and transparent images come out as 8-bit RGB (transparency composited over white).
     """
     opened: Image.Image | None = None
+    stream: io.BytesIO | Path | None = None
     if isinstance(source, Image.Image):
         # The pipeline hands PIL images straight in; a lazily opened one is still undecoded, so it
         # gets the same format check, size limit and one-line errors as a file.
         label = name or "<PIL image>"
         opened = source
-        stream: io.BytesIO | Path | None = None
     elif isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
         stream = io.BytesIO(bytes(source))
@@ -103,7 +104,8 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
         with warnings.catch_warnings():
             # PIL warns past its own limit; ours below is the one that decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = opened if opened is not None else Image.open(stream, formats=SUPPORTED_FORMATS)
+            image = opened if opened is not None else Image.open(cast(io.BytesIO | Path, stream),
+                                                                 formats=SUPPORTED_FORMATS)
             if image.format is not None and image.format not in SUPPORTED_FORMATS:
                 raise DataError(f"{label}: an {image.format} image, which flowtok does not read ({_FORMATS_TEXT} only)")
             width, height = image.size
@@ -155,7 +157,7 @@ def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
     box = (left, top, left + side, top + side)
     if side == resolution:
         return image.crop(box)
-    return image.resize((resolution, resolution), Image.BICUBIC, box=box, reducing_gap=3.0)
+    return image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -415,7 +417,8 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
         A member over ``max_bytes`` is given as its size (an int) instead of its bytes; the stream
         skips over it without keeping it."""
         with tarfile.open(shard, "r|*") as tar:
-            key, files = None, {}
+            key: str | None = None
+            files: dict[str, bytes | int] = {}
             for member in tar:
                 if not member.isfile():
                     continue
@@ -439,16 +442,16 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
     def _decode(self, shard: Path, shard_id: int, index: int, key: str, files: dict[str, bytes | int],
                 prepare=None) -> tuple[torch.Tensor, str] | None:
         where = f"{shard}:{key}"
-        oversized = next((ext for ext, data in files.items() if isinstance(data, int)), None)
+        oversized = next(((ext, size) for ext, size in files.items() if isinstance(size, int)), None)
         if oversized is not None:
-            self._problem("too_large", f"{where}.{oversized}: member of {files[oversized]} bytes exceeds the "
+            self._problem("too_large", f"{where}.{oversized[0]}: member of {oversized[1]} bytes exceeds the "
                                        f"limit of {self.max_member_bytes} bytes")
             return None
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
         if image_ext is None:
             self._problem("missing_image", f"{where}: no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample")
             return None
-        text = self._caption(where, files)
+        text = self._caption(where, cast(dict[str, bytes], files))  # no int (oversized) member left
         if text is None:
             return None
         try:

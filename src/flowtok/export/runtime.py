@@ -25,7 +25,7 @@ import os
 import re
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,10 +98,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageInput, label: str | None = None) -> Image.Image:
+def load_image(source: Image.Image | str | os.PathLike | bytes | bytearray | memoryview,
+               label: str | None = None) -> Image.Image:
     """A file, its bytes or a PIL image as a decoded RGB image; a bad one is a one-line DataError."""
+    stream: Image.Image | io.BytesIO | Path
     if isinstance(source, Image.Image):
-        label, stream = label or "<PIL image>", None
+        label, stream = label or "<PIL image>", source
     elif isinstance(source, (bytes, bytearray, memoryview)):
         label, stream = label or "<bytes>", io.BytesIO(bytes(source))
     else:
@@ -113,7 +115,7 @@ def load_image(source: ImageInput, label: str | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = source if stream is None else Image.open(stream)
+            image = stream if isinstance(stream, Image.Image) else Image.open(stream)
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise DataError(f"{label}: image of {image.width}x{image.height} pixels exceeds the limit of "
                                 f"{MAX_IMAGE_PIXELS} pixels (possible decompression bomb)")
@@ -138,7 +140,7 @@ def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     scale = size / min(width, height)
     new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
     if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.BICUBIC, reducing_gap=3.0)
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -429,7 +431,7 @@ class OnnxFlowTokPipeline:
         return captions
 
 
-def _progress(steps: range, show: bool, desc: str) -> Iterator[int] | range:
+def _progress(steps: range, show: bool, desc: str) -> Iterable[int]:
     if not show:
         return steps
     try:
