@@ -34,6 +34,7 @@ largest absolute difference goes into the manifest, and an fp32 graph that disag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -42,7 +43,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,6 +52,9 @@ from torch import nn
 from ..config import atomic_write_text
 from ..errors import CheckpointError, InvalidInputError
 from .manifest import FORMAT, FORMAT_VERSION, INT8_GRAPHS, MANIFEST, PRECISIONS, TEXT_TOKENIZER_FILE
+
+if TYPE_CHECKING:
+    from ..tokenizer import ImageTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ class _FlowGraph(nn.Module):
 
 
 class _ImageEncoderGraph(nn.Module):
-    def __init__(self, tokenizer: nn.Module) -> None:
+    def __init__(self, tokenizer: ImageTokenizer) -> None:
         super().__init__()
         self.encoder = tokenizer.encoder
         self.channels = tokenizer.config.token_channels
@@ -106,7 +110,7 @@ class _ImageEncoderGraph(nn.Module):
 
 
 class _ImageDecoderGraph(nn.Module):
-    def __init__(self, tokenizer: nn.Module) -> None:
+    def __init__(self, tokenizer: ImageTokenizer) -> None:
         super().__init__()
         self.decoder = tokenizer.decoder
 
@@ -345,7 +349,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, precisi
         "image_latent": {"tokens": tok.config.num_latent_tokens, "channels": tok.config.token_channels,
                          "scale_factor": tok.scale_factor, "decoder_reads_text": tok.reads_text},
         "text_latent": {"tokens": text["max_length"], "channels": pipe.text_projector.config.latent_channels},
-        "defaults": dict(pipe.defaults),
+        "defaults": dataclasses.asdict(pipe.defaults),
         "sampler": {"method": "euler", "grid": "t_i = i / N", "guidance": "v_null + s * (v_cond - v_null)",
                     "null_indicator": "0 = conditional, 1 = null; s == 1 runs the conditional branch alone"},
     }
