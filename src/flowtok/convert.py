@@ -311,7 +311,7 @@ def _materialise(model_cls: type[_M], config: Any, state: dict[str, torch.Tensor
                  origin: Mapping[str, str] | None = None) -> _M:
     """Build ``model_cls(config)`` without initialising it and adopt the checked tensors."""
     with torch.device("meta"):
-        model = model_cls(config)  # type: ignore[call-arg]  # every component class takes its config
+        model = model_cls(config)
     _check_against(model, state, source, origin)
     model.load_state_dict({k: v.contiguous() for k, v in state.items()}, assign=True)
     return model

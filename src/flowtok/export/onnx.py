@@ -130,6 +130,13 @@ class _TextDecoderGraph(nn.Module):
 Inputs = Callable[[int], tuple[torch.Tensor, ...]]
 
 
+def _flow_inputs(fk: int, fc: int, gen: torch.Generator) -> Inputs:
+    def inputs(b: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(b, fk, fc, generator=gen), torch.rand(b, generator=gen),
+                torch.randint(0, 2, (b,), generator=gen))
+    return inputs
+
+
 def _graph_table(pipe: Any) -> dict[str, tuple[nn.Module, Inputs, list[str], list[str]]]:
     """name -> (module, example inputs for a batch size, input names, output names)."""
     tok = pipe.image_tokenizer
@@ -162,10 +169,8 @@ def _graph_table(pipe: Any) -> dict[str, tuple[nn.Module, Inputs, list[str], lis
     for name in ("t2i_flow", "i2t_flow"):
         flow = getattr(pipe, name)
         if flow is not None:
-            fk, fc = flow.config.num_tokens, flow.config.in_channels
-            table[name] = (_FlowGraph(flow), lambda b, fk=fk, fc=fc: (
-                torch.randn(b, fk, fc, generator=gen), torch.rand(b, generator=gen),
-                torch.randint(0, 2, (b,), generator=gen)), ["x", "t", "null_indicator"], ["velocity"])
+            table[name] = (_FlowGraph(flow), _flow_inputs(flow.config.num_tokens, flow.config.in_channels, gen),
+                           ["x", "t", "null_indicator"], ["velocity"])
     if pipe.text_decoder is not None:
         dk, dc = pipe.text_decoder.config.num_tokens, pipe.text_decoder.config.latent_channels
         table["text_decoder"] = (_TextDecoderGraph(pipe.text_decoder),
