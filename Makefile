@@ -39,6 +39,7 @@ test: env browser web
 
 lint: env
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) outputs runs

@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from .errors import FlowTokError
 
@@ -27,7 +28,7 @@ COMMAND_MODULES = (
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line + exit 2, as argparse does, without usage spam
+    def error(self, message: str) -> NoReturn:  # one line + exit 2, as argparse does, without usage spam
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

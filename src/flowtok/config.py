@@ -20,7 +20,10 @@ import yaml
 
 from .errors import ConfigError
 
-T = TypeVar("T")
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def _check_type(value: Any, tp: Any, path: str) -> Any:
@@ -44,7 +47,7 @@ def _check_type(value: Any, tp: Any, path: str) -> Any:
         if value not in args:
             raise ConfigError(f"{path}: expected one of {list(args)}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

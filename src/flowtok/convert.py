@@ -35,13 +35,14 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from .errors import CheckpointError, InvalidInputError
 
 log = logging.getLogger(__name__)
+_M = TypeVar("_M", bound=torch.nn.Module)
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 FLOW_KINDS = {"flow-xl": "FlowTok-XL", "flow-h": "FlowTok-H"}
@@ -306,8 +307,8 @@ def split_flow_state_dict(state: Mapping[str, torch.Tensor]
 
 
 # ------------------------------------------------------------------------------------- conversion
-def _materialise(model_cls: type, config: Any, state: dict[str, torch.Tensor], source: str,
-                 origin: Mapping[str, str] | None = None) -> torch.nn.Module:
+def _materialise(model_cls: type[_M], config: Any, state: dict[str, torch.Tensor], source: str,
+                 origin: Mapping[str, str] | None = None) -> _M:
     """Build ``model_cls(config)`` without initialising it and adopt the checked tensors."""
     with torch.device("meta"):
         model = model_cls(config)

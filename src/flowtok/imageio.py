@@ -7,8 +7,10 @@ Torch-free, so that the ONNX runtime (:mod:`flowtok.export.runtime`) prepares im
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -51,7 +53,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, RGB
 
 
-def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS,
+def load_image(source: str | os.PathLike | bytes | bytearray | memoryview | Image.Image, max_pixels: int | None = MAX_IMAGE_PIXELS,
                name: str | None = None, draft: int | None = None) -> Image.Image:
     """Decode an image file, its bytes, or an (possibly lazily opened) PIL image into an RGB PIL image,
     fully loaded.
@@ -81,7 +83,7 @@ def load_image(source: str | Path | bytes | Image.Image, max_pixels: int | None 
         with warnings.catch_warnings():
             # PIL warns past its own limit; ours below is the one that decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = opened if opened is not None else Image.open(stream, formats=SUPPORTED_FORMATS)
+            image = opened if opened is not None else Image.open(cast("io.BytesIO | Path", stream), formats=SUPPORTED_FORMATS)
             if image.format is not None and image.format not in SUPPORTED_FORMATS:
                 raise DataError(f"{label}: an {image.format} image, which flowtok does not read ({_FORMATS_TEXT} only)")
             width, height = image.size
@@ -133,4 +135,4 @@ def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
     box = (left, top, left + side, top + side)
     if side == resolution:
         return image.crop(box)
-    return image.resize((resolution, resolution), Image.BICUBIC, box=box, reducing_gap=3.0)
+    return image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)

@@ -129,7 +129,8 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name="flowtok", tags=["flowt
     config: Any
     _save_dtype: torch.dtype | None = None
 
-    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None,
+    # Narrower than the Hub mixin's on purpose: it takes a dtype and returns the folder it wrote.
+    def save_pretrained(self, save_directory: str | os.PathLike, dtype: torch.dtype | None = None,  # type: ignore[override]
                         **hub_kwargs: Any) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (floating weights in ``dtype`` if given) and a model
         card; ``push_to_hub=True, repo_id=...`` uploads the folder too (see ``huggingface_hub``)."""
@@ -197,22 +198,22 @@ class PretrainedMixin(PyTorchModelHubMixin, library_name="flowtok", tags=["flowt
                                cache_dir=cache_dir, local_files_only=local_files_only, revision=revision)
         # Before the Hub mixin parses config.json and before anything is allocated: a bad folder is one line.
         preflight(cls, cls.read_config(directory), directory, WEIGHTS_NAME)
-        return super().from_pretrained(directory, device=device, dtype=dtype)  # type: ignore[misc]
+        return super().from_pretrained(directory, device=device, dtype=dtype)
 
     @classmethod
-    def _from_pretrained(cls: type[M], *, model_id: str, device: str | torch.device = "cpu",  # type: ignore[override]
+    def _from_pretrained(cls: type[M], *, model_id: str, device: str | torch.device = "cpu",
                          dtype: torch.dtype | None = None, **_hub: Any) -> M:
         # model_id is the local folder from_pretrained resolved; the mixin's own parse of config.json
         # (in _hub["config"]) is unchecked, so the folder is read again with the checks.
         directory = Path(model_id)
         config = cls.read_config(directory)
-        model = cls(config)  # type: ignore[call-arg]
+        model = cls(config)
         state = load_safetensors(directory / WEIGHTS_NAME)
         check_state_dict(model, state, str(directory))  # type: ignore[arg-type]
         model.load_state_dict(state)  # type: ignore[attr-defined]
         model = model.to(device=device)  # type: ignore[attr-defined]
-        model = model.to(dtype=dtype) if dtype is not None else model.float()  # type: ignore[attr-defined]
-        model.eval()  # type: ignore[attr-defined]
+        model = model.to(dtype=dtype) if dtype is not None else model.float()
+        model.eval()
         return model
 
     def num_params(self, trainable_only: bool = False) -> int:

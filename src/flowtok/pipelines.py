@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from .processing import (
 
 if TYPE_CHECKING:
     from .flow import FlowTransformer
+    from .modeling import PretrainedMixin
     from .text import TextDecoder, TextEncoder, TextProjector
     from .tokenizer import ImageTokenizer
 
@@ -108,7 +109,7 @@ class SamplingDefaults:
             raise CheckpointError(f"{source}: {exc}") from None
 
 
-def _component_classes() -> dict[str, type]:
+def _component_classes() -> dict[str, type[PretrainedMixin]]:
     """The model class of each pipeline component (imported lazily: they pull in torch-heavy modules)."""
     from .flow import FlowTransformer
     from .text import TextDecoder, TextProjector
@@ -267,8 +268,9 @@ class FlowTokPipeline:
 
         if model is None:
             raise InvalidInputError("this pipeline lacks the flow model this call needs")
-        out = sample(model, x0, method=sampler, num_steps=int(steps), guidance_scale=float(guidance),
-                     progress=progress)
+        # Without return_trajectory, sample returns the final latents alone.
+        out = cast(torch.Tensor, sample(model, x0, method=sampler, num_steps=int(steps),
+                                        guidance_scale=float(guidance), progress=progress))
         if not torch.isfinite(out).all():
             # A NaN latent decodes to a black image or a garbage caption; say so instead.
             raise CheckpointError("the flow model produced NaN or inf; its weights may be corrupt "
@@ -369,7 +371,8 @@ class FlowTokPipeline:
     def roundtrip_text(self, prompt: str | list[str], **kwargs: Any) -> tuple[ImageOutput, list[str]]:
         """caption -> image -> caption."""
         images = self.text_to_image(prompt, sample_text_latent=False, **kwargs)
-        return images, self.image_to_text(images, **kwargs)
+        # Every ImageOutput (PIL list, uint8 array, float tensor) is an image input.
+        return images, self.image_to_text(cast("ImageInput | list[ImageInput]", images), **kwargs)
 
     @torch.no_grad()
     def interpolate(self, start: str | ImageInput, end: str | ImageInput, num_frames: int = 8,

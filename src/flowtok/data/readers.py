@@ -19,6 +19,7 @@ import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -302,7 +303,8 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
         A member over ``max_bytes`` is given as its size (an int) instead of its bytes; the stream
         skips over it without keeping it."""
         with tarfile.open(shard, "r|*") as tar:
-            key, files = None, {}
+            key: str | None = None
+            files: dict[str, bytes | int] = {}
             for member in tar:
                 if not member.isfile():
                     continue
@@ -326,16 +328,16 @@ class WebDatasetReader(_ReaderBase, torch.utils.data.IterableDataset):
     def _decode(self, shard: Path, shard_id: int, index: int, key: str, files: dict[str, bytes | int],
                 prepare=None) -> tuple[torch.Tensor, str] | None:
         where = f"{shard}:{key}"
-        oversized = next((ext for ext, data in files.items() if isinstance(data, int)), None)
+        oversized = next(((ext, size) for ext, size in files.items() if isinstance(size, int)), None)
         if oversized is not None:
-            self._problem("too_large", f"{where}.{oversized}: member of {files[oversized]} bytes exceeds the "
+            self._problem("too_large", f"{where}.{oversized[0]}: member of {oversized[1]} bytes exceeds the "
                                        f"limit of {self.max_member_bytes} bytes")
             return None
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
         if image_ext is None:
             self._problem("missing_image", f"{where}: no image ({'/'.join(IMAGE_EXTENSIONS)}) in sample")
             return None
-        text = self._caption(where, files)
+        text = self._caption(where, cast(dict[str, bytes], files))  # no int (oversized) member left
         if text is None:
             return None
         try:

@@ -52,7 +52,7 @@ def write_shard(path: Path, moments: np.ndarray, input_ids: np.ndarray, texts: l
     encoded = [t.encode("utf-8") for t in texts]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(b) for b in encoded])
-    tensors = {"moments": np.ascontiguousarray(moments, dtype=np.float16),
+    tensors: dict[str, np.ndarray] = {"moments": np.ascontiguousarray(moments, dtype=np.float16),
                "input_ids": np.ascontiguousarray(input_ids, dtype=np.int32),
                "text_offsets": offsets,
                "text": np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8).copy()}

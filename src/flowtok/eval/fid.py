@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -174,7 +175,7 @@ class FIDStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        extra = {} if self.features is None else {"features": self.features}
+        extra: dict[str, Any] = {} if self.features is None else {"features": self.features}
         np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, **extra)
         os.replace(tmp, path)
 
@@ -227,7 +228,8 @@ def fid_from_stats(a: FIDStats, b: FIDStats) -> float:
     if fa is not None and fb is not None:
         tr = float(np.linalg.svd(fa @ fb.T, compute_uv=False).sum())
     else:
-        f, other = (fa, b.sigma) if fa is not None else (fb, a.sigma)
+        # Exactly one side kept its features (both-None returned above).
+        f, other = (fa, b.sigma) if fa is not None else (cast(np.ndarray, fb), a.sigma)
         inner = f @ other @ f.T
         tr = float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum())
     diff = a.mu - b.mu
@@ -320,15 +322,15 @@ def load_image(path: Path, size: int | None) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            im = opened.convert("RGB")
             if size is not None:
                 w, h = im.size
                 s = min(w, h)
                 left, top = (w - s) // 2, (h - s) // 2
                 im = im.crop((left, top, left + s, top + s))
                 if s != size:
-                    im = im.resize((size, size), Image.BICUBIC)
+                    im = im.resize((size, size), Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8).copy()
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None

@@ -34,6 +34,7 @@ largest absolute difference goes into the manifest, and an fp32 graph that disag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -42,7 +43,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,6 +52,9 @@ from torch import nn
 from ..config import atomic_write_text
 from ..errors import CheckpointError, InvalidInputError
 from .manifest import FORMAT, FORMAT_VERSION, INT8_GRAPHS, MANIFEST, PRECISIONS, TEXT_TOKENIZER_FILE
+
+if TYPE_CHECKING:
+    from ..tokenizer import ImageTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ class _FlowGraph(nn.Module):
 
 
 class _ImageEncoderGraph(nn.Module):
-    def __init__(self, tokenizer: nn.Module) -> None:
+    def __init__(self, tokenizer: ImageTokenizer) -> None:
         super().__init__()
         self.encoder = tokenizer.encoder
         self.channels = tokenizer.config.token_channels
@@ -106,7 +110,7 @@ class _ImageEncoderGraph(nn.Module):
 
 
 class _ImageDecoderGraph(nn.Module):
-    def __init__(self, tokenizer: nn.Module) -> None:
+    def __init__(self, tokenizer: ImageTokenizer) -> None:
         super().__init__()
         self.decoder = tokenizer.decoder
 
@@ -124,6 +128,13 @@ class _TextDecoderGraph(nn.Module):
 
 
 Inputs = Callable[[int], tuple[torch.Tensor, ...]]
+
+
+def _flow_inputs(fk: int, fc: int, gen: torch.Generator) -> Inputs:
+    def inputs(b: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(b, fk, fc, generator=gen), torch.rand(b, generator=gen),
+                torch.randint(0, 2, (b,), generator=gen))
+    return inputs
 
 
 def _graph_table(pipe: Any) -> dict[str, tuple[nn.Module, Inputs, list[str], list[str]]]:
@@ -158,10 +169,8 @@ def _graph_table(pipe: Any) -> dict[str, tuple[nn.Module, Inputs, list[str], lis
     for name in ("t2i_flow", "i2t_flow"):
         flow = getattr(pipe, name)
         if flow is not None:
-            fk, fc = flow.config.num_tokens, flow.config.in_channels
-            table[name] = (_FlowGraph(flow), lambda b, fk=fk, fc=fc: (
-                torch.randn(b, fk, fc, generator=gen), torch.rand(b, generator=gen),
-                torch.randint(0, 2, (b,), generator=gen)), ["x", "t", "null_indicator"], ["velocity"])
+            table[name] = (_FlowGraph(flow), _flow_inputs(flow.config.num_tokens, flow.config.in_channels, gen),
+                           ["x", "t", "null_indicator"], ["velocity"])
     if pipe.text_decoder is not None:
         dk, dc = pipe.text_decoder.config.num_tokens, pipe.text_decoder.config.latent_channels
         table["text_decoder"] = (_TextDecoderGraph(pipe.text_decoder),
@@ -345,7 +354,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, precisi
         "image_latent": {"tokens": tok.config.num_latent_tokens, "channels": tok.config.token_channels,
                          "scale_factor": tok.scale_factor, "decoder_reads_text": tok.reads_text},
         "text_latent": {"tokens": text["max_length"], "channels": pipe.text_projector.config.latent_channels},
-        "defaults": dict(pipe.defaults),
+        "defaults": dataclasses.asdict(pipe.defaults),
         "sampler": {"method": "euler", "grid": "t_i = i / N", "guidance": "v_null + s * (v_cond - v_null)",
                     "null_indicator": "0 = conditional, 1 = null; s == 1 runs the conditional branch alone"},
     }

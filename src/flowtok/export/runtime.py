@@ -24,7 +24,7 @@ import os
 import re
 import unicodedata
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -367,7 +367,7 @@ class OnnxFlowTokPipeline:
         return captions
 
 
-def _progress(steps: range, show: bool, desc: str) -> Iterator[int] | range:
+def _progress(steps: range, show: bool, desc: str) -> Iterable[int]:
     if not show:
         return steps
     try:

@@ -14,6 +14,8 @@ fused qkv Linear with bias; the MLP is GELU-tanh.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -46,8 +48,9 @@ class DiTBlock(nn.Module):
 
     def zero_init_modulation(self) -> None:
         """Start as the identity map: every shift, scale and gate is 0."""
-        nn.init.zeros_(self.adaLN_modulation[1].weight)
-        nn.init.zeros_(self.adaLN_modulation[1].bias)
+        linear = cast(nn.Linear, self.adaLN_modulation[1])
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
 
 
 class FinalLayer(nn.Module):
@@ -65,6 +68,6 @@ class FinalLayer(nn.Module):
 
     def zero_init(self) -> None:
         """Zero modulation and output: the network predicts exactly 0 until it has learned something."""
-        for layer in (self.adaLN_modulation[1], self.linear):
+        for layer in (cast(nn.Linear, self.adaLN_modulation[1]), self.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -49,4 +50,4 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = self.frequencies(t * self.scale, self.freq_dim)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        return self.mlp(freq.to(cast(nn.Linear, self.mlp[0]).weight.dtype))

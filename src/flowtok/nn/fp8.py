@@ -69,6 +69,11 @@ class FP8Linear(nn.Module):
     amax); inputs beyond the calibrated range saturate at the largest e4m3 value.
     """
 
+    input_scale: torch.Tensor | None
+    weight_fp8: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: nn.Linear, emulate: bool = False, input_amax: float | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -80,7 +85,7 @@ class FP8Linear(nn.Module):
         self.emulate = emulate
         self.static = input_amax is not None
         weight = linear.weight.detach()
-        if self.static:
+        if input_amax is not None:
             q, scale = quantize_tensor(weight)
             self.register_buffer("input_scale", torch.tensor(input_amax / E4M3_MAX, dtype=torch.float32,
                                                              device=weight.device))
@@ -96,11 +101,16 @@ class FP8Linear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         # .to(dtype) would cast the e4m3 weight and its float32 scales like any float buffer: keep their
         # dtypes, follow only the device.
-        keep = {k: self._buffers[k] for k in ("weight_fp8", "weight_scale", "input_scale")
-                if self._buffers.get(k) is not None}
+        keep: dict[str, torch.Tensor] = {}
+        for k in ("weight_fp8", "weight_scale", "input_scale"):
+            buf = self._buffers.get(k)
+            if buf is not None:
+                keep[k] = buf
         super()._apply(fn, recurse)
         for name, old in keep.items():
-            self._buffers[name] = old.to(self._buffers[name].device)
+            moved = self._buffers[name]
+            assert moved is not None  # kept only the buffers that were set
+            self._buffers[name] = old.to(moved.device)
         return self
 
     def extra_repr(self) -> str:
@@ -114,7 +124,7 @@ class FP8Linear(nn.Module):
         pad = -rows % _ALIGN
         if pad:
             x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
-        if self.static:
+        if self.input_scale is not None:  # static per-tensor scales
             scale = self.input_scale
             q = to_e4m3(x2, scale)
         else:

@@ -56,6 +56,9 @@ class RotaryEmbedding2D(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         n = self.num_tokens
         if x.shape[-2] < n or x.shape[-1] != self.head_dim:

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 
@@ -149,8 +149,10 @@ def build_app(pipeline: FlowTokPipeline, max_upload_mb: float = 10.0, queue_size
         seed_i = _int_in(0 if seed is None else seed, "Seed", 0, 2**63 - 1)
         generator = torch.Generator(device=pipeline.device).manual_seed(seed_i)
         try:
-            return pipeline.text_to_image([prompt] * n_i, num_inference_steps=steps_i,
-                                          guidance_scale=_guidance(guidance), generator=generator)
+            # output_type "pil" (the default): a list of PIL images.
+            return cast(list[Image.Image], pipeline.text_to_image([prompt] * n_i, num_inference_steps=steps_i,
+                                                                  guidance_scale=_guidance(guidance),
+                                                                  generator=generator))
         except FlowTokError as exc:
             raise _user_error(str(exc)) from None
 

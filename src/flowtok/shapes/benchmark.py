@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -188,7 +189,7 @@ def generated_fid(generate_fn: GenerateFn, prompts: Sequence[str], generator: to
         else:
             reference, reference_info = reference_fn(size)
     kid = None
-    if reference.features is not None:
+    if reference.features is not None and gen_stats.features is not None:
         kid = fidlib.kernel_inception_distance(gen_stats.features, reference.features)
     return {"fid": fidlib.fid_from_stats(gen_stats, reference), "kid": kid, "generated_n": gen_stats.n,
             "generated_size": size, **(reference_info or {}), "inception": extractor.protocol(),
@@ -340,7 +341,7 @@ def evaluate_recon(reconstruct_fn: ReconstructFn, images: Iterable[torch.Tensor]
             raise InvalidInputError(f"reconstruct_fn changed the image shape {tuple(batch.shape)} -> {tuple(rec.shape)}")
         psnrs.append(psnr(rec, batch))
         ssims.append(ssim(rec, batch))
-        if fid:
+        if fid and extractor is not None:
             feats_real.append(extractor.features(batch))
             feats_rec.append(extractor.features(rec))
         count += batch.shape[0]
@@ -355,11 +356,12 @@ def evaluate_recon(reconstruct_fn: ReconstructFn, images: Iterable[torch.Tensor]
         "ssim": float(s.mean()), "ssim_std": float(s.std()) if count > 1 else 0.0,
         "timing": {"reconstruct_s": round(t_rec, 3), "total_s": None},
     }
-    if fid:
+    if fid and extractor is not None:
         a = fidlib.FIDStats.from_features(np.concatenate(feats_real))
         b = fidlib.FIDStats.from_features(np.concatenate(feats_rec))
         results["rfid"] = fidlib.fid_from_stats(a, b)
-        results["rkid"] = fidlib.kernel_inception_distance(a.features, b.features)
+        # from_features keeps the features by default.
+        results["rkid"] = fidlib.kernel_inception_distance(cast(np.ndarray, a.features), cast(np.ndarray, b.features))
         results["protocol"]["rfid"] = {"n": count, "inception": extractor.protocol()}
     results["timing"]["total_s"] = round(time.perf_counter() - t0, 3)
     return results

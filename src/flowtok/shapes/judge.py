@@ -114,7 +114,7 @@ def _to_judge_tensor(image: Any) -> torch.Tensor:
     if isinstance(image, Image.Image):
         image = image.convert("RGB")
         if image.size != (_JUDGE_RES, _JUDGE_RES):
-            image = image.resize((_JUDGE_RES, _JUDGE_RES), Image.BILINEAR)
+            image = image.resize((_JUDGE_RES, _JUDGE_RES), Image.Resampling.BILINEAR)
         return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
@@ -229,7 +229,7 @@ def _judge_one(img: torch.Tensor, labels: torch.Tensor, bg: torch.Tensor) -> Sce
         layout, key = "left of", 1
     else:
         layout, key = "above", 2
-    ordered = sorted(found, key=lambda f: f[key])
+    ordered = sorted(found, key=lambda f: f[1] if key == 1 else f[2])
     return Scene(tuple(f[0] for f in ordered), layout)
 
 

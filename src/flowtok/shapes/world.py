@@ -365,14 +365,15 @@ def sample_drawing(scene: Scene, rng: np.random.Generator) -> Drawing:
         texture = 0.0
     else:
         tint, strength, value = rng.uniform(0.0, 1.0, 3), float(rng.uniform(0.03, 0.15)), float(rng.uniform(0.9, 1.0))
-        background = tuple(float(value * (1 - strength * (1 - t))) for t in tint)
+        r, g, b = (float(value * (1 - strength * (1 - t))) for t in tint)
+        background = (r, g, b)
         texture = float(rng.uniform(0.0, 0.03)) if rng.random() < 0.5 else 0.0
     noise = float(rng.uniform(0.0, 0.02)) if rng.random() < 0.5 else 0.0
     style = STYLES[int(rng.integers(len(STYLES)))]
     # The outline stays thin beside the smallest object, so its fill (the colour named) stays visible.
     thinnest = min(radii) * 128 * _OUTLINE_MAX_FRACTION
     outline = min(float(rng.uniform(1.0, 2.0)), thinnest) if style == "outlined" else 0.0
-    return Drawing(tuple(placements), background, style, texture, noise, int(rng.integers(2**31)), outline)  # type: ignore[arg-type]
+    return Drawing(tuple(placements), background, style, texture, noise, int(rng.integers(2**31)), outline)
 
 
 def draw_scene(scene: Scene, world: str, rng: np.random.Generator) -> Drawing:

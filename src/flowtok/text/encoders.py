@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -352,7 +352,8 @@ class MiniLMTextEncoder(TextEncoder):
         return self.tokenizer(captions, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
 
     def _text_from_ids(self, ids: list[int]) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        # One id list decodes to one string (a batch would give a list).
+        text = cast(str, self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True))
         return detokenize(text)
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

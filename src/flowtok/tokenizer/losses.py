@@ -20,6 +20,7 @@ Two parts need care offline:
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -113,6 +114,9 @@ class VGGPerceptualLoss(nn.Module):
     def train(self, mode: bool = True) -> VGGPerceptualLoss:
         return super().train(False)  # always frozen
 
+    shift: torch.Tensor
+    scale: torch.Tensor
+
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
         for i, layer in enumerate(self.features):
@@ -179,6 +183,9 @@ class TokenizerLoss(nn.Module):
     one is loaded); the trainer may save ``state_dict()`` as is.
     """
 
+    ema_real_logits: torch.Tensor
+    ema_fake_logits: torch.Tensor
+
     def __init__(self, config: TokenizerLossConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or TokenizerLossConfig()
@@ -228,7 +235,7 @@ class TokenizerLoss(nn.Module):
             parts["perceptual"] = c.perceptual_weight * self.perceptual(x, y).mean()
         if self.adversarial_active(step):
             parts["adversarial"] = c.discriminator_weight * self.generator_adv_loss(y)
-        total = sum(parts.values())
+        total: torch.Tensor = functools.reduce(torch.add, parts.values())
         out = {k: v.detach() for k, v in parts.items()}
         out["kl_raw"] = kl.detach()
         out["total"] = total.detach()

@@ -117,7 +117,7 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device) -> BatchSourc
     if cfg.kind == "shapes":
         return ShapesSource(cfg, seed, device)
     if cfg.kind == "folder":
-        ds = ImageCaptionFolder(cfg.path, resolution=cfg.size, crop=cfg.crop, on_error=cfg.on_error, seed=seed)
+        ds = ImageCaptionFolder(str(cfg.path), resolution=cfg.size, crop=cfg.crop, on_error=cfg.on_error, seed=seed)
         return IndexedSource(ds, seed, device, cfg.workers)
     if cfg.kind == "latents":
         return LatentSource(str(cfg.path), seed, device)

@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..modeling import load_safetensors
 from ..shapes import Scene, render_batch, sample_at
 from ..untrusted import parse_json
+
+if TYPE_CHECKING:
+    from ..data.readers import ImageCaptionFolder
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ class _Chunks(torch.utils.data.Dataset):
 
     def __init__(self, data, seed: int, chunks: list[tuple[int, int, int, bool]], tokenize) -> None:
         self.data, self.seed, self.chunks, self.tokenize = data, seed, chunks, tokenize
-        self.folder = None
+        self.folder: ImageCaptionFolder | None = None
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -94,7 +97,8 @@ class _Chunks(torch.utils.data.Dataset):
             from ..data.readers import ImageCaptionFolder
 
             if self.folder is None:
-                self.folder = ImageCaptionFolder(self.data.path, resolution=self.data.size, crop=self.data.crop,
+                # DataConfig requires a path for every kind but shapes.
+                self.folder = ImageCaptionFolder(str(self.data.path), resolution=self.data.size, crop=self.data.crop,
                                                  on_error=self.data.on_error, seed=self.seed)
             items = [self.folder[j] for j in range(a, b)]
             out["images"], captions = torch.stack([it[0] for it in items]), [it[1] for it in items]
@@ -200,7 +204,8 @@ def pretokenize(data, out_dir: str | Path, tokenizer, text_encoder, n: int | Non
 
 
 def write_meta(out: Path, num_units: int, planned: int | None, tokenizer, text_encoder, source: str) -> None:
-    shards, text_bytes = [], 0
+    shards: list[dict[str, Any]] = []
+    text_bytes = 0
     for i in range(num_units):
         path = out / shard_name(i)
         if not path.is_file():

@@ -276,7 +276,10 @@ class Trainer:
     def _resume(self, resume: str, ckpt_dir: Path, opt: torch.optim.Optimizer, ema: EMA | None) -> int:
         """Load the stage, optimizer and EMA from ``resume`` ('latest' or a checkpoint); the step to go on from."""
         # A checkpoint whose files verify but whose contents do not fit is skipped like a corrupt one.
-        sound = lambda c: (self._check_resumable(c), ckpt.check_optimizer_state(c, opt))  # noqa: E731
+        def sound(c: ckpt.Checkpoint) -> None:
+            self._check_resumable(c)
+            ckpt.check_optimizer_state(c, opt)
+
         found = self._choose_checkpoint(resume, ckpt_dir, sound)
         if found is None:
             log.info("no checkpoint in %s; starting from scratch", ckpt_dir)
@@ -363,7 +366,8 @@ class Trainer:
         """
         accum = self.cfg.grad_accum
         sums: dict[str, Any] = {}
-        loss, metrics = None, {}
+        loss = None
+        metrics: dict[str, Any] = {}
         for m in range(accum):
             t0 = time.perf_counter()
             batch = self.stage.batch(step, self.micro_batch, m * self.world + self.rank, self.world * accum)
@@ -372,7 +376,8 @@ class Trainer:
             if bad_input is not None:
                 return None, {}, bad_input
             sync = loop.ddp is None or m == accum - 1
-            with contextlib.nullcontext() if sync else loop.ddp.no_sync(), self._autocast():
+            with (loop.ddp.no_sync() if loop.ddp is not None and not sync else contextlib.nullcontext(),
+                  self._autocast()):
                 loss, metrics = loop.forward(batch)
             (loss / accum if accum > 1 else loss).backward()
             if accum > 1:

@@ -15,6 +15,9 @@ Each stage's config dataclass sits beside it; :data:`STAGES` maps a YAML ``stage
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from .base import Stage, check_latent_shapes
 from .distill import DistillStage, DistillStageConfig
 from .i2t import I2TStage, I2TStageConfig
@@ -23,7 +26,8 @@ from .t2i import T2IStage, T2IStageConfig
 from .text_decoder import TextDecoderStage, TextDecoderStageConfig
 from .tokenizer import TokenizerStage, TokenizerStageConfig
 
-STAGES: dict[str, tuple[type[Stage], type]] = {
+# Each stage class takes (its model config, the data config, the seed).
+STAGES: dict[str, tuple[Callable[..., Stage], type[Any]]] = {
     cls.name: (cls, cls.config_class)
     for cls in (TokenizerStage, T2IStage, TextDecoderStage, I2TStage, DistillStage)
 }

@@ -63,11 +63,11 @@ class Stage(nn.Module):
     def data_state(self) -> dict[str, Any] | None:
         """The data position to checkpoint, for a source whose position is not a function of the step
         (raw-image shards read by loader workers); None for the others."""
-        source = getattr(self, "source", None)
+        source: Any = getattr(self, "source", None)
         return source.state() if hasattr(source, "state") else None
 
     def load_data_state(self, state: dict[str, Any] | None) -> None:
-        source = getattr(self, "source", None)
+        source: Any = getattr(self, "source", None)
         if hasattr(source, "load_state"):
             source.load_state(state)
 
@@ -76,10 +76,10 @@ class Stage(nn.Module):
         the shapes judge score an evaluation; other data is evaluated by :func:`heldout_metrics`."""
         if self.data_cfg.kind == "shapes":
             return True
-        source = getattr(self, "source", None)
+        source: Any = getattr(self, "source", None)
         if (getattr(source, "meta", None) or {}).get("source") == "shapes":
             return True
-        records = getattr(getattr(source, "dataset", None), "records", None)
+        records: Any = getattr(getattr(source, "dataset", None), "records", None)
         return bool(records) and isinstance(records[0], dict) and bool(records[0].get("scene"))
 
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -133,8 +133,9 @@ class T2IStage(Stage):
     def generate(self, captions: list[str], steps: int, guidance: float) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] on the stage's device: the pipeline's text-to-image path."""
         pipe = FlowTokPipeline(self.tokenizer, self.encoder, self.proj, t2i_flow=self.flow)
-        return pipe.text_to_image(captions, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                                  sample_text_latent=False).to(self.device)
+        images = pipe.text_to_image(captions, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                                    sample_text_latent=False)
+        return cast(torch.Tensor, images).to(self.device)  # output_type "pt": one tensor
 
     @torch.no_grad()
     def evaluate(self, step: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
