@@ -34,6 +34,7 @@ largest absolute difference goes into the manifest, and an fp32 graph that disag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -345,7 +346,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, precisi
         "image_latent": {"tokens": tok.config.num_latent_tokens, "channels": tok.config.token_channels,
                          "scale_factor": tok.scale_factor, "decoder_reads_text": tok.reads_text},
         "text_latent": {"tokens": text["max_length"], "channels": pipe.text_projector.config.latent_channels},
-        "defaults": dict(pipe.defaults),
+        "defaults": dataclasses.asdict(pipe.defaults),
         "sampler": {"method": "euler", "grid": "t_i = i / N", "guidance": "v_null + s * (v_cond - v_null)",
                     "null_indicator": "0 = conditional, 1 = null; s == 1 runs the conditional branch alone"},
     }
