@@ -106,7 +106,19 @@ def _logged_steps(metrics: Path, offset: int) -> list[int]:
 
 
 def weights_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """SHA-256 of every tensor's name, dtype, shape and bytes, and of the metadata, in sorted order. Not of
+    the file's bytes: safetensors writes its metadata map in an order that varies from process to process."""
+    import torch
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    with safe_open(str(path), "pt") as f:
+        digest.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _corrupt(ckpt_dir: Path, step: int, how: str) -> Path:
