@@ -196,3 +196,13 @@ def test_push_to_hub_uploads_the_saved_folder(reading, tmp_path, monkeypatch):
     assert files == {"config.json", "model.safetensors", "README.md"}
     assert "FlowTransformer.from_pretrained" in (tmp_path / "uploaded" / "README.md").read_text()
     assert _same_weights(reading.t2i_flow, FlowTransformer.from_pretrained(tmp_path / "uploaded"))
+
+
+def test_saved_weights_are_byte_identical_across_processes(reading, tmp_path):
+    """safetensors writes its metadata from a Rust HashMap, in an order that changes per process; the saved
+    header is put in sorted order, so two runs that end with the same weights write the same bytes."""
+    folder = reading.image_tokenizer.save_pretrained(tmp_path / "tok")
+    raw = (folder / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"]) and len(header["__metadata__"]) >= 2
+    assert _same_weights(reading.image_tokenizer, ImageTokenizer.from_pretrained(folder))

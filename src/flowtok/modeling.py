@@ -37,7 +37,25 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     _make_folder(path.parent)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     # An unpredictable temporary name, removed on failure; a full disk is one OutputError line.
-    write_atomically(path, write_path=lambda name: save_file(tensors, name, metadata=metadata))
+    write_atomically(path, write_path=lambda name: _save_canonical(tensors, name, metadata))
+
+
+def _save_canonical(tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str] | None) -> None:
+    """``save_file``, then the header's metadata put in sorted order: safetensors writes it from a Rust
+    HashMap, whose order changes from process to process, so the same weights saved by two runs (an
+    uninterrupted one and a resumed one) would differ in their bytes. Same keys, same length."""
+    save_file(tensors, name, metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(name, "r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(n)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # serde writes compact JSON, then pads with spaces to 8-byte alignment
+            fh.seek(8)
+            fh.write(text.ljust(n, b" "))
 
 
 def _make_folder(folder: Path) -> None:
