@@ -65,7 +65,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     pt = FlowTokPipeline.from_pretrained(args.model, device="cpu")
     ox = OnnxFlowTokPipeline.from_pretrained(args.onnx, num_threads=args.threads)
-    steps, guidance = pt.defaults["num_inference_steps"], pt.defaults["guidance_scale"]
+    steps, guidance = pt.defaults.num_inference_steps, pt.defaults.guidance_scale
     scenes, prompts = [], []
     for i in range(args.n):
         scene, text = shapes.sample_at(args.seed, i, split="test")

@@ -285,7 +285,7 @@ def test_bundled_pipeline_captions_through_the_grammar(tmp_path) -> None:
     from flowtok.pipelines import FlowTokPipeline
 
     pipe = FlowTokPipeline.from_pretrained(device="cpu")
-    assert pipe.defaults["caption_grammar"] == "shapes"
+    assert pipe.defaults.caption_grammar == "shapes"
     # Off-world images (noise) still get captions of the world.
     noise = torch.rand((3, 3, 128, 128), generator=torch.Generator().manual_seed(0))
     for text in pipe.image_to_text(noise, num_inference_steps=2):
