@@ -25,7 +25,7 @@ def test_every_bundled_graph_agrees_with_pytorch(bundled_onnx):
         assert entry["max_abs_diff"]["fp16"] < 1e-2, name
     assert manifest["image_latent"]["scale_factor"] == pytest.approx(3.0877)
     assert manifest["defaults"] == {"num_inference_steps": 20, "guidance_scale": 3.0, "caption_guidance_scale": 1.0,
-                                   "sampler": "euler"}
+                                   "sampler": "euler", "caption_grammar": "shapes"}
 
 
 def test_bundled_images_and_captions_match_pytorch(pipes):
