@@ -1,4 +1,4 @@
-"""The bundled model exported to ONNX against PyTorch (the full 500-scene comparison is benchmarks/onnx.py)."""
+"""The bundled model exported to ONNX against PyTorch (the full 500-scene comparison is benchmarks/onnx_bench.py)."""
 
 import json
 

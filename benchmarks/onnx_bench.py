@@ -1,9 +1,9 @@
 """ONNX export of a pipeline against PyTorch: agreement, accuracy, CPU latency, and the browser page.
 
-    python benchmarks/onnx.py accuracy --onnx EXPORT --n 500      # 500 held-out scenes each way
-    python benchmarks/onnx.py precisions --onnx EXPORT --n 200    # the judge's accuracy per precision / int8 graph
-    python benchmarks/onnx.py latency --onnx EXPORT --threads 2   # onnxruntime vs PyTorch on 2 cores
-    python benchmarks/onnx.py browser --onnx EXPORT               # headless Chromium, flowtok demo --static's page
+    python benchmarks/onnx_bench.py accuracy --onnx EXPORT --n 500      # 500 held-out scenes each way
+    python benchmarks/onnx_bench.py precisions --onnx EXPORT --n 200    # the judge's accuracy per precision / int8 graph
+    python benchmarks/onnx_bench.py latency --onnx EXPORT --threads 2   # onnxruntime vs PyTorch on 2 cores
+    python benchmarks/onnx_bench.py browser --onnx EXPORT               # headless Chromium, flowtok demo --static's page
 
 EXPORT comes from ``flowtok export onnx --out EXPORT`` (default model: the bundled flowtok-shapes);
 write int8 files for every graph (``export_onnx(..., int8_graphs=all)``) to measure where int8 holds.
