@@ -119,7 +119,7 @@ def generate_from_file(pipe: Any, prompts_file: str | os.PathLike, out_dir: str 
     generator = _generator(pipe, seed)
     writer = _JsonlWriter(out / "results.jsonl")
     done = failed = 0
-    with tqdm(total=total, desc="text -> image", unit="image", disable=not progress) as bar:
+    with tqdm(total=total, desc="text -> image", unit="image", disable=not progress or None) as bar:
         for batch in batched(iter_prompts(prompts_file), batch_size):
             prompts = [p for _, p in batch]
             results = _one_by_one(lambda ps: pipe.text_to_image(ps, generator=generator, **sample_kwargs), prompts)
@@ -152,7 +152,7 @@ def caption_folder(pipe: Any, folder: str | os.PathLike, jsonl: str | os.PathLik
         raise InvalidInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
     writer = _JsonlWriter(jsonl)
     done = failed = 0
-    with tqdm(total=total, desc="image -> text", unit="image", disable=not progress) as bar:
+    with tqdm(total=total, desc="image -> text", unit="image", disable=not progress or None) as bar:
         for batch in batched(iter_images(root), batch_size):
             results = _one_by_one(lambda paths: pipe.image_to_text([str(p) for p in paths], **sample_kwargs), batch)
             for path, result in zip(batch, results):
