@@ -258,7 +258,9 @@ def test_images_through_the_cli(pipe_dir, tmp_path, capsys):
         (tmp_path / name).write_bytes(data)
         assert name in _cli_error(capsys, ["caption", paths[0], str(tmp_path / name), "--model", str(pipe_dir)])
     assert "not found" in _cli_error(capsys, ["caption", str(tmp_path / "missing.png"), "--model", str(pipe_dir)])
-    assert "not found" in _cli_error(capsys, ["caption", str(tmp_path), "--model", str(pipe_dir)])
+    # A folder is captioned file by file into a JSONL; its unreadable files make one line and exit 2.
+    line = _cli_error(capsys, ["caption", str(tmp_path), "--jsonl", str(tmp_path / "out.jsonl"), "--model", str(pipe_dir)])
+    assert "could not be read" in line and str(tmp_path / "out.jsonl") in line
 
 
 @FUZZ

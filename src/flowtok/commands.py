@@ -138,7 +138,10 @@ def _caption_folder(args: argparse.Namespace) -> int:
     done, failed = caption_folder(pipe, args.images[0], jsonl, batch_size=args.batch_size,
                                   num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler)
     print(f"{done} captions, {failed} files refused; {jsonl}")
-    return 2 if failed else 0
+    if failed:
+        raise InvalidInputError(f"{failed} of {done + failed} files in {args.images[0]} could not be read; "
+                                f"their errors are in {jsonl}")
+    return 0
 
 
 def _caption(args: argparse.Namespace) -> int:

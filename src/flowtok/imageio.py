@@ -15,7 +15,7 @@ from typing import cast
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import DataError
+from .errors import DataError, InvalidInputError
 
 # A decoded image larger than this is refused: a small file can decode to gigabytes (a
 # "decompression bomb"). 8192 x 8192 is far above any training resolution.
@@ -136,3 +136,24 @@ def resize_and_crop(image: Image.Image, resolution: int, crop: str = "center",
     if side == resolution:
         return image.crop(box)
     return image.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+
+
+def input_image_array(item: object, size: int) -> np.ndarray:
+    """One pipeline input (a uint8 HxW / HxWxC array, a PIL image, a path or file bytes) as a ``size`` x ``size``
+    uint8 RGB array: the one image-input rule of the PyTorch pipeline and the ONNX runtime."""
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
+            raise InvalidInputError(f"image arrays must be uint8 HxW or HxWxC with C in 1, 3, 4; "
+                                    f"got {item.dtype} {item.shape}")
+        if 0 in item.shape:
+            raise InvalidInputError(f"image array has no pixels: {item.shape}")
+        item = Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
+    elif not isinstance(item, (Image.Image, str, os.PathLike, bytes)):
+        raise InvalidInputError(f"cannot read an image from a {type(item).__name__}")
+    if isinstance(item, Image.Image):
+        if item.width * item.height > MAX_IMAGE_PIXELS:
+            raise InvalidInputError(f"image of {item.width}x{item.height} pixels is too large")
+        img = _to_rgb(item)
+    else:
+        img = load_image(item)
+    return np.asarray(resize_and_crop(img, size).convert("RGB"), dtype=np.uint8)

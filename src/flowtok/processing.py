@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .errors import CheckpointError, InvalidInputError
+from .imageio import input_image_array
 
 MAX_PROMPT_CHARS = 4096  # far beyond any text encoder's window; longer input is a mistake, not a prompt
 _RANGE_SLACK = 0.25  # as the tokenizer: bicubic rings overshoot [0, 1] a little, [0, 255] input much more
@@ -72,7 +73,7 @@ class ImageProcessor:
         items = images if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise InvalidInputError("no image given")
-        arrays = [self._array(item) for item in items]
+        arrays = [input_image_array(item, self.size) for item in items]
         batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
         return batch.to(device, dtype)
 
@@ -92,26 +93,6 @@ class ImageProcessor:
             t = torch.nn.functional.interpolate(t.float(), size=(self.size, self.size), mode="bilinear",
                                                 antialias=True, align_corners=False)
         return t.clamp(0, 1)
-
-    def _array(self, item: ImageInput) -> np.ndarray:
-        from .data.readers import MAX_IMAGE_PIXELS, _to_rgb, load_image, resize_and_crop
-
-        if isinstance(item, np.ndarray):
-            if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
-                raise InvalidInputError(f"image arrays must be uint8 HxW or HxWxC with C in 1, 3, 4; "
-                                        f"got {item.dtype} {item.shape}")
-            if 0 in item.shape:
-                raise InvalidInputError(f"image array has no pixels: {item.shape}")
-            item = Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
-        elif not isinstance(item, (Image.Image, str, os.PathLike, bytes)):
-            raise InvalidInputError(f"cannot read an image from a {type(item).__name__}")
-        if isinstance(item, Image.Image):
-            if item.width * item.height > MAX_IMAGE_PIXELS:
-                raise InvalidInputError(f"image of {item.width}x{item.height} pixels is too large")
-            img = _to_rgb(item)
-        else:
-            img = load_image(item)
-        return np.asarray(resize_and_crop(img, self.size).convert("RGB"), dtype=np.uint8)
 
     @staticmethod
     def postprocess(images: torch.Tensor, output_type: OutputType = "pil") -> ImageOutput:

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import CheckpointError, InvalidInputError
-from ..imageio import MAX_IMAGE_PIXELS, _to_rgb, load_image, resize_and_crop
+from ..imageio import input_image_array
 from .manifest import FORMAT, MANIFEST
 
 MAX_PROMPT_CHARS = 4096
@@ -248,24 +248,7 @@ class OnnxFlowTokPipeline:
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise InvalidInputError("no image given")
-        arrays = []
-        for item in items:
-            if isinstance(item, np.ndarray):
-                if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
-                    raise InvalidInputError(f"image arrays must be uint8 HxW or HxWxC with C in 1, 3, 4; "
-                                            f"got {item.dtype} {item.shape}")
-                if 0 in item.shape:
-                    raise InvalidInputError(f"image array has no pixels: {item.shape}")
-                item = Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
-            elif not isinstance(item, (Image.Image, str, os.PathLike, bytes)):
-                raise InvalidInputError(f"cannot read an image from a {type(item).__name__}")
-            if isinstance(item, Image.Image):  # as flowtok.processing.ImageProcessor
-                if item.width * item.height > MAX_IMAGE_PIXELS:
-                    raise InvalidInputError(f"image of {item.width}x{item.height} pixels is too large")
-                img = _to_rgb(item)
-            else:
-                img = load_image(item)
-            arrays.append(np.asarray(resize_and_crop(img, size).convert("RGB"), dtype=np.uint8))
+        arrays = [input_image_array(item, size) for item in items]
         return np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
     def encode_image(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
