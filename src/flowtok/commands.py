@@ -126,8 +126,12 @@ def _generate_from_file(args: argparse.Namespace) -> int:
     done, failed = generate_from_file(pipe, args.prompts_file, args.out_dir, _atomic_save_image,
                                       batch_size=args.batch_size, seed=args.seed, num_inference_steps=args.steps,
                                       guidance_scale=args.guidance, sampler=args.sampler)
-    print(f"{done} images in {args.out_dir}, {failed} prompts refused; {Path(args.out_dir) / 'results.jsonl'}")
-    return 2 if failed else 0
+    results = Path(args.out_dir) / "results.jsonl"
+    print(f"{done} images in {args.out_dir}, {failed} prompts refused; {results}")
+    if failed:
+        raise InvalidInputError(f"{failed} of {done + failed} prompts in {args.prompts_file} were refused; "
+                                f"their errors are in {results}")
+    return 0
 
 
 def _caption_folder(args: argparse.Namespace) -> int:
