@@ -62,7 +62,20 @@ def time_grid(num_steps: int = 20, t_start: float = 0.0, t_end: float = 1.0, tim
 
 def _guided(model: VelocityModel, guidance_scale: float, batch: int,
             device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """v(x, t) with CFG folded in; t is a 0-dim tensor. Indicators are built once, outside the loop."""
+    """v(x, t) with CFG folded in; t is a 0-dim tensor. Indicators are built once, outside the loop.
+
+    A model with ``grouped_condition`` set (a FlowTransformer with fused inference enabled) is told instead
+    that the batch is one (or, guided, two) groups sharing t and a null indicator: ``forward_grouped``."""
+    if getattr(model, "grouped_condition", False):
+        grouped = model.forward_grouped  # type: ignore[attr-defined]
+        if guidance_scale == 1.0:
+            return lambda x, t: grouped(x, t, (0,))
+
+        def guided_grouped(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            v_cond, v_null = grouped(torch.cat([x, x]), t, (0, 1)).chunk(2)
+            return v_null + guidance_scale * (v_cond - v_null)
+
+        return guided_grouped
     if guidance_scale == 1.0:
         cond = torch.zeros(batch, dtype=torch.bool, device=device)
 

@@ -1,0 +1,115 @@
+"""The fused DiT inference path and the fast pipeline against the plain ones (CPU, fp32, tiny configs).
+
+The CUDA-only pieces (cuBLASLt's GELU epilogue, the compiled add+LayerNorm kernel, CUDA graphs, bf16
+tolerances) are exercised by benchmarks/fast_inference.py on a GPU; here the fold itself, the fallbacks,
+the sampler's wiring and the benchmark script's tiny mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowtok.errors import InvalidInputError
+from flowtok.flow import FLOW_PRESETS, FlowTransformer
+from flowtok.nn import fused_dit
+from flowtok.sampling import GraphedSampler, euler_sample, heun_sample
+
+
+def _flow(seed: int = 0) -> FlowTransformer:
+    torch.manual_seed(seed)
+    model = FlowTransformer(FLOW_PRESETS["tiny"])
+    with torch.no_grad():  # adaLN-Zero starts as the identity: give every shift, scale and gate a value
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("groups", [(0, 1), (0,), (1,), (1, 0, 1)])
+def test_fused_blocks_equal_the_plain_blocks_in_fp32(groups):
+    model = _flow()
+    b = 3
+    x, t = torch.randn(b * len(groups), 8, 4), torch.tensor(0.37)
+    indicator = torch.tensor([g for g in groups for _ in range(b)])
+    with torch.no_grad():
+        ref = model(x, t.expand(x.shape[0]), indicator)
+        model.enable_fused_inference(min_rows=0)
+        out = model.forward_grouped(x, t, groups)
+    assert ref.abs().max() > 0.5  # the blocks really modulate something
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_path_falls_back_to_the_plain_forward_where_it_does_not_apply():
+    model = _flow().enable_fused_inference(min_rows=1000)
+    x, t = torch.randn(4, 8, 4), torch.tensor(0.5)
+    calls = []
+    original = fused_dit.fused_blocks_forward
+    fused_dit.fused_blocks_forward = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():  # 2 samples x 8 tokens per group < min_rows: the plain blocks, bitwise
+            ref = model(x, t.expand(4), torch.tensor([0, 0, 1, 1]))
+            assert torch.equal(model.forward_grouped(x, t, (0, 1)), ref)
+        model.fused_min_rows = 0
+        out = model.forward_grouped(x, t, (0, 1))  # grad enabled (training-like): plain again
+        assert out.requires_grad and torch.equal(out.detach(), ref)
+        assert not calls
+        with torch.no_grad():
+            model.forward_grouped(x, t, (0, 1))
+        assert calls == [1]
+    finally:
+        fused_dit.fused_blocks_forward = original
+    with pytest.raises(InvalidInputError, match="equal groups"):
+        model.forward_grouped(torch.randn(3, 8, 4), t, (0, 1))
+    with pytest.raises(InvalidInputError, match="min_rows"):
+        model.enable_fused_inference(min_rows=-1)
+
+
+@pytest.mark.parametrize("solver,guidance", [(euler_sample, 3.0), (euler_sample, 1.0), (heun_sample, 2.0)])
+def test_samplers_use_the_fused_path_and_keep_their_numbers(solver, guidance):
+    model = _flow(1)
+    x0 = torch.randn(5, 8, 4)
+    ref = solver(model, x0, num_steps=3, guidance_scale=guidance)
+    model.enable_fused_inference(min_rows=0)
+    torch.testing.assert_close(solver(model, x0, num_steps=3, guidance_scale=guidance), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(GraphedSampler(model, num_steps=3, guidance_scale=guidance)(x0) if solver is
+                               euler_sample else ref, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(model.disable_fused_inference().forward_grouped(x0, torch.tensor(0.0), (0,)),
+                           torch.zeros_like(x0))
+
+
+def test_the_gelu_epilogue_probe_tells_tanh_from_exact(monkeypatch):
+    cpu = torch.device("cpu")
+    fused_dit._GELU_EPILOGUE.clear()
+    # PyTorch's CPU kernel applies exact GELU: the epilogue must not be used for the block's tanh-GELU.
+    assert not fused_dit.gelu_epilogue_is_tanh(cpu, torch.float32)
+    assert not fused_dit.gelu_epilogue_is_tanh(cpu, torch.bfloat16)
+
+    def tanh_epilogue(bias, a, b, use_gelu=False, out=None):
+        return F.gelu(torch.addmm(bias, a, b), approximate="tanh")
+
+    fused_dit._GELU_EPILOGUE.clear()
+    monkeypatch.setattr(torch, "_addmm_activation", tanh_epilogue)
+    assert fused_dit.gelu_epilogue_is_tanh(cpu, torch.float32)
+    assert fused_dit.gelu_epilogue_is_tanh(cpu, torch.bfloat16)
+    fused_dit._GELU_EPILOGUE.clear()
+
+
+def test_the_epilogue_branch_computes_the_same_block(monkeypatch):
+    """With a tanh-GELU ``_addmm_activation`` standing in for cuBLASLt's, the epilogue branch is exact too."""
+    def tanh_epilogue(bias, a, b, use_gelu=False, out=None):
+        return out.copy_(F.gelu(torch.addmm(bias, a, b), approximate="tanh"))
+
+    model = _flow(2)
+    x, t = torch.randn(4, 8, 4), torch.tensor(0.8)
+    with torch.no_grad():
+        ref = model(x, t.expand(4), torch.tensor([0, 0, 1, 1]))
+        monkeypatch.setattr(torch, "_addmm_activation", tanh_epilogue)
+        monkeypatch.setitem(fused_dit._GELU_EPILOGUE, ("cpu", torch.float32), True)
+        out = model.enable_fused_inference(min_rows=0).forward_grouped(x, t, (0, 1))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_blocks_are_refused():
+    model = _flow().quantize_fp8(emulate=True)
+    with pytest.raises(InvalidInputError, match="FP8"):
+        model.enable_fused_inference()
