@@ -6,6 +6,7 @@ the sampler's wiring and the benchmark script's tiny mode."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,3 +114,92 @@ def test_fp8_blocks_are_refused():
     model = _flow().quantize_fp8(emulate=True)
     with pytest.raises(InvalidInputError, match="FP8"):
         model.enable_fused_inference()
+
+
+# ------------------------------------------------------------------------------------ the fast pipeline
+def _pipeline():
+    from dataclasses import replace
+
+    from flowtok.config import preset
+    from flowtok.pipelines import FlowTokPipeline
+    from flowtok.text import PROJECTOR_PRESETS, TextProjector, load_text_encoder
+    from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
+
+    torch.manual_seed(0)
+    k, c = 4, 4
+    encoder = load_text_encoder("minilm", max_length=k)
+    tok = ImageTokenizer(replace(TOKENIZER_PRESETS["tiny"], text_dim=encoder.dim, text_len=k, token_channels=c))
+    flow = FlowTransformer(preset(FLOW_PRESETS, "tiny", num_tokens=k, in_channels=c))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        tok.decoder.text_proj.weight.normal_(0, 1)
+        tok.decoder.to_pixels.weight.normal_(0, 0.5)
+    projector = TextProjector(replace(PROJECTOR_PRESETS["tiny"], text_dim=encoder.dim, latent_channels=c))
+    return FlowTokPipeline(tok, encoder, projector, flow).to("cpu")
+
+
+PROMPTS = ["red circle", "blue square", "green"]  # 4 tokens with [CLS] and [SEP]: none truncated
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return _pipeline()
+
+
+def _images(pipe, **kwargs):
+    return pipe.text_to_image(PROMPTS, num_inference_steps=2, guidance_scale=3.0, output_type="pt",
+                              generator=torch.Generator().manual_seed(5), **kwargs)
+
+
+def test_fast_pipeline_returns_the_plain_pipelines_images(pipe):
+    ref = _images(pipe)
+    assert ref.std() > 0.01
+    pipe.enable_fast_inference(batch_size=2)  # 3 prompts: a full chunk and a padded one
+    assert pipe.fast is not None and not pipe.fast.compile and not pipe.fast.cuda_graph  # CPU defaults
+    pipe.t2i_flow.fused_min_rows = 0  # the tiny flow would otherwise stay below the fused path's threshold
+    calls = []
+    original = fused_dit.fused_blocks_forward
+    fused_dit.fused_blocks_forward = lambda *a: calls.append(1) or original(*a)
+    try:
+        fast = _images(pipe)
+    finally:
+        fused_dit.fused_blocks_forward = original
+    assert len(calls) == 2 * 2  # 2 chunks x 2 steps, all fused
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_images(pipe, sample_text_latent=False, fast=False),
+                               _images(pipe, sample_text_latent=False), rtol=1e-5, atol=1e-5)
+    uint8 = pipe.fast.generate(PROMPTS, pipe.defaults.override(num_inference_steps=2, guidance_scale=3.0),
+                               torch.Generator().manual_seed(5), uint8=True)
+    pil = pipe.text_to_image(PROMPTS, num_inference_steps=2, guidance_scale=3.0,
+                             generator=torch.Generator().manual_seed(5), fast=False)
+    assert uint8.dtype == torch.uint8 and uint8.shape == (3, 32, 32, 3)
+    diff = (uint8.int() - torch.stack([torch.tensor(np.array(i)) for i in pil]).int()).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99
+    pipe.disable_fast_inference()
+    assert pipe.fast is None and not pipe.t2i_flow.grouped_condition
+
+
+def test_fast_pipeline_compiles_its_regions_and_survives_an_uncapturable_encoder(pipe, monkeypatch):
+    from flowtok.fast import FastTextToImage
+
+    ref = _images(pipe)
+    # The "eager" backend checks the regional compile's wiring (dynamo tracing of the decoder's blocks).
+    pipe.fast = FastTextToImage(pipe, compile=True, cuda_graph=True, compile_options={"backend": "eager"})
+    encode = pipe.text_encoder.encode_tokens
+    failures = []
+
+    def capture_fails_once(ids, mask):
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return encode(ids, mask)
+
+    monkeypatch.setattr(pipe.text_encoder, "encode_tokens", capture_fails_once)
+    torch.testing.assert_close(_images(pipe), ref, rtol=1e-5, atol=1e-5)
+    assert failures and not pipe.fast.text_encoder_in_graph
+    assert all(b._compiled_call_impl is not None for b in pipe.image_tokenizer.decoder.blocks)
+    pipe.disable_fast_inference()
+    assert all(b._compiled_call_impl is None for b in pipe.image_tokenizer.decoder.blocks)
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        pipe.enable_fast_inference(batch_size=0)

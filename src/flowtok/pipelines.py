@@ -39,6 +39,7 @@ from .processing import (
 )
 
 if TYPE_CHECKING:
+    from .fast import FastTextToImage
     from .flow import FlowTransformer
     from .modeling import PretrainedMixin
     from .text import TextDecoder, TextEncoder, TextProjector
@@ -175,6 +176,7 @@ class FlowTokPipeline:
         self.defaults = defaults
         self.image_processor = ImageProcessor(image_tokenizer.config.image_size)
         self.model_path: Path | None = None
+        self.fast: FastTextToImage | None = None  # set by enable_fast_inference
         # Where the components already are: a training stage builds a pipeline around the modules it
         # trains, and the pipeline must neither move them nor switch them to eval mode.
         param = next(image_tokenizer.parameters())
@@ -228,6 +230,27 @@ class FlowTokPipeline:
             if model is not None:
                 model.to(device=self.device, dtype=self.dtype).eval()
         self.text_encoder.to(self.device)
+        return self
+
+    def enable_fast_inference(self, batch_size: int | None = None, compile: bool | None = None,
+                              cuda_graph: bool | None = None, fused_flow: bool = True) -> FlowTokPipeline:
+        """Make :meth:`text_to_image` fast (:mod:`flowtok.fast`): the fused DiT path for the flow at large
+        batches, regionally compiled flow and decoder blocks, and on CUDA the whole call after tokenisation
+        (text encoder, projector, every step, decoder) replayed from one CUDA graph per batch shape.
+        ``batch_size``: prompts per replay (shorter calls are padded: one graph serves all); None, one graph
+        per batch size seen. Same images as before up to kernel rounding. The first call of each shape pays
+        the compile and capture. Returns self; :meth:`disable_fast_inference` undoes it."""
+        from .fast import FastTextToImage
+
+        self.disable_fast_inference()
+        self.fast = FastTextToImage(self, batch_size=batch_size, compile=compile, cuda_graph=cuda_graph,
+                                    fused_flow=fused_flow)
+        return self
+
+    def disable_fast_inference(self) -> FlowTokPipeline:
+        if self.fast is not None:
+            self.fast.close()
+            self.fast = None
         return self
 
     def quantize_fp8(self, calibration_prompts: str | list[str] | None = None,
@@ -324,11 +347,12 @@ class FlowTokPipeline:
                       guidance_scale: float | None = None, generator: torch.Generator | None = None,
                       output_type: OutputType = "pil", batch_size: int | None = None,
                       sampler: Sampler | None = None, progress: bool = False,
-                      sample_text_latent: bool = True) -> ImageOutput:
+                      sample_text_latent: bool = True, fast: bool | None = None) -> ImageOutput:
         """Images for ``prompt`` (a string or a list). FlowTok has no noise: the randomness of several
         images for one prompt comes from sampling the text projector's posterior with ``generator``;
         ``sample_text_latent=False`` uses its mean (one image per prompt). Settings left None are
-        :attr:`defaults`'."""
+        :attr:`defaults`'. ``fast``: None, the fast path if :meth:`enable_fast_inference` was called;
+        True, enable it (defaults) if needed; False, the plain path."""
         prompts = check_prompts(prompt)
         s = self.defaults.override(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                    sampler=sampler)
@@ -336,6 +360,11 @@ class FlowTokPipeline:
         bs = self._batch_size(batch_size, len(prompts))
         if self.t2i_flow is None:
             raise InvalidInputError("this pipeline has no text-to-image flow model")
+        if fast and self.fast is None:
+            self.enable_fast_inference()
+        if self.fast is not None and fast is not False and not progress:
+            images = self.fast.generate(prompts, s, generator, sample_text_latent, batch_size)
+            return self.image_processor.postprocess(images, output_type)
         out = []
         for i in range(0, len(prompts), bs):
             z, states = self._text_latents(prompts[i:i + bs], generator, sample_text_latent)

@@ -85,7 +85,7 @@ def add_layer_norm(x: torch.Tensor, pending: torch.Tensor, eps: float) -> torch.
         _ADD_LN[kind] = None
         if kind == "cuda":
             try:
-                _ADD_LN[kind] = cast(Callable, torch.compile(_add_layer_norm_eager, dynamic=False, fullgraph=True))
+                _ADD_LN[kind] = torch.compile(_add_layer_norm_eager, dynamic=False, fullgraph=True)
             except Exception as exc:  # noqa: BLE001 - no inductor here: the eager passes are still right
                 log.warning("add+LayerNorm not compiled (%s); using eager passes", exc)
     fn = _ADD_LN[kind]
