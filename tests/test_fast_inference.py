@@ -203,3 +203,28 @@ def test_fast_pipeline_compiles_its_regions_and_survives_an_uncapturable_encoder
     assert all(b._compiled_call_impl is None for b in pipe.image_tokenizer.decoder.blocks)
     with pytest.raises(InvalidInputError, match="batch_size"):
         pipe.enable_fast_inference(batch_size=0)
+
+
+def test_fast_inference_benchmark_tiny(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_fast_inference", bench_dir / "fast_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))
+    spec.loader.exec_module(module)
+    data = module.main(["--tiny", "--device", "cpu", "--warmup", "0", "--iters", "1", "--latency-iters", "1",
+                        "--pipeline-batches", "2", "--out", str(tmp_path / "f.json")])
+    items = {i["name"]: i for i in data["items"]}
+    assert not [i for i in items.values() if i["status"] == "error"], items
+    check = items["fused numerics FlowTok-XL"]
+    assert check["pass"] and check["fused_fp32_vs_plain_fp32"] < 1e-5 and not check["gelu_epilogue_tanh"]
+    assert {"flow plain b3", "flow fused+graph b3", "flowtok pipeline 1-step b3", "latency 1 prompt 1 step",
+            "flowtok pipeline 2-step b2", "flowtok pipeline 1-step b3 from prompts"} <= set(items)
+    assert items["latency 1 prompt 1 step"]["median_ms"] > 0
+    assert all(i["images_per_s"] > 0 for i in items.values() if "images_per_s" in i)
+    assert (tmp_path / "f.json").stat().st_size > 0

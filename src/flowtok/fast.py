@@ -84,8 +84,13 @@ class FastTextToImage:
             flow.enable_fused_inference(min_rows=fused_min_rows)
         if self.compile:
             options = compile_options or {}
-            flow.compile_blocks(**options)
+            if any(getattr(b, "_compiled_call_impl", None) is None for b in flow.blocks):
+                flow.compile_blocks(**options)  # not twice: a user (or a benchmark) may have compiled them
             compile_regions(pipe.image_tokenizer.decoder.blocks, **options)
+
+    def reset(self) -> None:
+        """Drop the captured graphs and their buffers (memory); the next call captures again."""
+        self._runners.clear()
 
     def close(self) -> None:
         """Undo what the constructor turned on (fused flow, compiled blocks) and drop the graphs."""
@@ -98,12 +103,12 @@ class FastTextToImage:
         self._runners.clear()
 
     # ------------------------------------------------------------------------------------- the graph
-    def _body(self, steps: int, guidance: float, sampler: str, sample: bool,
-              uint8: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _body(self, steps: int, guidance: float, sampler: str, sample: bool, uint8: bool,
+              from_states: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
         pipe = self.pipe
         solver = SAMPLERS[sampler]
 
-        def from_states(states: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        def body(states: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
             # The normal path's arithmetic, step by step (pipelines.FlowTokPipeline._text_latents / _solve).
             states = states.to(pipe.device, pipe.dtype)
             out = pipe.text_projector(states, mask, sample=False)
@@ -112,20 +117,27 @@ class FastTextToImage:
             images = pipe.image_tokenizer.decode_from_flow(lat, states)
             return to_uint8_nhwc(images) if uint8 else images
 
-        if not self.text_encoder_in_graph:
-            return from_states
+        if from_states:
+            return body
 
         def from_tokens(ids: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-            return from_states(pipe.text_encoder.encode_tokens(ids, mask).states, mask, eps)
+            return body(pipe.text_encoder.encode_tokens(ids, mask).states, mask, eps)
 
         return from_tokens
 
-    def _runner(self, steps: int, guidance: float, sampler: str, sample: bool, uint8: bool) -> CudaGraphed:
-        key = (steps, float(guidance), sampler, sample, uint8, self.text_encoder_in_graph)
+    def runner(self, settings: SamplingDefaults, sample: bool = True, uint8: bool = False,
+               from_states: bool = False) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The graphed call ``(input_ids, mask, eps) -> images`` (or, ``from_states``, ``(text_states, mask,
+        eps)``: the text encoder left out) for these settings; ``eps`` is the projector's posterior noise
+        [B, L, C] (zeros and ``sample=False`` for the posterior mean). One graph per input shape."""
+        if settings.sampler not in GRAPHABLE_SAMPLERS:
+            raise InvalidInputError(f"the fast path samples with {', '.join(GRAPHABLE_SAMPLERS)}, "
+                                    f"not {settings.sampler!r}")
+        key = (settings.num_inference_steps, float(settings.guidance_scale), settings.sampler, sample, uint8,
+               from_states)
         if key not in self._runners:
-            body = self._body(steps, guidance, sampler, sample, uint8)
-            self._runners[key] = CudaGraphed(torch.no_grad()(body), warmup=2) if self.cuda_graph else \
-                _Plain(torch.no_grad()(body))
+            body = torch.no_grad()(self._body(*key))
+            self._runners[key] = CudaGraphed(body, warmup=2) if self.cuda_graph else _Plain(body)
         return self._runners[key]
 
     # ----------------------------------------------------------------------------------------- calls
@@ -134,9 +146,6 @@ class FastTextToImage:
                  sample_text_latent: bool = True, batch_size: int | None = None,
                  uint8: bool = False) -> torch.Tensor:
         """Images for ``prompts`` on the pipeline's device: [N, 3, H, W] in [0, 1], or uint8 [N, H, W, 3]."""
-        if settings.sampler not in GRAPHABLE_SAMPLERS:
-            raise InvalidInputError(f"the fast path samples with {', '.join(GRAPHABLE_SAMPLERS)}, "
-                                    f"not {settings.sampler!r}")
         pipe = self.pipe
         size = self.batch_size or batch_size or len(prompts)
         out = []
@@ -160,11 +169,11 @@ class FastTextToImage:
 
     def _replay(self, s: SamplingDefaults, sample: bool, uint8: bool, ids: torch.Tensor, mask: torch.Tensor,
                 eps: torch.Tensor) -> torch.Tensor:
-        args = (s.num_inference_steps, s.guidance_scale, s.sampler, sample, uint8)
         if not self.text_encoder_in_graph:
-            return self._runner(*args)(self.pipe.text_encoder.encode_tokens(ids, mask).states, mask, eps)
+            states = self.pipe.text_encoder.encode_tokens(ids, mask).states
+            return self.runner(s, sample, uint8, from_states=True)(states, mask, eps)
         try:
-            return self._runner(*args)(ids, mask, eps)
+            return self.runner(s, sample, uint8)(ids, mask, eps)
         except RuntimeError as exc:
             if not self.cuda_graph or "captur" not in str(exc).lower():
                 raise
@@ -173,7 +182,7 @@ class FastTextToImage:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.text_encoder_in_graph = False
-            self._runners.clear()
+            self._runners = {k: v for k, v in self._runners.items() if k[-1]}
             return self._replay(s, sample, uint8, ids, mask, eps)
 
 

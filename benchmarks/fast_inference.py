@@ -1,0 +1,312 @@
+"""Fast inference (issue 23) in one run: the fused DiT flow, the graphed pipelines, one-prompt latency.
+
+Measured, in this order (a time budget skips the last ones first; the JSON is rewritten after each item):
+
+1. the bf16 ``mm`` rate (8192^3, random data): the ceiling the flow is reported against;
+2. the fused path's numerics on FlowTok-XL in bf16: relative error of one CFG forward against an fp32
+   copy, fused and plain side by side, and whether cuBLASLt's GELU epilogue is tanh-GELU on this GPU;
+3. the FlowTok-XL flow alone, 20 Euler steps with CFG at batch 256: plain blocks compiled + CUDA graph
+   (the earlier best) against the fused path + CUDA graph: images/s, TFLOP/s, fraction of ``mm``;
+4. the one-step FlowTok-XL pipeline at batch 256: text states -> projector -> 1 step -> decoder -> uint8,
+   one CUDA graph (``FastTextToImage.runner(from_states=True)``), the definition of the earlier pipeline rows;
+5. one prompt -> one 256-px uint8 image on the host, 1 step, text encoder included (a random-weight CLIP-L
+   text tower behind flowtok's CLIP tokenizer), one CUDA graph: median of 100 calls;
+6. the 20-step FlowTok-XL pipeline (fast path) at batch 64 and 256 against the PixArt-alpha-shaped diffusers
+   pipeline at its best (transformer compiled + sampling loop as a CUDA graph, VAE decoder compiled, decoded
+   in chunks of 64), both from text states, built by benchmarks/sampling.py;
+7. extras if time is left: the one-step pipeline at batch 256 from prompts (tokenisation + text encoder
+   included), the fused flow at batch 64.
+
+    python benchmarks/fast_inference.py --out results/fast.json      # the GPU run (benchmarks/run_fast_gpu.sh)
+    python benchmarks/fast_inference.py --tiny --device cpu          # seconds on a CPU: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import Budget, Results, env_info, free_memory, log, matmul_tflops, pick_device, sync, time_call  # noqa: E402
+from sampling import (  # noqa: E402
+    SD_VAE_SCALE,
+    PixArtVelocity,
+    Shapes,
+    build_flowtok,
+    build_pixart,
+    compile_pixart,
+    count_forward_flops,
+    t5_batch,
+    tiny_shapes,
+    to_uint8,
+)
+
+from flowtok.nn.fused_dit import gelu_epilogue_is_tanh  # noqa: E402
+from flowtok.pipelines import FlowTokPipeline, SamplingDefaults  # noqa: E402
+from flowtok.sampling import GraphedSampler  # noqa: E402
+
+PROMPT = "a red double-decker bus driving past a row of cherry trees in spring"
+
+
+def clip_encoder(shapes: Shapes, device: torch.device, dtype: torch.dtype, folder: Path):
+    """A random-weight CLIP text tower of CLIP-L/14's shape (tiny: a small one with CLIP's vocabulary) behind
+    flowtok's CLIP BPE tokenizer, saved and loaded as a user's local CLIP folder would be."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from flowtok.text import CLIPTextEncoder
+
+    if shapes.tiny:
+        cfg = CLIPTextConfig(hidden_size=shapes.clip_dim, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=shapes.clip_len, vocab_size=49408)
+    else:
+        cfg = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                             max_position_embeddings=77, vocab_size=49408, projection_dim=768)
+    cfg._attn_implementation = "sdpa"
+    CLIPTextModel(cfg).save_pretrained(folder)
+    return CLIPTextEncoder(folder, max_length=shapes.clip_len, device=device, dtype=dtype)
+
+
+def settings(steps: int, guidance: float) -> SamplingDefaults:
+    return SamplingDefaults(num_inference_steps=steps, guidance_scale=guidance)
+
+
+def check_numerics(flow, args, device: torch.device) -> dict[str, Any]:
+    """One CFG forward (batch 8 -> 16 rows) in bf16, fused and plain, each against an fp32 copy."""
+    cfg = flow.config
+    gen = torch.Generator().manual_seed(1)
+    b = 8
+    x = torch.randn(2 * b, cfg.num_tokens, cfg.in_channels, generator=gen).to(device)
+    t = torch.tensor(0.3, device=device)
+    ind = torch.cat([torch.zeros(b), torch.ones(b)]).long().to(device)
+    ref32 = copy.deepcopy(flow).float()
+    with torch.no_grad():
+        ref = ref32(x, t.expand(2 * b), ind)
+        plain = flow(x.to(flow.pos_embed.dtype), t.expand(2 * b), ind).float()
+        min_rows = flow.fused_min_rows
+        flow.enable_fused_inference(min_rows=0)
+        fused = flow.forward_grouped(x.to(flow.pos_embed.dtype), t, (0, 1)).float()
+        flow.fused_min_rows = min_rows
+        ref32.enable_fused_inference(min_rows=0)
+        fused32 = ref32.forward_grouped(x, t, (0, 1))
+    del ref32
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    out = {"fused_bf16_vs_fp32": rel(fused, ref), "plain_bf16_vs_fp32": rel(plain, ref),
+           "fused_vs_plain_bf16": rel(fused, plain), "fused_fp32_vs_plain_fp32": rel(fused32, ref),
+           "gelu_epilogue_tanh": gelu_epilogue_is_tanh(device, flow.pos_embed.dtype)}
+    # bf16 tolerance: the fused path may not be further from fp32 than twice the plain bf16 path is.
+    out["pass"] = out["fused_bf16_vs_fp32"] <= 2 * out["plain_bf16_vs_fp32"] + 1e-3 and \
+        out["fused_fp32_vs_plain_fp32"] < 1e-4
+    return out
+
+
+def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budget: Budget, mm_rate):
+    """Items 3; returns the measuring function for the extra at the end."""
+    cfg = flow.config
+    gen = torch.Generator().manual_seed(0)
+    x2 = torch.randn(2, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
+    per_sample = count_forward_flops(lambda: flow(x2, torch.rand(2, device=device),
+                                                  torch.tensor([0, 1], device=device))) / 2
+
+    def measure(variant: str, batch: int) -> dict[str, Any]:
+        x0 = torch.randn(batch, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
+        sampler = GraphedSampler(flow, num_steps=args.steps, guidance_scale=args.guidance, warmup=1)
+        t = time_call(lambda: sampler(x0), device, args.warmup, args.iters, args.item_seconds)
+        tflops = per_sample * 2 * batch * args.steps / t["median_s"] / 1e12
+        return {**t, "images_per_s": batch / t["median_s"], "tflops": tflops,
+                "frac_of_mm": tflops / mm_rate if mm_rate else None}
+
+    plain = "plain" if args.tiny else "compile+graph"
+    if not args.tiny:
+        flow.compile_blocks()
+    flow.disable_fused_inference()
+    results.run(f"flow {plain} b{args.batch}", lambda: measure(plain, args.batch), device, budget,
+                args.reserve_compile, part="flow", variant=plain, batch=args.batch)
+    flow.enable_fused_inference(min_rows=args.min_rows)
+    results.run(f"flow fused+graph b{args.batch}", lambda: measure("fused+graph", args.batch), device, budget,
+                args.reserve, part="flow", variant="fused+graph", batch=args.batch)
+    return measure
+
+
+def pipeline_items(pipe: FlowTokPipeline, args, shapes: Shapes, device, dtype, results: Results, budget: Budget):
+    """Items 4-6 (FlowTok's side); returns the from-prompts measurement for the extras."""
+    fast = pipe.fast
+    assert fast is not None
+    gen = torch.Generator().manual_seed(2)
+    k, c = shapes.clip_len, pipe.text_projector.config.latent_channels
+
+    def from_states(steps: int, batch: int) -> dict[str, Any]:
+        states = torch.randn(batch, k, shapes.clip_dim, generator=gen).to(device)
+        mask = torch.ones(batch, k, dtype=torch.bool, device=device)
+        run = fast.runner(settings(steps, args.guidance), uint8=True, from_states=True)
+
+        def once() -> torch.Tensor:
+            eps = torch.randn(batch, k, c, device=device, dtype=dtype)
+            return run(states, mask, eps)
+
+        t = time_call(once, device, args.warmup, args.iters, args.item_seconds)
+        fast.reset()
+        return {**t, "images_per_s": batch / t["median_s"]}
+
+    def latency() -> dict[str, Any]:
+        s = settings(1, args.guidance)
+        out = fast.generate([PROMPT], s, uint8=True)
+        assert out.shape[0] == 1 and out.dtype == torch.uint8
+        for _ in range(args.warmup + 1):
+            fast.generate([PROMPT], s, uint8=True).cpu()
+        times = []
+        for _ in range(args.latency_iters):
+            sync(device)
+            t0 = time.perf_counter()
+            fast.generate([PROMPT], s, uint8=True).cpu()  # the image on the host: what a caller receives
+            times.append(time.perf_counter() - t0)
+        fast.reset()
+        return {"median_ms": 1e3 * statistics.median(times), "p90_ms": 1e3 * sorted(times)[int(0.9 * len(times))],
+                "min_ms": 1e3 * min(times), "iters": len(times), "text_encoder_in_graph": fast.text_encoder_in_graph}
+
+    def from_prompts(batch: int) -> dict[str, Any]:
+        prompts = [f"{PROMPT} {i}" for i in range(batch)]
+        s = settings(1, args.guidance)
+        t = time_call(lambda: fast.generate(prompts, s, uint8=True), device, args.warmup, args.iters,
+                      args.item_seconds)
+        fast.reset()
+        return {**t, "images_per_s": batch / t["median_s"], "text_encoder_in_graph": fast.text_encoder_in_graph}
+
+    b = args.batch
+    results.run(f"flowtok pipeline 1-step b{b}", lambda: from_states(1, b), device, budget, args.reserve_compile,
+                model="FlowTok-XL", part="pipeline", variant="fast", steps=1, batch=b)
+    results.run("latency 1 prompt 1 step", latency, device, budget, args.reserve_compile,
+                model="FlowTok-XL", part="latency", variant="fast", steps=1, batch=1)
+    for batch in args.pipeline_batches:
+        results.run(f"flowtok pipeline {args.steps}-step b{batch}", lambda batch=batch: from_states(args.steps, batch),
+                    device, budget, args.reserve_compile, model="FlowTok-XL", part="pipeline", variant="fast",
+                    steps=args.steps, batch=batch)
+    return from_prompts
+
+
+def pixart_items(args, shapes: Shapes, device, dtype, results: Results, budget: Budget) -> None:
+    try:
+        transformer, vae = build_pixart(shapes, device, dtype)
+    except ImportError as exc:
+        log(f"[skip] PixArt side: {exc}")
+        results.add({"name": "pixart", "status": "skipped", "reason": f"diffusers unavailable: {exc}"})
+        return
+    if not args.tiny:
+        compile_pixart(transformer)
+        vae.decoder.compile(dynamic=False)  # decoded in chunks of 64: one compiled shape for every batch
+    gen = torch.Generator().manual_seed(3)
+    size = shapes.pixart_kwargs()["sample_size"]
+    variant = "plain" if args.tiny else "compile+graph"
+    for batch in args.pipeline_batches:
+        def whole(batch: int = batch) -> dict[str, Any]:
+            velocity = PixArtVelocity(transformer, *t5_batch(batch, shapes, device, dtype, gen))
+            sampler = GraphedSampler(velocity, num_steps=args.steps, guidance_scale=args.guidance, warmup=1)
+            x0 = torch.randn(batch, 4, size, size, generator=gen).to(device, dtype)
+
+            @torch.no_grad()
+            def once() -> torch.Tensor:
+                lat = sampler(x0) / SD_VAE_SCALE
+                return torch.cat([to_uint8(vae.decode(lat[i:i + args.decode_chunk]).sample / 2 + 0.5)
+                                  for i in range(0, batch, args.decode_chunk)])
+
+            t = time_call(once, device, args.warmup, args.iters, args.item_seconds)
+            return {**t, "images_per_s": batch / t["median_s"]}
+
+        results.run(f"pixart pipeline {variant} b{batch}", whole, device, budget, args.reserve_compile,
+                    model="pixart", part="pipeline", variant=variant, steps=args.steps, batch=batch)
+        free_memory(device)
+
+
+def summarise(results: Results) -> dict[str, Any]:
+    ok = {i["name"]: i for i in results.data["items"] if i.get("status") == "ok"}
+    out: dict[str, Any] = {}
+    for item in ok.values():
+        if item.get("part") == "pipeline" and item.get("model") == "FlowTok-XL" and item.get("steps", 1) > 1:
+            other = next((o for o in ok.values() if o.get("model") == "pixart" and o["batch"] == item["batch"]), None)
+            if other:
+                out[f"pipeline FlowTok-XL/pixart b{item['batch']}"] = item["images_per_s"] / other["images_per_s"]
+    flows = [i for i in ok.values() if i.get("part") == "flow"]
+    for i in flows:
+        out[f"flow {i['variant']} b{i['batch']} frac_of_mm"] = i.get("frac_of_mm")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, no compile: checks the script on a CPU")
+    p.add_argument("--batch", type=int, default=None, help="flow and one-step batch (default 256; tiny 3)")
+    p.add_argument("--pipeline-batches", default=None, help="20-step pipeline batches (default 64,256; tiny 2,3)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps of the flow / pipeline rows (20; tiny 2)")
+    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--min-rows", type=int, default=4096, help="fused path from this many tokens per group")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3, help="timed calls at most ...")
+    p.add_argument("--item-seconds", type=float, default=4.0, help="... and no more once this much is timed")
+    p.add_argument("--latency-iters", type=int, default=100)
+    p.add_argument("--decode-chunk", type=int, default=64, help="PixArt: images per VAE call")
+    p.add_argument("--out", default=None, help="results JSON, rewritten after every item")
+    p.add_argument("--deadline", type=float, default=None, help="seconds from now; default $BENCH_DEADLINE")
+    p.add_argument("--reserve", type=float, default=15.0, help="seconds an item without compiling needs")
+    p.add_argument("--reserve-compile", type=float, default=50.0, help="seconds an item that compiles needs")
+    args = p.parse_args(argv)
+    args.batch = args.batch or (3 if args.tiny else 256)
+    args.pipeline_batches = [int(b) for b in (args.pipeline_batches or ("2,3" if args.tiny else "64,256")).split(",")]
+    args.steps = args.steps or (2 if args.tiny else 20)
+    if args.tiny:
+        args.min_rows = 0  # the tiny shapes would otherwise never take the fused path
+        args.latency_iters = min(args.latency_iters, 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*truncated")  # the tiny CLIP's 8 positions cut the prompt
+    device = pick_device(args.device)
+    dtype = torch.bfloat16
+    shapes = tiny_shapes() if args.tiny else Shapes(tiny=False)
+    budget = Budget(args.deadline)
+    results = Results(args.out, env_info(device), {k: v for k, v in vars(args).items() if k not in ("out",)})
+    mm_rate = matmul_tflops(device, n=256 if args.tiny else 8192)
+    results.data["env"]["bf16_mm_tflops"] = mm_rate
+    log(f"bf16 mm rate: {mm_rate:.1f} TFLOP/s on {results.data['env'].get('gpu', device)}")
+
+    flow, projector, tokenizer = build_flowtok("FlowTok-XL", shapes, device, dtype)
+    results.run("fused numerics FlowTok-XL", lambda: check_numerics(flow, args, device), device, budget,
+                args.reserve, part="numerics")
+    measure_flow = flow_items(flow, args, shapes, device, dtype, results, budget, mm_rate)
+
+    with tempfile.TemporaryDirectory() as folder:
+        encoder = clip_encoder(shapes, device, dtype, Path(folder))
+    pipe = FlowTokPipeline(tokenizer, encoder, projector, flow)
+    pipe.enable_fast_inference(fused_flow=True)
+    flow.enable_fused_inference(min_rows=args.min_rows)
+    from_prompts = pipeline_items(pipe, args, shapes, device, dtype, results, budget)
+    pixart_items(args, shapes, device, dtype, results, budget)
+    results.run(f"flowtok pipeline 1-step b{args.batch} from prompts", lambda: from_prompts(args.batch),
+                device, budget, args.reserve, model="FlowTok-XL", part="pipeline_prompts", variant="fast", steps=1,
+                batch=args.batch)
+    small = min(args.pipeline_batches)
+    results.run(f"flow fused+graph b{small}", lambda: measure_flow("fused+graph", small), device, budget,
+                args.reserve, part="flow", variant="fused+graph", batch=small)
+
+    results.data["summary"] = summarise(results)
+    results.save()
+    for key, value in results.data["summary"].items():
+        log(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    return results.data
+
+
+if __name__ == "__main__":
+    main()
