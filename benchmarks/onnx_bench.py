@@ -1,6 +1,7 @@
 """ONNX export of a pipeline against PyTorch: agreement, accuracy, CPU latency, and the browser page.
 
     python benchmarks/onnx_bench.py accuracy --onnx EXPORT --n 500      # 500 held-out scenes each way
+    python benchmarks/onnx_bench.py accuracy --onnx EXPORT --parts i2t  # captions only (t2i: images only)
     python benchmarks/onnx_bench.py precisions --onnx EXPORT --n 200    # the judge's accuracy per precision / int8 graph
     python benchmarks/onnx_bench.py latency --onnx EXPORT --threads 2   # onnxruntime vs PyTorch on 2 cores
     python benchmarks/onnx_bench.py browser --onnx EXPORT               # headless Chromium, flowtok demo --static's page
@@ -11,7 +12,8 @@ write int8 files for every graph (``export_onnx(..., int8_graphs=all)``) to meas
 accuracy: held-out prompts (``split="test"``: unseen colour-shape pairs and relations) -> images by
 PyTorch and by onnxruntime from the SAME text-latent draw (the runtime's numpy draw fed to PyTorch),
 PSNR between them; held-out rendered scenes -> captions both ways, the share identical; the shapes
-judge's exact-scene accuracy of both.
+judge's exact-scene accuracy of both. Captions follow the pipeline's defaults (the bundle's
+``caption_grammar: shapes``: both decode under the grammar table, the runtime's from manifest.json).
 
 precisions: the same accuracies through onnxruntime for the fp32 and fp16 graph sets and with int8
 tried one graph at a time (fp32 elsewhere), so the table says which graphs keep the accuracy in int8.
@@ -57,15 +59,28 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from flowtok import shapes
     from flowtok.export.runtime import OnnxFlowTokPipeline
     from flowtok.pipelines import FlowTokPipeline
-    from flowtok.sampling import sample
 
     torch.set_num_threads(args.threads)
     pt = FlowTokPipeline.from_pretrained(args.model, device="cpu")
     ox = OnnxFlowTokPipeline.from_pretrained(args.onnx, num_threads=args.threads)
     steps, guidance = pt.defaults.num_inference_steps, pt.defaults.guidance_scale
+    result: dict[str, Any] = {"n": args.n, "steps": steps, "guidance": guidance, "split": "test",
+                              "caption_grammar": pt.defaults.caption_grammar}
+    if "i2t" in args.parts:
+        result.update(_caption_agreement(args, pt, ox))
+    if "t2i" in args.parts:
+        result.update(_image_agreement(args, pt, ox, steps, guidance))
+    return result
+
+
+def _image_agreement(args: argparse.Namespace, pt: Any, ox: Any, steps: int, guidance: float) -> dict[str, Any]:
+    import torch
+
+    from flowtok import shapes
+    from flowtok.sampling import sample
+
     scenes, prompts = [], []
     for i in range(args.n):
         scene, text = shapes.sample_at(args.seed, i, split="test")
@@ -93,8 +108,19 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
             judged["pytorch"] += shapes.scene_matches(shapes.judge(w), s)
         print(f"t2i {b + len(batch)}/{args.n}, min PSNR so far {min(psnrs):.1f} dB, "
               f"{time.perf_counter() - start:.0f} s", flush=True)
-    images = [shapes.render(shapes.sample_at(args.seed + 1, i, split="test")[0], size=128) for i in range(args.n)]
+    return {"t2i_psnr_db": {"min": min(psnrs), "median": statistics.median(psnrs), "mean": statistics.fmean(psnrs),
+                            "share_at_least_40": sum(p >= 40 for p in psnrs) / len(psnrs)},
+            "judge_exact": {k: v / args.n for k, v in judged.items()},
+            "t2i_seconds": time.perf_counter() - start}
+
+
+def _caption_agreement(args: argparse.Namespace, pt: Any, ox: Any) -> dict[str, Any]:
+    """Held-out rendered scenes captioned by both (under the defaults' caption grammar, if any)."""
+    from flowtok import shapes
+
+    start = time.perf_counter()
     caption_scenes = [shapes.sample_at(args.seed + 1, i, split="test")[0] for i in range(args.n)]
+    images = [shapes.render(s, size=128) for s in caption_scenes]
     pt_caps = pt.image_to_text(images, batch_size=args.batch)
     ox_caps = ox.image_to_text(images, batch_size=args.batch)
     same = sum(a == b for a, b in zip(pt_caps, ox_caps))
@@ -102,16 +128,12 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     def caption_accuracy(caps: list[str]) -> float:
         return sum(shapes.scene_matches(_parse(c), s) for c, s in zip(caps, caption_scenes)) / args.n
 
-    result: dict[str, Any] = {
-        "n": args.n, "steps": steps, "guidance": guidance, "split": "test",
-        "t2i_psnr_db": {"min": min(psnrs), "median": statistics.median(psnrs), "mean": statistics.fmean(psnrs),
-                        "share_at_least_40": sum(p >= 40 for p in psnrs) / len(psnrs)},
-        "i2t_identical": same / args.n,
-        "judge_exact": {k: v / args.n for k, v in judged.items()},
-        "caption_exact": {"pytorch": caption_accuracy(pt_caps), "onnx_fp32": caption_accuracy(ox_caps)},
-        "caption_differences": [[a, b] for a, b in zip(pt_caps, ox_caps) if a != b][:10],
-    }
-    return result
+    return {"i2t_identical": same / args.n,
+            "caption_exact": {"pytorch": caption_accuracy(pt_caps), "onnx_fp32": caption_accuracy(ox_caps)},
+            "captions_parse": {"pytorch": sum(_parse(c) is not None for c in pt_caps) / args.n,
+                               "onnx_fp32": sum(_parse(c) is not None for c in ox_caps) / args.n},
+            "caption_differences": [[a, b] for a, b in zip(pt_caps, ox_caps) if a != b][:10],
+            "i2t_seconds": time.perf_counter() - start}
 
 
 def precisions(args: argparse.Namespace) -> dict[str, Any]:
@@ -285,6 +307,8 @@ def main() -> None:
         sub.choices[name].add_argument("--n", type=int, default=500 if name == "accuracy" else 200)
         sub.choices[name].add_argument("--batch", type=int, default=100)
         sub.choices[name].add_argument("--seed", type=int, default=0)
+    sub.choices["accuracy"].add_argument("--parts", nargs="+", choices=["i2t", "t2i"], default=["i2t", "t2i"],
+                                         help="captions (i2t) and/or images (t2i)")
     sub.choices["precisions"].add_argument("--only", nargs="*", default=None, help="variant labels to run")
     sub.choices["latency"].add_argument("--precisions", nargs="+", default=["fp32", "fp16"])
     sub.choices["browser"].add_argument("--precision", default="fp16")

@@ -1,6 +1,7 @@
 """ONNX export and the torch-free runtime on a tiny untrained pipeline (CPU, seconds per graph)."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from flowtok import shapes
+from flowtok.caption_grammar import CaptionGrammar
 from flowtok.cli import main
-from flowtok.errors import CheckpointError, InvalidInputError
+from flowtok.errors import CheckpointError, ConfigError, InvalidInputError
 from flowtok.export.onnx import export_onnx
 from flowtok.export.runtime import OnnxFlowTokPipeline
 from flowtok.pipelines import FlowTokPipeline
@@ -100,6 +103,95 @@ def test_every_graph_is_written_and_agrees_with_pytorch(exported):
     assert manifest["image_latent"]["scale_factor"] == pytest.approx(1.0143)
     assert manifest["defaults"]["num_inference_steps"] == 3
     assert (exported / manifest["text"]["tokenizer"]).is_file()
+    assert manifest["defaults"]["caption_grammar"] is None and "caption_grammar" not in manifest
+
+
+# A grammar that fits the tiny text encoder's 6 tokens ("[CLS] a red circle [SEP] [PAD]"): the shapes
+# world's is too long for it (the bundled model's is tested in test_onnx_bundled.py).
+TINY_SKELETONS = [("a {} {}", [0, 1]), ("{} {}", [0, 1]), ("the {}", [1]), ("a {} thing", [0])]
+TINY_LANGUAGE = re.compile(rf"(a |)({'|'.join(shapes.COLORS)}) ({'|'.join(shapes.SHAPES)})|the ({'|'.join(shapes.SHAPES)})"
+                           rf"|a ({'|'.join(shapes.COLORS)}) thing")
+
+
+@pytest.fixture(scope="module")
+def tiny_grammar(pipes) -> CaptionGrammar:
+    pt, _ = pipes
+
+    def tokenize(rows):
+        ids, mask = pt.text_encoder.tokenize(rows)
+        return ids.numpy(), mask.numpy()
+
+    return CaptionGrammar.build("shapes", TINY_SKELETONS, [tuple(shapes.COLORS), shapes.SHAPES],
+                                pt.text_encoder._content_ids, tokenize)
+
+
+@pytest.fixture(scope="module")
+def grammar_export(exported, tiny_grammar, tmp_path_factory) -> Path:
+    """The tiny export whose manifest carries a grammar table and names it in its defaults."""
+    out = tmp_path_factory.mktemp("grammar-onnx")
+    manifest = json.loads((exported / "manifest.json").read_text())
+    for file in [manifest["text"]["tokenizer"], *(g["files"]["fp32"] for g in manifest["graphs"].values())]:
+        (out / file).symlink_to(exported / file)
+    for g in manifest["graphs"].values():
+        g["files"] = {"fp32": g["files"]["fp32"]}
+    manifest["defaults"]["caption_grammar"] = "shapes"
+    manifest["caption_grammar"] = tiny_grammar.to_json()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_grammar_tables_build_decode_and_travel_as_json(tiny_grammar, pipes):
+    pt, _ = pipes
+    g = tiny_grammar
+    assert g.length == 6 and len(g.texts) == 4 and len(g.vocab) == 8 + 6 + 6  # + a, the, thing, [CLS], [SEP], [PAD]
+    # One-hot logits of a caption give it back; random logits give a caption of the language, the same
+    # from the table read back from its JSON.
+    ids, _ = pt.text_encoder.tokenize(["a pink star", "the cross", "brown diamond", "a red thing"])
+    onehot = np.eye(pt.text_encoder.vocab_size, dtype=np.float32)[ids.numpy()] * 10
+    assert g.decode(onehot) == ["a pink star", "the cross", "brown diamond", "a red thing"]
+    noise = np.random.default_rng(0).normal(size=(64, 6, len(g.vocab))) * 3
+    captions = g.decode_scores(noise)
+    assert captions == CaptionGrammar.from_json(json.loads(json.dumps(g.to_json()))).decode_scores(noise)
+    assert all(TINY_LANGUAGE.fullmatch(c) for c in captions) and len(set(captions)) > 20
+    # A decoder shorter than the captions scores the positions it has; the rest take the first word.
+    assert all(TINY_LANGUAGE.fullmatch(c) for c in g.decode_scores(noise[:, :3]))
+    with pytest.raises(InvalidInputError):
+        g.decode(np.zeros((1, 6, 100)))  # not the text vocabulary
+    with pytest.raises(ConfigError, match="one token per word"):
+        CaptionGrammar.build("x", [("a {}", [0])], [("red", "flowtokness")], pt.text_encoder._content_ids, None)
+
+
+def test_runtime_grammar_captions_match_the_pipelines(pipes, grammar_export, tiny_grammar, monkeypatch):
+    """The PyTorch pipeline (its torch decoding path, fed the same table) and the runtime, with the grammar."""
+    import flowtok.shapes.grammar as torch_grammar
+
+    pt, _ = pipes
+    ox = OnnxFlowTokPipeline.from_pretrained(grammar_export, num_threads=1)
+    assert ox.grammar is not None and ox.grammar.texts == tiny_grammar.texts
+    monkeypatch.setattr(torch_grammar, "shapes_grammar", lambda encoder: tiny_grammar)
+    monkeypatch.setattr(pt, "defaults", replace(pt.defaults, caption_grammar="shapes"))
+    images = np.random.default_rng(1).random((12, 3, 32, 32), dtype=np.float32)
+    captions = ox.image_to_text(images)
+    assert captions == pt.image_to_text(torch.from_numpy(images))
+    assert all(TINY_LANGUAGE.fullmatch(c) for c in captions)
+
+
+def test_malformed_or_missing_grammar_tables_are_refused(grammar_export, tmp_path):
+    manifest = json.loads((grammar_export / "manifest.json").read_text())
+    for file in grammar_export.iterdir():
+        if file.name != "manifest.json":
+            (tmp_path / file.name).symlink_to(file.resolve())
+    bad = {**manifest["caption_grammar"], "skeletons": [{"text": "a {} {}", "ids": [101, -1, 102]}]}
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "caption_grammar": bad}))
+    with pytest.raises(CheckpointError, match="caption_grammar is malformed"):
+        OnnxFlowTokPipeline.from_pretrained(tmp_path)
+    del manifest["caption_grammar"]  # an export from before grammars: captioning says what to do
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    pipe = OnnxFlowTokPipeline.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="holds no table for it; export the model again"):
+        pipe.image_to_text(np.zeros((1, 3, 32, 32), dtype=np.float32))
+    pipe.defaults["caption_grammar"] = None  # argmax decoding needs no table
+    assert isinstance(pipe.image_to_text(np.zeros((1, 3, 32, 32), dtype=np.float32))[0], str)
 
 
 def test_graphs_take_any_batch_size(exported, pipes):
@@ -202,6 +294,7 @@ def test_runtime_user_errors(exported, tmp_path):
 
 
 _NO_TORCH = textwrap.dedent("""
+    import json
     import sys
     from importlib.abc import MetaPathFinder
 
@@ -222,17 +315,19 @@ _NO_TORCH = textwrap.dedent("""
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in NoTorch.BLOCKED)
     assert not leaked, leaked
-    print("ran without torch:", images[0].size, captions)
+    print("ran without torch:", images[0].size, json.dumps(captions))
 """)
 
 
-def test_runtime_runs_with_torch_absent(exported):
-    """The runtime in a fresh interpreter where importing torch (or transformers) fails."""
+def test_runtime_runs_with_torch_absent(grammar_export):
+    """The runtime, its caption grammar included, in a fresh interpreter where importing torch (or transformers) fails."""
     src = str(Path(__file__).resolve().parents[1] / "src")
-    out = subprocess.run([sys.executable, "-c", _NO_TORCH, str(exported)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _NO_TORCH, str(grammar_export)], capture_output=True, text=True,
                          timeout=300, env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert "ran without torch: (32, 32)" in out.stdout
+    captions = json.loads(out.stdout.split("(32, 32) ", 1)[1])
+    assert all(TINY_LANGUAGE.fullmatch(c) for c in captions)  # the grammar's decoding ran torch-free too
 
 
 def test_static_site_copies_one_precision(exported, tmp_path, capsys):

@@ -267,7 +267,10 @@ def test_grammar_decoding_always_parses() -> None:
     encoder = load_text_encoder("minilm", max_length=32, device="cpu")
     targets = ["a large red square to the left of a little blue circle",
                "from top to bottom: a big green star, a small pink cross and a large brown diamond",
-               "there is a little yellow triangle in the bottom left corner"]
+               "there is a little yellow triangle in the bottom left corner",
+               # templates that name the objects out of order ("{1} below {0}"): the text follows the tokens
+               "a big pink triangle underneath a big yellow star",
+               "a large orange circle to the right of a big brown triangle, which is to the right of a little orange cross"]
     ids, _ = encoder.tokenize(targets)
     logits = torch.nn.functional.one_hot(ids, encoder.vocab_size).float() * 10
     assert grammar_decode_logits(logits, encoder) == targets

@@ -60,11 +60,9 @@ def test_prompt_gives_an_image_the_judge_reads(page):
     assert shapes.judge(image) == shapes.parse("a large red circle in the top left")
 
 
-def test_dropped_image_gets_its_caption(page, tmp_path):
-    scene = shapes.sample_scene(np.random.default_rng(3), num_objects=1, split="test")
-    path = tmp_path / "scene.png"
-    shapes.render(scene, size=128).save(path)
-    # A real drop: a DataTransfer holding the file, dispatched on the drop zone.
+def _drop(page, path: Path) -> str:
+    """A real drop: a DataTransfer holding the file, dispatched on the drop zone; returns the caption shown."""
+    page.evaluate("window.flowtok.timings.imageToText = 0")
     payload = base64.b64encode(path.read_bytes()).decode()
     page.evaluate("""(b64) => {
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
@@ -73,8 +71,40 @@ def test_dropped_image_gets_its_caption(page, tmp_path):
         document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true}));
     }""", payload)
     page.wait_for_function("window.flowtok.timings.imageToText > 0")
-    caption = page.eval_on_selector("#caption", "e => e.value")
+    return page.eval_on_selector("#caption", "e => e.value")
+
+
+def test_dropped_image_gets_its_caption(page, tmp_path, bundled_onnx):
+    scene = shapes.sample_scene(np.random.default_rng(3), num_objects=2, split="test")
+    path = tmp_path / "scene.png"
+    shapes.render(scene, size=128).save(path)
+    caption = _drop(page, path)
     assert shapes.scene_matches(shapes.parse(caption), scene), caption
+    # The page's grammar decoding gives the torch-free runtime's caption (the same fp16 graphs).
+    assert caption == OnnxFlowTokPipeline.from_pretrained(bundled_onnx, precision="fp16").image_to_text(str(path))[0]
+
+
+def test_captions_of_any_image_parse(page, tmp_path):
+    """The page decodes under the bundle's grammar: even noise gets a caption of the shapes world."""
+    assert page.evaluate("window.flowtok.web.manifest.defaults.caption_grammar") == "shapes"
+    path = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 160, 3), dtype=np.uint8)).save(path)
+    shapes.parse(_drop(page, path))
+
+
+def test_page_grammar_decoding_matches_the_python_one(page, bundled_onnx):
+    """grammar.js against flowtok.caption_grammar on the export's own table: random scores, ties included."""
+    runtime = OnnxFlowTokPipeline.from_pretrained(bundled_onnx)
+    grammar = runtime.grammar
+    assert grammar is not None and page.evaluate("window.flowtok.web.grammar.vocab.length") == len(grammar.vocab)
+    rng = np.random.default_rng(0)
+    scores = (rng.normal(size=(30, grammar.length, len(grammar.vocab))) * 4).astype(np.float32)
+    scores[:10] = scores[:10].round()  # many exact ties, between words and between skeletons
+    got = page.evaluate("([s, b, l]) => window.flowtok.web.grammar.decodeScores(s, b, l)",
+                        [scores.astype(float).ravel().tolist(), scores.shape[0], scores.shape[1]])
+    want = grammar.decode_scores(scores)
+    assert got == want
+    assert all(shapes.parse(c) for c in got) and len(set(got)) == len(got)
 
 
 def test_page_tokenizer_matches_the_python_one(page, bundled_onnx):

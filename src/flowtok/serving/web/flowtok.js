@@ -1,8 +1,10 @@
 // FlowTok in the browser: the graphs of `flowtok export onnx` run by onnxruntime-web (WebAssembly).
 // The steps between the graphs follow manifest.json, as flowtok.export.runtime does in Python:
 // tokenise, encode, sample the projector's posterior, Euler steps with classifier-free guidance,
-// decode; and for captions: encode the image, Euler steps, argmax, detokenise.
+// decode; and for captions: encode the image, Euler steps, then the decoder's best caption of the
+// grammar the defaults name (grammar.js, the table in manifest.json), or argmax and detokenise.
 import * as ort from "./ort/ort.wasm.min.mjs";
+import { CaptionGrammar } from "./grammar.js";
 import { WordPiece } from "./wordpiece.js";
 
 ort.env.wasm.wasmPaths = new URL("./ort/", import.meta.url).href;
@@ -40,6 +42,7 @@ export class FlowTokWeb {
     this.wordpiece = wordpiece;
     this.sessions = new Map();
     this.bytes = 0;
+    this.grammar = manifest.caption_grammar ? new CaptionGrammar(manifest.caption_grammar) : null;
   }
 
   static async load(base = "model/") {
@@ -214,9 +217,16 @@ export class FlowTokWeb {
     const logits = (await this.run("text_decoder", {
       text_latents: new ort.Tensor("float32", z, [1, L, C]),
     })).logits;
-    const V = logits.dims[2];
+    const [, positions, V] = logits.dims;
+    const grammar = m.defaults.caption_grammar;
+    if (grammar) {
+      if (!this.grammar || this.grammar.name !== grammar) {
+        throw new Error(`the model's defaults ask for the ${grammar} caption grammar but manifest.json has no table for it`);
+      }
+      return this.grammar.decode(logits.data, 1, positions, V)[0];
+    }
     const ids = [];
-    for (let i = 0; i < L; i++) {
+    for (let i = 0; i < positions; i++) {
       let best = 0;
       for (let v = 1; v < V; v++) if (logits.data[i * V + v] > logits.data[i * V + best]) best = v;
       ids.push(best);
