@@ -157,9 +157,8 @@ def folder_reference(extractor, ref_dir: str, n: int, batch_size: int):
 def cmd_t2i(args: argparse.Namespace) -> int:
     import torch
 
-    from ..shapes import benchmark
-
     from ..commands import check_fast, enable_fast
+    from ..shapes import benchmark
 
     objects, splits = _groups(args)
     if args.n < 0 or args.fid_n < 0:
