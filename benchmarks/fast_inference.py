@@ -19,6 +19,9 @@ Measured, in this order (a time budget skips the last ones first; the JSON is re
 
     python benchmarks/fast_inference.py --out results/fast.json      # the GPU run (benchmarks/run_fast_gpu.sh)
     python benchmarks/fast_inference.py --tiny --device cpu          # seconds on a CPU: checks the script
+
+``--profile`` runs instead a kernel profile of the XL flow at batch 256, plain compiled against fused, and
+variants of the fused path timed beside it (:mod:`fast_profile`).
 """
 
 from __future__ import annotations
@@ -239,6 +242,10 @@ def summarise(results: Results) -> dict[str, Any]:
     flows = [i for i in ok.values() if i.get("part") == "flow"]
     for i in flows:
         out[f"flow {i['variant']} b{i['batch']} frac_of_mm"] = i.get("frac_of_mm")
+    for i in ok.values():
+        if i.get("part") == "profile":
+            shares = ", ".join(f"{c} {v['share']:.1%}" for c, v in i["categories"].items())
+            out[f"profile {i['variant']} b{i['batch']}"] = f"{shares}; GEMMs {i['gemm_tflops'] or 0:.0f} TFLOP/s"
     return out
 
 
@@ -260,6 +267,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None, help="seconds from now; default $BENCH_DEADLINE")
     p.add_argument("--reserve", type=float, default=15.0, help="seconds an item without compiling needs")
     p.add_argument("--reserve-compile", type=float, default=50.0, help="seconds an item that compiles needs")
+    p.add_argument("--profile", action="store_true", help="instead: the kernel profile and variants (fast_profile.py)")
+    p.add_argument("--profile-steps", type=int, default=5, help="Euler steps per profiled call")
+    p.add_argument("--profile-calls", type=int, default=2, help="profiled calls (after one warm-up call)")
+    p.add_argument("--variants", default="no-epilogue,bmm", help="fused-path variants to profile and time ('' none)")
     args = p.parse_args(argv)
     args.batch = args.batch or (3 if args.tiny else 256)
     args.pipeline_batches = [int(b) for b in (args.pipeline_batches or ("2,3" if args.tiny else "64,256")).split(",")]
@@ -283,6 +294,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"bf16 mm rate: {mm_rate:.1f} TFLOP/s on {results.data['env'].get('gpu', device)}")
 
     flow, projector, tokenizer = build_flowtok("FlowTok-XL", shapes, device, dtype)
+    if args.profile:
+        import fast_profile
+
+        fast_profile.run(flow, args, device, dtype, results, budget, mm_rate)
+        return finish(results)
     results.run("fused numerics FlowTok-XL", lambda: check_numerics(flow, args, device), device, budget,
                 args.reserve, part="numerics")
     measure_flow = flow_items(flow, args, shapes, device, dtype, results, budget, mm_rate)
@@ -301,6 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results.run(f"flow fused+graph b{small}", lambda: measure_flow("fused+graph", small), device, budget,
                 args.reserve, part="flow", variant="fused+graph", batch=small)
 
+    return finish(results)
+
+
+def finish(results: Results) -> dict[str, Any]:
     results.data["summary"] = summarise(results)
     results.save()
     for key, value in results.data["summary"].items():

@@ -228,3 +228,106 @@ def test_fast_inference_benchmark_tiny(tmp_path):
     assert items["latency 1 prompt 1 step"]["median_ms"] > 0
     assert all(i["images_per_s"] > 0 for i in items.values() if "images_per_s" in i)
     assert (tmp_path / "f.json").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------ the CLI switch
+@pytest.fixture(scope="module")
+def saved_pipe(tmp_path_factory):
+    return _pipeline().save_pretrained(tmp_path_factory.mktemp("fast-pipe") / "pipe")
+
+
+def test_cli_generate_fast_gives_the_plain_images_on_a_cpu(saved_pipe, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from flowtok import fast as fastlib
+    from flowtok.cli import main
+
+    args = ["generate", "red circle", "--n", "3", "--batch-size", "2", "--steps", "2", "--guidance", "3.0",
+            "--model", str(saved_pipe), "--device", "cpu"]
+    assert main([*args, "-o", str(tmp_path / "plain.png")]) == 0
+    assert "--fast" not in capsys.readouterr().err
+    monkeypatch.setattr(fastlib, "DEFAULT_FUSED_MIN_ROWS", 0)  # the tiny flow: fused from one prompt on
+    calls = []
+    original = fused_dit.fused_blocks_forward
+    monkeypatch.setattr(fused_dit, "fused_blocks_forward", lambda *a: calls.append(1) or original(*a))
+    assert main([*args, "-o", str(tmp_path / "fast.png"), "--fast"]) == 0
+    err = capsys.readouterr().err
+    assert "--fast on cpu" in err and "CUDA GPU" in err and "batches of 1 prompts" in err
+    assert len(calls) == 2 * 2  # batches of 2 and 1 (padded to 2), 2 steps each, all fused
+    for i in range(3):
+        plain = np.array(Image.open(tmp_path / f"plain-{i}.png")).astype(int)
+        fast = np.array(Image.open(tmp_path / f"fast-{i}.png")).astype(int)
+        assert plain.std() > 1 and np.abs(plain - fast).max() <= 1
+    assert not (np.array(Image.open(tmp_path / "plain-0.png")) == np.array(Image.open(tmp_path / "plain-1.png"))).all()
+
+
+def test_cli_eval_t2i_fast_records_what_ran(saved_pipe, tmp_path, monkeypatch, capsys):
+    import json
+
+    from flowtok import fast as fastlib
+    from flowtok.cli import main
+
+    args = ["eval", "t2i", "--model", str(saved_pipe), "--device", "cpu", "--n", "2", "--objects", "1",
+            "--split", "seen", "--steps", "2", "--batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "plain.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "big.json"), "--fast"]) == 0  # default threshold: not fused
+    big = json.loads((tmp_path / "big.json").read_text())["fast"]
+    assert big["fused_flow"] and not big["fused_flow_used"] and big["fused_min_batch"] == 4096 // 4
+    assert not big["compile"] and not big["cuda_graph"] and big["batch_size"] == 2
+    monkeypatch.setattr(fastlib, "DEFAULT_FUSED_MIN_ROWS", 0)
+    assert main([*args, "--out", str(tmp_path / "fast.json"), "--fast"]) == 0
+    plain, fast = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "fast"))
+    assert "fast" not in plain and fast["fast"]["fused_flow_used"] and fast["options"]["fast"]
+    assert fast["accuracy"] == plain["accuracy"] and fast["protocol"] == plain["protocol"]
+    capsys.readouterr()
+    assert main([*args, "--fast", "--fp8", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--fast and --fp8" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    assert main(["generate", "x", "--fast", "--fp8", "--model", str(saved_pipe), "--device", "cpu"]) == 2
+
+
+def test_the_bmm_variant_of_the_profile_computes_the_fused_block(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import fast_profile
+
+    model = _flow(3)
+    x, t = torch.randn(6, 8, 4), torch.tensor(0.6)
+    with torch.no_grad():
+        ref = model(x, t.expand(6), torch.tensor([0, 0, 0, 1, 1, 1]))
+        model.enable_fused_inference(min_rows=0)
+        for name in fast_profile.VARIANTS:
+            with fast_profile.variant(name, torch.device("cpu"), torch.float32):
+                torch.testing.assert_close(model.forward_grouped(x, t, (0, 1)), ref, rtol=1e-5, atol=1e-5)
+        assert fused_dit._block is not fast_profile._block_bmm  # restored
+    assert fast_profile.kernel_category("aten::addmm_") == "GEMM"
+    assert fast_profile.kernel_category("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_NNT") == "GEMM"
+    assert fast_profile.kernel_category("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<96>>") == "attention"
+    assert fast_profile.kernel_category("triton_per_fused_native_layer_norm_0") == "layernorm/elementwise"
+
+
+def test_fast_inference_profile_mode_tiny(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_fast_inference_p", bench_dir / "fast_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))
+    spec.loader.exec_module(module)
+    data = module.main(["--tiny", "--device", "cpu", "--profile", "--profile-steps", "1", "--warmup", "0",
+                        "--iters", "1", "--out", str(tmp_path / "p.json")])
+    items = {i["name"]: i for i in data["items"]}
+    assert [i["status"] for i in items.values()] == ["ok"] * 7, items
+    plain, fused = items["profile plain compile b3"], items["profile fused b3"]
+    for item in (plain, fused, items["profile fused bmm b3"], items["profile fused no-epilogue b3"]):
+        assert abs(sum(c["share"] for c in item["categories"].values()) - 1) < 1e-6
+        assert item["categories"]["GEMM"]["share"] > 0.05 and item["top"]
+    assert plain["categories"]["fold"]["ms"] == 0 < fused["categories"]["fold"]["ms"]
+    assert items["profile fused bmm b3"]["rel_diff_vs_fused"] < 1e-4  # fp32 on a CPU: the same numbers
+    assert {"flow fused+plain b3", "flow fused bmm+plain b3", "flow fused no-epilogue+plain b3"} <= set(items)
+    assert "profile fused b3" in data["summary"]

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 # Solvers whose loop can be captured (the upstream grid is, too: it is built on the device).
 GRAPHABLE_SAMPLERS = ("euler", "heun", "euler-upstream")
+# Tokens per condition group (batch x num_tokens) from which the flow samples through the fused DiT path.
+DEFAULT_FUSED_MIN_ROWS = 4096
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
@@ -60,11 +62,12 @@ class FastTextToImage:
     ``batch_size``: prompts per graph replay; a last, shorter chunk is padded (and its padding dropped), so
     one graph serves every call. None: one graph per chunk size seen. ``compile`` / ``cuda_graph`` default to
     True on CUDA and False elsewhere; ``fused_flow`` enables the fused DiT path of the text-to-image flow
-    from ``fused_min_rows`` tokens per condition group (batch x num_tokens).
+    from ``fused_min_rows`` tokens per condition group (batch x num_tokens; default
+    :data:`DEFAULT_FUSED_MIN_ROWS`).
     """
 
     def __init__(self, pipe: FlowTokPipeline, batch_size: int | None = None, compile: bool | None = None,
-                 cuda_graph: bool | None = None, fused_flow: bool = True, fused_min_rows: int = 4096,
+                 cuda_graph: bool | None = None, fused_flow: bool = True, fused_min_rows: int | None = None,
                  compile_options: dict[str, Any] | None = None) -> None:
         if pipe.t2i_flow is None:
             raise InvalidInputError("this pipeline has no text-to-image flow model")
@@ -80,13 +83,28 @@ class FastTextToImage:
         self._runners: dict[tuple, CudaGraphed] = {}
         flow = pipe.t2i_flow
         self._fused = fused_flow
+        self.fused_min_rows = DEFAULT_FUSED_MIN_ROWS if fused_min_rows is None else fused_min_rows
         if fused_flow:
-            flow.enable_fused_inference(min_rows=fused_min_rows)
+            flow.enable_fused_inference(min_rows=self.fused_min_rows)
         if self.compile:
             options = compile_options or {}
             if any(getattr(b, "_compiled_call_impl", None) is None for b in flow.blocks):
                 flow.compile_blocks(**options)  # not twice: a user (or a benchmark) may have compiled them
             compile_regions(pipe.image_tokenizer.decoder.blocks, **options)
+
+    def fused_min_batch(self) -> int | None:
+        """The smallest batch (prompts per call) that samples through the fused path; None if it is off."""
+        if not self._fused:
+            return None
+        tokens = int(self.pipe.t2i_flow.config.num_tokens)  # type: ignore[union-attr]
+        return max(1, -(-self.fused_min_rows // tokens))
+
+    def describe(self) -> dict[str, Any]:
+        """What this engine turned on, for a results record."""
+        return {"compile": self.compile, "cuda_graph": self.cuda_graph, "fused_flow": self._fused,
+                "fused_min_rows": self.fused_min_rows if self._fused else None,
+                "fused_min_batch": self.fused_min_batch(), "batch_size": self.batch_size,
+                "text_encoder_in_graph": self.text_encoder_in_graph if self.cuda_graph else None}
 
     def reset(self) -> None:
         """Drop the captured graphs and their buffers (memory); the next call captures again."""

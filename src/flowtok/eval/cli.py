@@ -157,14 +157,20 @@ def folder_reference(extractor, ref_dir: str, n: int, batch_size: int):
 def cmd_t2i(args: argparse.Namespace) -> int:
     import torch
 
+    from ..commands import check_fast, enable_fast
     from ..shapes import benchmark
 
     objects, splits = _groups(args)
     if args.n < 0 or args.fid_n < 0:
         raise InvalidInputError("--n and --fid-n must be >= 0")
+    if args.batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_fast(args)
     pipe = load_pipeline(args.model, args.device)
     if args.fp8:
         _quantize_fp8(pipe, args.fp8, args.seed)
+    if args.fast:
+        enable_fast(pipe, args.batch_size)
 
     def generate(prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         return pipe.text_to_image(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -188,6 +194,8 @@ def cmd_t2i(args: argparse.Namespace) -> int:
             generate, prompts, generator, args.batch_size, extractor,
             reference_fn=folder_reference(extractor, args.ref_dir, n, args.batch_size))
         results["fid"]["prompts"] = args.prompts or f"captions of {args.ref_dir}"
+    if args.fast:
+        results["fast"] = _fast_record(pipe, args.batch_size)
     write_results(args.out, results)
     if "accuracy" in results:
         print(format_accuracy_table(results["accuracy"]))
@@ -196,6 +204,13 @@ def cmd_t2i(args: argparse.Namespace) -> int:
         print(f"FID {f['fid']:.2f}  KID {_fmt(f['kid'])}  ({f['generated_n']} generated vs {f['reference_set']})")
     print(f"results: {args.out}")
     return 0
+
+
+def _fast_record(pipe, batch_size: int) -> dict:
+    """What ``--fast`` turned on, and whether this run's batches were large enough for the fused flow path."""
+    record = pipe.fast.describe()
+    record["fused_flow_used"] = bool(record["fused_flow"]) and batch_size >= record["fused_min_batch"]
+    return record
 
 
 def cmd_i2t(args: argparse.Namespace) -> int:
@@ -306,6 +321,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-dir", default=None, help="FID against this folder of real images (your data)")
     p.add_argument("--prompts", default=None,
                    help="prompts for --ref-dir FID, one per line (default: the folder's captions.jsonl/metadata.jsonl)")
+    p.add_argument("--fast", action="store_true",
+                   help="generate through the fast path (pipe.enable_fast_inference; one CUDA graph per --batch-size "
+                        "on a GPU; on a CPU only the fused flow path, from large batches); the JSON's 'fast' block "
+                        "says what ran")
     p.set_defaults(func=cmd_t2i)
 
     p = sub.add_parser("i2t", help="image -> text: exact-scene accuracy, BLEU/METEOR/ROUGE-L/CIDEr/SPICE")

@@ -1,0 +1,282 @@
+"""``fast_inference.py --profile``: where the FlowTok-XL flow's time goes, by kernel category, and two variants.
+
+``torch.profiler`` over ``--profile-calls`` calls (2) of the Euler loop with CFG (``--profile-steps`` steps each:
+every step runs the same kernels, so a few steps give the shares of 20) at ``--batch`` (256), without a CUDA
+graph (a replayed graph is one opaque launch to the profiler), of
+
+* ``plain compile``: the regionally compiled plain blocks (inductor fuses LayerNorm + modulate, bias + GELU,
+  gate + residual; GEMMs through cuBLAS);
+* ``fused``: :mod:`flowtok.nn.fused_dit` (the adaLN fold, residual in the GEMM accumulator, GELU epilogue);
+* each variant of ``--variants``, a change to the fused path tried beside it:
+  ``no-epilogue`` (fc1 as ``addmm`` then an in-place tanh-GELU: is cuBLASLt's GELU epilogue slower than
+  the pass it saves?) and ``bmm`` (the qkv, proj and fc2 GEMMs of both CFG groups as one batched cuBLAS call
+  instead of one call per group: twice the tiles per launch, less wave quantisation; fc1 keeps its epilogue).
+
+Kernel time is grouped into GEMM, attention, layernorm/elementwise, fold (every kernel launched while the
+weights are folded, found through a ``record_function`` range around the fold) and other, each with its share
+of the device-busy time, plus the top kernels and the GEMMs' own TFLOP/s (the blocks' Linear FLOPs over the
+GEMM time). The fused path and each variant are also timed as the main run times the flow (20 steps, CUDA
+graph, images/s, fraction of the ``mm`` rate), one beside the other, before the variants' profiles (so that
+a short budget drops those first); each variant's output is compared with the fused path's
+(``rel_diff_vs_fused``). On a CPU (``--tiny``) aten operators' self CPU time stands in for kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from common import log, sync, time_call
+from sampling import count_forward_flops
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from flowtok.nn import fused_dit as fd
+from flowtok.sampling import GraphedSampler, euler_sample
+
+CATEGORIES = ("GEMM", "attention", "layernorm/elementwise", "fold", "other")
+FOLD_RANGE = "flowtok::fold"
+VARIANTS = ("no-epilogue", "bmm")
+
+_ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_mha|mha_")
+_GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|cublas|splitk|matmul|triton_tem"
+                   r"|aten::(_addmm_activation|addmm|mm|bmm|baddbmm|linear)_?$")
+_ELEMENTWISE = re.compile(r"norm|elementwise|vectorized|unrolled|reduce|gelu|triton_|copy|cat|add|mul|fill|"
+                          r"pointwise|softmax|silu|index|where|div|sub|exp|clone|contiguous|memcpy|memset")
+
+
+def kernel_category(name: str) -> str:
+    """A CUDA kernel's (or, on a CPU, an aten operator's) category, by name; the fold is found by range."""
+    n = name.lower()
+    if _ATTENTION.search(n):
+        return "attention"
+    if _GEMM.search(n):
+        return "GEMM"
+    if _ELEMENTWISE.search(n):
+        return "layernorm/elementwise"
+    return "other"
+
+
+@contextlib.contextmanager
+def fold_ranges() -> Iterator[None]:
+    """Run the fused path's weight folds inside a ``record_function`` range, to attribute their kernels."""
+    fold_in, fold_out = fd._fold_in, fd._fold_out
+
+    def ranged(fn: Callable) -> Callable:
+        def wrapper(*args: Any) -> Any:
+            with record_function(FOLD_RANGE):
+                return fn(*args)
+        return wrapper
+
+    fd._fold_in, fd._fold_out = ranged(fold_in), ranged(fold_out)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fd._fold_in, fd._fold_out = fold_in, fold_out  # type: ignore[assignment]
+
+
+def _block_bmm(block, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
+               epilogue: bool) -> torch.Tensor:
+    """:func:`flowtok.nn.fused_dit._block` with the qkv, proj and fc2 GEMMs of all groups in one ``baddbmm``."""
+    groups, rows, d = x.shape
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+    attn = block.attn
+    w_qkv, b_qkv = fd._fold_in(attn.qkv, shift_msa, scale_msa)
+    w_proj, b_proj = fd._fold_out(attn.proj, gate_msa)
+    w_fc1, b_fc1 = fd._fold_in(block.mlp.fc1, shift_mlp, scale_mlp)
+    w_fc2, b_fc2 = fd._fold_out(block.mlp.fc2, gate_mlp)
+    h = fd.add_layer_norm(x, pending, block.norm1.eps)
+    qkv = torch.baddbmm(b_qkv.unsqueeze(1), h, w_qkv.transpose(1, 2))
+    heads = attn.num_heads
+    q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups, rows, d)
+    x.baddbmm_(o, w_proj.transpose(1, 2))
+    pending = pending + b_proj.unsqueeze(1)
+    h = fd.add_layer_norm(x, pending, block.norm2.eps)
+    hidden = x.new_empty(groups, rows, w_fc1.shape[1])
+    for g in range(groups):
+        fd._gemm_gelu(b_fc1[g], h[g], w_fc1[g], hidden[g], epilogue)
+    x.baddbmm_(hidden, w_fc2.transpose(1, 2))
+    return pending + b_fc2.unsqueeze(1)
+
+
+@contextlib.contextmanager
+def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """The fused path changed as ``name`` says, for the duration of the block."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; one of {', '.join(VARIANTS)}")
+    key = (str(torch.empty(0, device=device).device), dtype)  # "cuda:0", as fused_blocks_forward asks
+    saved_epilogue, saved_block = fd._GELU_EPILOGUE.get(key), fd._block
+    if name == "no-epilogue":
+        fd._GELU_EPILOGUE[key] = False
+    else:
+        fd._block = _block_bmm  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        fd._block = saved_block  # type: ignore[assignment]
+        if saved_epilogue is None:
+            fd._GELU_EPILOGUE.pop(key, None)
+        else:
+            fd._GELU_EPILOGUE[key] = saved_epilogue
+
+
+def profiled(fn: Callable[[], Any], device: torch.device, calls: int) -> tuple[float, Any]:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with fold_ranges(), profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync(device)
+        wall = time.perf_counter() - t0
+    return wall, prof
+
+
+def kernel_table(prof: Any, device: torch.device, top: int = 15) -> dict[str, Any]:
+    """Kernel time by category (the fold found by its range) and the top kernels."""
+    events = prof.events()
+    under: dict[int, bool] = {}
+
+    def in_fold(evt: Any) -> bool:
+        chain, node, found = [], evt, False
+        while node is not None:
+            if id(node) in under:
+                found = under[id(node)]
+                break
+            chain.append(node)
+            if node.name == FOLD_RANGE:
+                found = True
+                break
+            node = node.cpu_parent
+        for n in chain:
+            under[id(n)] = found
+        return found
+
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # name -> [calls, us]
+    fold_us: dict[str, float] = defaultdict(float)
+    if device.type == "cuda":
+        for e in prof.key_averages():
+            if e.device_type == DeviceType.CUDA and e.key != "Command Buffer Full" and e.self_device_time_total > 0:
+                by_name[e.key][0] += e.count
+                by_name[e.key][1] += e.self_device_time_total
+        for evt in events:
+            if evt.device_type == DeviceType.CPU and getattr(evt, "kernels", None) and in_fold(evt):
+                for k in evt.kernels:
+                    fold_us[k.name] += k.duration
+    else:  # aten operators' self CPU time stand in for kernels
+        for evt in events:
+            if evt.name.startswith("aten::") and evt.self_cpu_time_total > 0:
+                by_name[evt.name][0] += 1
+                by_name[evt.name][1] += evt.self_cpu_time_total
+                if in_fold(evt):
+                    fold_us[evt.name] += evt.self_cpu_time_total
+    cats = dict.fromkeys(CATEGORIES, 0.0)
+    rows = []
+    for name, (count, us) in by_name.items():
+        folded = min(fold_us.get(name, 0.0), us)
+        cats["fold"] += folded
+        cats[kernel_category(name)] += us - folded
+        rows.append({"kernel": name[:160], "category": kernel_category(name), "calls": int(count), "ms": us / 1e3,
+                     "fold_ms": folded / 1e3})
+    busy_us = sum(cats.values()) or 1.0
+    rows.sort(key=lambda r: -r["ms"])
+    for r in rows:
+        r["share"] = r["ms"] * 1e3 / busy_us
+    return {"busy_s": busy_us / 1e6,
+            "categories": {c: {"ms": us / 1e3, "share": us / busy_us} for c, us in cats.items()},
+            "top": rows[:top]}
+
+
+def linear_flops_per_sample(flow) -> float:
+    """The blocks' Linear FLOPs of one forward of one sample (qkv, proj, fc1, fc2)."""
+    cfg = flow.config
+    d, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+    return 2.0 * cfg.num_tokens * cfg.depth * (d * 3 * d + d * d + 2 * d * hidden)
+
+
+def run(flow, args, device: torch.device, dtype: torch.dtype, results, budget, mm_rate: float | None) -> None:
+    """The profile items (see the module docstring), added to ``results``."""
+    cfg = flow.config
+    gen = torch.Generator().manual_seed(0)
+    batch, steps = args.batch, args.profile_steps
+    x0 = torch.randn(batch, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
+    x2 = x0[:2]
+    per_sample = count_forward_flops(lambda: flow(x2, torch.rand(2, device=device),
+                                                  torch.tensor([0, 1], device=device))) / 2
+    linear = linear_flops_per_sample(flow)
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+
+    fused_out: list[torch.Tensor] = []
+
+    def prof_item(label: str) -> dict[str, Any]:
+        def once() -> torch.Tensor:
+            return euler_sample(flow, x0, num_steps=steps, guidance_scale=args.guidance)
+
+        first = once().float()  # compile, lazy init, the GELU probe
+        check = {}
+        if label == "fused":
+            fused_out.append(first)
+        elif fused_out:  # a variant must compute what the fused path computes, up to bf16 rounding
+            check = {"rel_diff_vs_fused": float((first - fused_out[0]).norm() / fused_out[0].norm())}
+        wall, prof = profiled(once, device, args.profile_calls)
+        table = kernel_table(prof, device)
+        forwards = 2 * batch * steps * args.profile_calls  # CFG: two rows per sample and step
+        gemm_s = table["categories"]["GEMM"]["ms"] / 1e3
+        gemm_tflops = linear * forwards / gemm_s / 1e12 if gemm_s > 0 else None
+        out = {"wall_s": wall, **check, **table, "busy_frac": table["busy_s"] / wall,
+               "flow_tflops_busy": per_sample * forwards / table["busy_s"] / 1e12, "gemm_tflops": gemm_tflops,
+               "gemm_frac_of_mm": gemm_tflops / mm_rate if gemm_tflops and mm_rate else None}
+        shares = ", ".join(f"{c} {v['share']:.1%}" for c, v in table["categories"].items())
+        log(f"  {label}: {shares}; GEMMs at {gemm_tflops or 0:.0f} TFLOP/s")
+        for r in table["top"][:8]:
+            log(f"    {r['ms']:9.2f} ms {r['calls']:6d}x {r['category']:<22} {r['kernel'][:90]}")
+        return out
+
+    common = {"part": "profile", "batch": batch, "steps": steps, "calls": args.profile_calls}
+    if not args.tiny:
+        flow.compile_blocks()
+    flow.disable_fused_inference()
+    results.run(f"profile plain compile b{batch}", lambda: prof_item("plain compile"), device, budget,
+                args.reserve_compile, variant="plain compile", **common)
+    flow.enable_fused_inference(min_rows=args.min_rows)
+    results.run(f"profile fused b{batch}", lambda: prof_item("fused"), device, budget, args.reserve_compile,
+                variant="fused", **common)
+    timed_out: list[torch.Tensor] = []
+
+    def timed(name: str | None) -> dict[str, Any]:
+        with variant(name, device, dtype) if name else contextlib.nullcontext():
+            sampler = GraphedSampler(flow, num_steps=args.steps, guidance_scale=args.guidance, warmup=1)
+            t = time_call(lambda: sampler(x0), device, args.warmup, args.iters, args.item_seconds)
+            out = sampler(x0).float()
+        check = {}
+        if name is None:
+            timed_out.append(out)
+        elif timed_out:
+            check = {"rel_diff_vs_fused": float((out - timed_out[0]).norm() / timed_out[0].norm())}
+        tflops = per_sample * 2 * batch * args.steps / t["median_s"] / 1e12
+        return {**t, **check, "images_per_s": batch / t["median_s"], "tflops": tflops,
+                "frac_of_mm": tflops / mm_rate if mm_rate else None}
+
+    # The timed comparison before the variants' profiles: if the budget runs short, the profiles go first.
+    graph = "plain" if args.tiny else "graph"
+    for v in [None, *variants]:
+        label = "fused" if v is None else f"fused {v}"
+        results.run(f"flow {label}+{graph} b{batch}", lambda v=v: timed(v), device, budget, args.reserve,
+                    part="flow", variant=f"{label}+{graph}", batch=batch, steps=args.steps)
+    for v in variants:
+        def item(v: str = v) -> dict[str, Any]:
+            with variant(v, device, dtype):
+                return prof_item(f"fused {v}")
+        results.run(f"profile fused {v} b{batch}", item, device, budget, args.reserve, variant=f"fused {v}",
+                    **common)
+
