@@ -7,11 +7,11 @@ import logging
 
 import pytest
 import torch
-from test_training import ToyStage, _cfg, _run
 
 from flowtok.errors import CheckpointError
 from flowtok.training import checkpoint as ckpt
 from flowtok.training.trainer import Trainer
+from test_training import ToyStage, _cfg, _run
 
 
 def test_chunked_manifest_catches_a_flipped_byte_in_any_chunk(tmp_path, monkeypatch):
@@ -76,3 +76,26 @@ def test_unreadable_ema_is_one_checkpoint_error(tmp_path):
     ckpt.write_manifest(folder, 10)
     with pytest.raises(CheckpointError, match="EMA"):
         _run(tmp_path, steps=12, resume="latest")
+
+
+def test_compile_scope_blocks_compiles_the_flow_blocks_not_the_stage(tmp_path, monkeypatch):
+    """train.compile_scope: blocks (what benchmarks/train_scale.py's one-call GPU run uses): each flow's blocks
+    are compiled regionally and the stage runs eager around them; the text tower is compiled too."""
+    from flowtok.flow import FLOW_PRESETS, FlowTransformer
+
+    calls = []
+    monkeypatch.setattr(FlowTransformer, "compile_blocks", lambda self, **kw: calls.append("blocks") or self)
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: pytest.fail("the whole stage was compiled"))
+
+    class WithFlow(ToyStage):
+        def __init__(self):
+            super().__init__()
+            self.flow = FlowTransformer(FLOW_PRESETS["tiny"])
+            self.flow.requires_grad_(False)
+
+        def compile_helpers(self, **options):
+            calls.append("helpers")
+
+    torch.manual_seed(0)
+    Trainer(WithFlow(), _cfg(steps=2, compile=True, compile_scope="blocks"), tmp_path, seed=0, device="cpu").fit()
+    assert calls == ["helpers", "blocks"]

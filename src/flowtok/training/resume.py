@@ -12,6 +12,7 @@ the breakdown (see :meth:`Restore.report`).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,18 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), None elsewhere."""
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Restore:

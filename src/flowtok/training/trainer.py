@@ -34,9 +34,10 @@ from tqdm.auto import tqdm
 
 from ..config import atomic_write_text
 from ..errors import ConfigError, FlowTokError
+from ..flow import FlowTransformer
 from . import checkpoint as ckpt
 from .ema import EMA
-from .resume import Restore, resume_run
+from .resume import Restore, process_age, resume_run
 from .stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ class TrainConfig:
     nan_policy: Literal["skip", "stop"] = "skip"
     max_consecutive_nan: int = 20
     compile: bool = False
+    # What train.compile compiles: "stage", the whole stage's forward (one large graph: a cold compile of a
+    # FlowTok-XL stage takes minutes); "blocks", regionally, each flow's blocks (FlowTransformer.compile_blocks,
+    # as benchmarks/train_step.py) with the rest eager (cold compile: one block's). Both compile the text tower.
+    compile_scope: Literal["stage", "blocks"] = "stage"
     max_minutes: float = 0.0  # >0: stop (checkpoint, evaluate, export) once this much wall time has passed
     tensorboard: bool = True
     progress: bool = True
@@ -140,18 +145,6 @@ def _memory() -> dict[str, float]:
     except (OSError, ValueError):
         pass
     return out
-
-
-def _process_age() -> float | None:
-    """Seconds since this process started (Linux), None elsewhere."""
-    try:
-        with open("/proc/self/stat") as fh:
-            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as fh:
-            uptime = float(fh.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -248,6 +241,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved_config, sort_keys=False))
         stage.to(self.device)
         stage.setup(self.device)
+        if cfg.compile:
+            stage.compile_helpers()
         params = [p for p in stage.parameters() if p.requires_grad]
         if not params:
             raise ConfigError(f"stage '{stage.name}' has no trainable parameters")
@@ -259,14 +254,20 @@ class Trainer:
         )
         ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
         ckpt_dir = self.run_dir / "checkpoints"
-        restore = resume_run(self, resume, ckpt_dir, opt, ema, _process_age()) if resume else None
+        restore = resume_run(self, resume, ckpt_dir, opt, ema, process_age()) if resume else None
         start = restore.step if restore is not None else 0
         model: nn.Module = stage
         if self.world > 1:
             model = nn.parallel.DistributedDataParallel(
                 stage, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=stage.ddp_find_unused_parameters)
-        forward = torch.compile(model) if cfg.compile else model
+        forward: Any = model
+        if cfg.compile and cfg.compile_scope == "blocks":
+            for m in stage.modules():
+                if isinstance(m, FlowTransformer):
+                    m.compile_blocks()
+        elif cfg.compile:
+            forward = torch.compile(model)
         bar = None
         if self.is_main and cfg.progress:
             bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, dynamic_ncols=True)
@@ -315,7 +316,7 @@ class Trainer:
             loop.running[k] = loop.running[k] + v if k in loop.running else v
         loop.n_running += 1
         if loop.step == loop.start + 1:  # how long a (re)start takes to its first optimizer step
-            first, age = time.perf_counter() - loop.t_begin, _process_age()
+            first, age = time.perf_counter() - loop.t_begin, process_age()
             resumed = {}
             if loop.restore is not None:
                 log.info("%s", loop.restore.report(first, age))
