@@ -10,7 +10,15 @@ Phases (``--phases``, in order; each writes its numbers into the results JSON):
   :class:`~flowtok.training.loader.RawImageSource` with each of ``--jpeg-workers`` loader workers.
 - ``baseline``: ``benchmarks/train_step.py`` (FlowTok-XL, compiled, ``--batch``): the flow alone.
 - ``train``: ``flowtok train`` FlowTok-XL t2i streaming the big set, the CLIP tower in the step, compiled, then
-  ``--resume latest`` for a few more steps (time to the first step), then the small set (memory and RSS).
+  ``--resume latest`` for a few more steps (time to the first step and the trainer's ``resume timing:``
+  breakdown), then the small set (memory and RSS; ``--train-sets big`` skips it).
+
+Inductor's cache lives in ``--work``/inductor_cache (``TORCHINDUCTOR_CACHE_DIR``), so the resume compiles from
+the first run's cache. One call on a fresh GPU machine, about 6 minutes:
+
+    python benchmarks/train_scale.py --phases setup,pretokenize,baseline,train --n 120000 --small 100000 \
+        --shard-size 20000 --train-sets big --compile-scope blocks --steps 40 --resume-steps 5 --log-every 5 \
+        --train-timeout 200 --work /tmp/fs --out $OUT/scale.json
 
     python benchmarks/train_scale.py --out results/scale.json                        # the GPU run
     python benchmarks/train_scale.py --tiny --device cpu --work /tmp/scale_tiny      # checks the script
@@ -172,6 +180,7 @@ def _train_cfg(args, work: Path, data: Path, run: Path, steps: int) -> Path:
                      "flow": {"num_tokens": k, "in_channels": c} if args.tiny else {}, "eval_prompts": 0},
            "train": {"steps": steps, "batch_size": args.batch, "lr": 1e-4, "betas": [0.9, 0.95],
                      "weight_decay": 0.03, "ema_decay": 0.9999, "compile": not args.tiny, "ckpt_every": 10**9,
+                     "compile_scope": args.compile_scope,
                      "log_every": args.log_every, "eval_every": 0, "tensorboard": False, "progress": False}}
     path = run.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
@@ -193,13 +202,16 @@ def _summary(recs: list[dict], skip: int) -> dict[str, Any]:
                                                                       default=None),
             "host_rss_gib": max((r.get("host_rss_gib", 0) for r in tail), default=None),
             "first_step_s": first.get("first_step_s"), "since_process_start_s": first.get("since_process_start_s"),
+            "resume_setup_s": first.get("resume_setup_s"), "resume_timings": first.get("resume_timings"),
             "log_records": steps}
 
 
 def train(args, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     dev = ["--device", args.device] if args.device else []
-    for name, data, steps in (("big", work / "tokens_big", args.steps), ("small", work / "tokens_small", args.steps)):
+    sets = [s for s in (("big", work / "tokens_big", args.steps), ("small", work / "tokens_small", args.steps))
+            if s[0] in args.train_sets]
+    for name, data, steps in sets:
         run = work / f"run_{name}"
         rc, dt = _flowtok(args, ["train", str(_train_cfg(args, work, data, run, steps)), *dev],
                           work / f"train_{name}.log", args.train_timeout)
@@ -211,7 +223,12 @@ def train(args, work: Path) -> dict[str, Any]:
             rc, dt = _flowtok(args, ["train", str(cfg), "--resume", "latest", *dev], work / "resume.log",
                               args.train_timeout)
             out["resume"] = {"rc": rc, "seconds": dt, **_summary(_records(run)[n0:], 0)}
-            log(f"resume: rc {rc}, first step {out['resume']['since_process_start_s']} s after process start")
+            log(f"resume: rc {rc}, first step {out['resume']['since_process_start_s']} s after process start; "
+                f"setup {out['resume']['resume_setup_s']} s; {json.dumps(out['resume']['resume_timings'])}")
+            for line in (work / "resume.log").read_text().splitlines():
+                if "resume timing:" in line:
+                    out["resume"]["timing_line"] = line
+                    log(line)
     return out
 
 
@@ -238,7 +255,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pretok-timeout", type=float, default=420)
     p.add_argument("--baseline-timeout", type=float, default=300)
     p.add_argument("--train-timeout", type=float, default=300)
+    p.add_argument("--train-sets", default="big,small", help="'big' (then its resume), 'small' (memory vs big)")
+    p.add_argument("--compile-scope", default="stage", choices=["stage", "blocks"],
+                   help="train.compile_scope: the whole stage (minutes of cold compile for XL) or the flow's blocks")
     args = p.parse_args(argv)
+    # Compiled kernels are cached under the work folder: the resumed run finds the first run's cache, as a
+    # user's second run on the same machine does (the default, under /tmp/torchinductor_$USER, would too).
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(args.work) / "inductor_cache"))
     args.jpeg_workers = [int(w) for w in args.jpeg_workers.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,6 @@
 run, a full disk, checkpoints whose manifest verifies but whose contents do not, streamed generation,
 output files that cannot be redirected by a planted symlink, and CLI mistakes that must be one line."""
 
-import json
 import logging
 import os
 import resource
@@ -126,10 +125,7 @@ def test_checkpoint_with_verified_manifest_but_malformed_contents_falls_back(tmp
             torch.save({"state": {}, "param_groups": [{"params": [0]}]}, newest / name)
         else:
             (newest / name).write_text(damage)
-    manifest = json.loads((newest / "manifest.json").read_text())
-    for name in ("optimizer.pt", "state.json"):
-        manifest["sha256"][name] = ckpt._sha256(newest / name)  # the manifest verifies: only contents are bad
-    (newest / "manifest.json").write_text(json.dumps(manifest))
+    ckpt.write_manifest(newest, 4)  # the manifest verifies: only contents are bad
     ckpt.verify(newest)
     caplog.set_level(logging.INFO)
     assert main(["train", str(cfg), "train.steps=6", "--device", "cpu", "--resume", "latest"]) == 0

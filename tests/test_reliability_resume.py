@@ -136,9 +136,7 @@ def test_cli_resume_errors_are_one_line(tmp_path, capsys):
     shutil.copytree(good, bad)
     state["stage"] = "t2i"
     (bad / "state.json").write_text(json.dumps(state))
-    manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["sha256"]["state.json"] = ckpt._sha256(bad / "state.json")
-    (bad / "manifest.json").write_text(json.dumps(manifest))
+    ckpt.write_manifest(bad, 2)
     assert main(["train", str(cfg), "--device", "cpu", "--resume", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "written by stage 't2i'" in err[0]

@@ -192,6 +192,32 @@ def test_clip_encoder_from_local_folder(clip_folder: Path) -> None:
     torch.testing.assert_close(alt[st.mask], st.states[st.mask], atol=1e-5, rtol=1e-5)
 
 
+def test_clip_tower_compiled_by_layers_gives_the_same_states(clip_folder: Path) -> None:
+    """train.compile compiles the frozen tower inside the step layer by layer (the "eager" backend checks the
+    wiring on a CPU: dynamo traces each layer); states, mask and ids are those of the plain tower."""
+    from flowtok.training.stages.base import Stage
+
+    enc = CLIPTextEncoder(clip_folder, max_length=16, device="cpu")
+    captions = ["a red circle", "two small blue squares on the left"]
+    plain = enc.encode(captions)
+    layers = max((m for m in enc.model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)  # encoder.layers
+    assert enc.compile_layers(backend="eager") == len(layers) == 2
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    again = enc.encode(captions)
+    torch.testing.assert_close(again.states, plain.states)
+    assert torch.equal(again.mask, plain.mask) and torch.equal(again.input_ids, plain.input_ids)
+
+    class WithEncoder(Stage):
+        frozen_helpers = ("encoder",)
+
+    stage = WithEncoder()
+    stage.encoder = CLIPTextEncoder(clip_folder, max_length=16, device="cpu")
+    stage.compile_helpers(backend="eager")  # what the trainer calls under train.compile
+    compiled = [m._compiled_call_impl is not None for m in stage.encoder.model.modules()
+                if type(m).__name__ == "CLIPEncoderLayer"]
+    assert compiled == [True, True]
+
+
 def test_clip_tokenizer_files_round_trip(clip_folder: Path) -> None:
     tok = ClipBPETokenizer.from_files(clip_folder / "vocab.json", clip_folder / "merges.txt")
     ref = ClipBPETokenizer.bundled()

@@ -65,13 +65,14 @@ def _make_folder(folder: Path) -> None:
         raise OutputError(f"cannot create {folder}: {exc.strerror or type(exc).__name__}") from None
 
 
-def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing, truncated or corrupt file is a CheckpointError."""
+def load_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file, its tensors placed straight on ``device``; a missing, truncated or corrupt
+    file is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        return load_file(str(path))
+        return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"cannot read weights file {path}: corrupt or truncated ({msg})") from None

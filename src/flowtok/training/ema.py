@@ -32,9 +32,16 @@ class EMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for k in self.shadow:
-            self.shadow[k] = state[k].float().clone().to(self.shadow[k].device)
+        """Copy ``state`` into the fp32 shadow in place (read straight onto the device: no other copy)."""
+        missing = [k for k in self.shadow if k not in state]
+        if missing:
+            raise KeyError(f"EMA state has no '{missing[0]}' ({len(missing)} missing in all)")
+        for k, v in self.shadow.items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise ValueError(f"EMA state '{k}' has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+            v.copy_(state[k])
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

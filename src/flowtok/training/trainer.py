@@ -33,10 +33,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import atomic_write_text
-from ..errors import CheckpointError, ConfigError, FlowTokError
-from ..modeling import check_state_dict
+from ..errors import ConfigError, FlowTokError
+from ..flow import FlowTransformer
 from . import checkpoint as ckpt
 from .ema import EMA
+from .resume import Restore, process_age, resume_run
 from .stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ class TrainConfig:
     nan_policy: Literal["skip", "stop"] = "skip"
     max_consecutive_nan: int = 20
     compile: bool = False
+    # What train.compile compiles: "stage", the whole stage's forward (one large graph: a cold compile of a
+    # FlowTok-XL stage takes minutes); "blocks", regionally, each flow's blocks (FlowTransformer.compile_blocks,
+    # as benchmarks/train_step.py) with the rest eager (cold compile: one block's). Both compile the text tower.
+    compile_scope: Literal["stage", "blocks"] = "stage"
     max_minutes: float = 0.0  # >0: stop (checkpoint, evaluate, export) once this much wall time has passed
     tensorboard: bool = True
     progress: bool = True
@@ -124,6 +129,7 @@ class _Loop:
     n_last: int = 0  # samples since the last log step
     data_s: float = 0.0  # seconds spent getting batches since the last log step (the GPU idles meanwhile)
     start: int = 0  # the step this process started (or resumed) at
+    restore: Restore | None = None  # a resume's optimizer and EMA restore, until the first optimizer step
     t_last: float = field(default_factory=time.perf_counter)
     t_begin: float = field(default_factory=time.perf_counter)
 
@@ -139,18 +145,6 @@ def _memory() -> dict[str, float]:
     except (OSError, ValueError):
         pass
     return out
-
-
-def _process_age() -> float | None:
-    """Seconds since this process started (Linux), None elsewhere."""
-    try:
-        with open("/proc/self/stat") as fh:
-            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as fh:
-            uptime = float(fh.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _dist_info() -> tuple[int, int, int]:
@@ -247,6 +241,8 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved_config, sort_keys=False))
         stage.to(self.device)
         stage.setup(self.device)
+        if cfg.compile:
+            stage.compile_helpers()
         params = [p for p in stage.parameters() if p.requires_grad]
         if not params:
             raise ConfigError(f"stage '{stage.name}' has no trainable parameters")
@@ -258,58 +254,27 @@ class Trainer:
         )
         ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
         ckpt_dir = self.run_dir / "checkpoints"
-        start = self._resume(resume, ckpt_dir, opt, ema) if resume else 0
+        restore = resume_run(self, resume, ckpt_dir, opt, ema, process_age()) if resume else None
+        start = restore.step if restore is not None else 0
         model: nn.Module = stage
         if self.world > 1:
             model = nn.parallel.DistributedDataParallel(
                 stage, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=stage.ddp_find_unused_parameters)
-        forward = torch.compile(model) if cfg.compile else model
+        forward: Any = model
+        if cfg.compile and cfg.compile_scope == "blocks":
+            for m in stage.modules():
+                if isinstance(m, FlowTransformer):
+                    m.compile_blocks()
+        elif cfg.compile:
+            forward = torch.compile(model)
         bar = None
         if self.is_main and cfg.progress:
             bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, dynamic_ncols=True)
         stage.train()
         return _Loop(opt=opt, ema=ema, forward=forward, params=params, ckpt_dir=ckpt_dir,
-                     writer=self._open_writer(), bar=bar, step=start, stop_at=cfg.steps, start=start,
+                     writer=self._open_writer(), bar=bar, step=start, stop_at=cfg.steps, start=start, restore=restore,
                      ddp=model if isinstance(model, nn.parallel.DistributedDataParallel) else None)
-
-    def _resume(self, resume: str, ckpt_dir: Path, opt: torch.optim.Optimizer, ema: EMA | None) -> int:
-        """Load the stage, optimizer and EMA from ``resume`` ('latest' or a checkpoint); the step to go on from."""
-        # A checkpoint whose files verify but whose contents do not fit is skipped like a corrupt one.
-        def sound(c: ckpt.Checkpoint) -> None:
-            self._check_resumable(c)
-            ckpt.check_optimizer_state(c, opt)
-
-        found = self._choose_checkpoint(resume, ckpt_dir, sound)
-        if found is None:
-            log.info("no checkpoint in %s; starting from scratch", ckpt_dir)
-            return 0
-        self.stage.load_state_dict(found.model)
-        opt.load_state_dict(found.optimizer)
-        if ema is not None:
-            ema.load_state_dict(found.ema)
-        data_states = found.state.get("data")
-        if isinstance(data_states, list) and len(data_states) == self.world:
-            self.stage.load_data_state(data_states[self.rank])
-        log.info("resumed from %s at step %d", found.path, found.step)
-        return found.step
-
-    def _choose_checkpoint(self, resume: str, ckpt_dir: Path,
-                           sound: Callable[[ckpt.Checkpoint], Any]) -> ckpt.Checkpoint | None:
-        """Rank 0 picks the checkpoint and every rank loads that one: ranks that saw different folders
-        (a checkpoint being written, a slow file system) would resume at different steps and hang."""
-        path: str | None = None
-        if self.is_main:
-            if resume == "latest":
-                found = ckpt.load_latest(ckpt_dir, sound)
-                path = str(found.path) if found is not None else None
-            else:
-                path = resume
-        if self.world > 1:
-            box = [path]
-            dist.broadcast_object_list(box, src=0)
-            path = box[0]
-        return ckpt.load_checkpoint(Path(path), sound) if path is not None else None
 
     def _open_writer(self) -> Any:
         if not (self.is_main and self.cfg.tensorboard):
@@ -338,6 +303,7 @@ class Trainer:
             self._skip(loop, bad_input)
             return False
         loop.nan_run = 0
+        self._settle(loop)
         loop.opt.step()
         loop.opt.zero_grad(set_to_none=True)
         if loop.ema is not None:
@@ -350,8 +316,13 @@ class Trainer:
             loop.running[k] = loop.running[k] + v if k in loop.running else v
         loop.n_running += 1
         if loop.step == loop.start + 1:  # how long a (re)start takes to its first optimizer step
-            self._log_jsonl({"step": loop.step, "first_step_s": time.perf_counter() - loop.t_begin,
-                             "since_process_start_s": _process_age()})
+            first, age = time.perf_counter() - loop.t_begin, process_age()
+            resumed = {}
+            if loop.restore is not None:
+                log.info("%s", loop.restore.report(first, age))
+                resumed = {"resume_timings": loop.restore.timings, "resume_setup_s": loop.restore.setup_s}
+                loop.restore = None
+            self._log_jsonl({"step": loop.step, "first_step_s": first, "since_process_start_s": age, **resumed})
         if loop.bar is not None:
             loop.bar.update(1)
         return True
@@ -372,6 +343,8 @@ class Trainer:
             t0 = time.perf_counter()
             batch = self.stage.batch(step, self.micro_batch, m * self.world + self.rank, self.world * accum)
             loop.data_s += time.perf_counter() - t0
+            if loop.restore is not None:
+                loop.restore.start()  # loader workers are forked by now: the background restore may begin
             bad_input = _nonfinite_key(batch)
             if bad_input is not None:
                 return None, {}, bad_input
@@ -387,9 +360,18 @@ class Trainer:
             loss, metrics = sums.pop("loss"), sums
         return loss, metrics, None
 
+    def _settle(self, loop: _Loop) -> None:
+        """Wait for a resume's background restore of the optimizer and EMA (then the step's lr again: the
+        restored optimizer state carries the lr it was saved with)."""
+        if loop.restore is not None:
+            loop.restore.wait()
+            for g in loop.opt.param_groups:
+                g["lr"] = loop.lr
+
     def _skip(self, loop: _Loop, bad_input: str | None) -> None:
         """Drop a non-finite step's gradients, or stop the run when ``nan_policy`` says so."""
         cfg, step = self.cfg, loop.step
+        self._settle(loop)
         loop.opt.zero_grad(set_to_none=True)
         loop.nan_run += 1
         msg = (f"non-finite values in batch['{bad_input}'] at step {step}" if bad_input is not None
@@ -446,6 +428,7 @@ class Trainer:
 
     def _finish(self, loop: _Loop) -> Path:
         """The final evaluation and the export, both with the EMA weights."""
+        self._settle(loop)  # a resume at the last step takes no step: the EMA must still be in place
         if loop.bar is not None:
             loop.bar.close()
         self._evaluate(loop.ema, loop.step, loop.writer)
@@ -457,19 +440,6 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return out
-
-    def _check_resumable(self, found: ckpt.Checkpoint) -> None:
-        """A checkpoint of another stage or other shapes is a one-line error, not a load_state_dict dump."""
-        kind = found.state.get("stage")
-        if kind is not None and kind != self.stage.name:
-            raise CheckpointError(f"checkpoint {found.path} was written by stage '{kind}', "
-                                  f"this run trains '{self.stage.name}'")
-        check_state_dict(self.stage, found.model, f"checkpoint {found.path}")
-        if found.state.get("world_size", self.world) != self.world:
-            # Each step reads the same samples on any number of processes, but random draws are
-            # seeded per rank, so the run goes on correctly yet not bit-identical to an uninterrupted one.
-            log.warning("checkpoint %s was written by %s processes, resuming on %d: not bit-identical to "
-                        "an uninterrupted run", found.path, found.state.get("world_size"), self.world)
 
     def _with_ema(self, ema: EMA | None, fn):
         if ema is None:

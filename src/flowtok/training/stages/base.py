@@ -60,6 +60,13 @@ class Stage(nn.Module):
         """Move frozen helpers to ``device`` (trainable parts are moved by the trainer)."""
         self.device = device
 
+    def compile_helpers(self, **options: Any) -> None:
+        """Under ``train.compile``: compile the frozen text encoder a stage runs inside its step (its layers,
+        regionally); it runs under no_grad in its own dtype (bf16 on a GPU), outside the compiled stage."""
+        encoder = getattr(self, "encoder", None)
+        if isinstance(encoder, TextEncoder):
+            encoder.compile_layers(**options)
+
     def data_state(self) -> dict[str, Any] | None:
         """The data position to checkpoint, for a source whose position is not a function of the step
         (raw-image shards read by loader workers); None for the others."""
