@@ -3,7 +3,8 @@
 
 Launch on one device: ``flowtok train configs/shapes/t2i.yaml``. On N GPUs of one node:
 ``torchrun --nproc_per_node N -m flowtok.cli train CONFIG`` or ``accelerate launch -m flowtok.cli train CONFIG``
-(both set RANK / WORLD_SIZE / LOCAL_RANK, which is all this loop reads). ``train.batch_size`` is the
+(both set RANK / WORLD_SIZE / LOCAL_RANK, which is all this loop reads; :mod:`.distributed` holds the
+process group, the DDP wrapper and the collectives). ``train.batch_size`` is the
 GLOBAL batch: each of the N processes takes ``batch_size / N`` samples per step, so the same config
 gives the same optimisation on any number of GPUs. Several nodes: torchrun's ``--nnodes`` and
 ``--rdzv-endpoint`` as usual.
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import yaml
 from PIL import Image
 from torch import nn
@@ -36,6 +36,7 @@ from ..config import atomic_write_text
 from ..errors import CheckpointError, ConfigError, FlowTokError
 from ..modeling import check_state_dict
 from . import checkpoint as ckpt
+from . import distributed as ranks
 from .ema import EMA
 from .stages.base import Stage
 
@@ -153,13 +154,6 @@ def _process_age() -> float | None:
         return None
 
 
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
 class Trainer:
     def __init__(self, stage: Stage, cfg: TrainConfig, run_dir: str | os.PathLike, seed: int = 0,
                  device: str | None = None, resolved_config: dict[str, Any] | None = None) -> None:
@@ -167,17 +161,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.seed = seed
-        self.rank, self.world, local = _dist_info()
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.device.index is None:  # "cuda" or no device: this process's GPU
-            self.device = torch.device("cuda", local)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.rank, self.world, local = ranks.dist_info()
+        ranks.join(self.world)
+        self.device = ranks.process_device(device, local)
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by {self.world} processes x "
                               f"{cfg.grad_accum} accumulation steps")
@@ -259,19 +245,15 @@ class Trainer:
         ema = EMA(stage, cfg.ema_decay) if cfg.ema_decay > 0 else None
         ckpt_dir = self.run_dir / "checkpoints"
         start = self._resume(resume, ckpt_dir, opt, ema) if resume else 0
-        model: nn.Module = stage
-        if self.world > 1:
-            model = nn.parallel.DistributedDataParallel(
-                stage, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=stage.ddp_find_unused_parameters)
+        ddp = ranks.wrap(stage, self.device, self.world, stage.ddp_find_unused_parameters)
+        model: nn.Module = ddp if ddp is not None else stage
         forward = torch.compile(model) if cfg.compile else model
         bar = None
         if self.is_main and cfg.progress:
             bar = tqdm(total=cfg.steps, initial=start, desc=stage.name, dynamic_ncols=True)
         stage.train()
         return _Loop(opt=opt, ema=ema, forward=forward, params=params, ckpt_dir=ckpt_dir,
-                     writer=self._open_writer(), bar=bar, step=start, stop_at=cfg.steps, start=start,
-                     ddp=model if isinstance(model, nn.parallel.DistributedDataParallel) else None)
+                     writer=self._open_writer(), bar=bar, step=start, stop_at=cfg.steps, start=start, ddp=ddp)
 
     def _resume(self, resume: str, ckpt_dir: Path, opt: torch.optim.Optimizer, ema: EMA | None) -> int:
         """Load the stage, optimizer and EMA from ``resume`` ('latest' or a checkpoint); the step to go on from."""
@@ -305,10 +287,7 @@ class Trainer:
                 path = str(found.path) if found is not None else None
             else:
                 path = resume
-        if self.world > 1:
-            box = [path]
-            dist.broadcast_object_list(box, src=0)
-            path = box[0]
+        path = ranks.broadcast_from_main(path, self.world)
         return ckpt.load_checkpoint(Path(path), sound) if path is not None else None
 
     def _open_writer(self) -> Any:
@@ -425,10 +404,7 @@ class Trainer:
         if not keys:
             return {}
         vals = torch.stack([running[k].float().reshape(()) for k in keys]) / max(n, 1)
-        if self.world > 1:
-            vals = vals.to(self.device)
-            dist.all_reduce(vals)
-            vals = vals / self.world
+        vals = ranks.mean_over_ranks(vals, self.world, self.device)
         return dict(zip(keys, vals.tolist()))
 
     def _stop_when_out_of_time(self, loop: _Loop) -> None:
@@ -436,11 +412,7 @@ class Trainer:
         if self.cfg.max_minutes <= 0 or loop.stop_at != self.cfg.steps:
             return
         over = time.perf_counter() - loop.t_begin > 60 * self.cfg.max_minutes
-        if self.world > 1:
-            flag = torch.tensor(float(over), device=self.device)
-            dist.all_reduce(flag)  # every rank stops at the same step
-            over = flag.item() > 0
-        if over:
+        if ranks.any_rank(over, self.world, self.device):  # every rank stops at the same step
             loop.stop_at = loop.step
             log.info("time budget of %.1f min reached at step %d", self.cfg.max_minutes, loop.step)
 
@@ -454,8 +426,7 @@ class Trainer:
             self._with_ema(loop.ema, lambda: self.stage.export(out))
         if loop.writer is not None:
             loop.writer.close()
-        if self.world > 1:
-            dist.barrier()
+        ranks.barrier(self.world)
         return out
 
     def _check_resumable(self, found: ckpt.Checkpoint) -> None:
@@ -486,8 +457,7 @@ class Trainer:
     def _evaluate(self, ema: EMA | None, step: int, writer) -> None:
         if self.is_main:
             self._evaluate_main(ema, step, writer)
-        if self.world > 1:
-            dist.barrier()  # the others wait for rank 0's evaluation here, not in a collective that times out
+        ranks.barrier(self.world)  # the others wait for rank 0's evaluation here, not in a collective that times out
 
     def _evaluate_main(self, ema: EMA | None, step: int, writer) -> None:
         metrics, images = self._with_ema(ema, lambda: self.stage.evaluate(step))
@@ -506,14 +476,10 @@ class Trainer:
 
     def _save(self, ckpt_dir: Path, step: int, stage: Stage, ema: EMA | None, opt) -> None:
         data = stage.data_state()
-        states: list[Any] = [data] if data is not None else []
-        if data is not None and self.world > 1:
-            states = [None] * self.world
-            dist.all_gather_object(states, data)
+        states = ranks.gather_objects(data, self.world) if data is not None else []
         if self.is_main:
             self._save_main(ckpt_dir, step, stage, ema, opt, states)
-        if self.world > 1:
-            dist.barrier()  # no rank runs ahead of a checkpoint rank 0 is still writing
+        ranks.barrier(self.world)  # no rank runs ahead of a checkpoint rank 0 is still writing
 
     def _save_main(self, ckpt_dir: Path, step: int, stage: Stage, ema: EMA | None, opt, data: list) -> None:
         model_state = {k: v.detach().cpu() for k, v in stage.state_dict().items()}
