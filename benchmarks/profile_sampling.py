@@ -25,7 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import env_info, log, pick_device, sync  # noqa: E402
-from sampling import Shapes, build_flowtok, make_sampler, tiny_shapes  # noqa: E402
+from sampling import make_sampler  # noqa: E402
+from sampling_models import Shapes, build_flowtok, tiny_shapes  # noqa: E402
 
 
 def profiled(fn, device: torch.device, trace: str | None) -> tuple[float, list[dict[str, Any]], float]:

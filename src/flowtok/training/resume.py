@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from ..errors import CheckpointError
 from ..modeling import check_state_dict
 from . import checkpoint as ckpt
+from . import distributed as ranks
 
 if TYPE_CHECKING:
     from .ema import EMA
@@ -143,10 +143,7 @@ def choose_checkpoint(trainer: Trainer, resume: str, ckpt_dir: Path,
             path = str(found.path) if found is not None else None
         else:
             path = resume
-    if trainer.world > 1:
-        box = [path]
-        dist.broadcast_object_list(box, src=0)
-        path = box[0]
+    path = ranks.broadcast_from_main(path, trainer.world)
     if found is not None or path is None:
         return found
     return ckpt.load_checkpoint(Path(path), sound, trainer.device)

@@ -3,7 +3,8 @@
 
 Launch on one device: ``flowtok train configs/shapes/t2i.yaml``. On N GPUs of one node:
 ``torchrun --nproc_per_node N -m flowtok.cli train CONFIG`` or ``accelerate launch -m flowtok.cli train CONFIG``
-(both set RANK / WORLD_SIZE / LOCAL_RANK, which is all this loop reads). ``train.batch_size`` is the
+(both set RANK / WORLD_SIZE / LOCAL_RANK, which is all this loop reads; :mod:`.distributed` holds the
+process group, the DDP wrapper and the collectives). ``train.batch_size`` is the
 GLOBAL batch: each of the N processes takes ``batch_size / N`` samples per step, so the same config
 gives the same optimisation on any number of GPUs. Several nodes: torchrun's ``--nnodes`` and
 ``--rdzv-endpoint`` as usual.
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import yaml
 from PIL import Image
 from torch import nn
@@ -36,6 +36,7 @@ from ..config import atomic_write_text
 from ..errors import ConfigError, FlowTokError
 from ..flow import FlowTransformer
 from . import checkpoint as ckpt
+from . import distributed as ranks
 from .ema import EMA
 from .resume import Restore, process_age, resume_run
 from .stages.base import Stage
@@ -147,11 +148,6 @@ def _memory() -> dict[str, float]:
     return out
 
 
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
 
 
 class Trainer:
@@ -161,17 +157,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.seed = seed
-        self.rank, self.world, local = _dist_info()
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.device.index is None:  # "cuda" or no device: this process's GPU
-            self.device = torch.device("cuda", local)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.rank, self.world, local = ranks.dist_info()
+        ranks.join(self.world)
+        self.device = ranks.process_device(device, local)
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ConfigError(f"train.batch_size {cfg.batch_size} is not divisible by {self.world} processes x "
                               f"{cfg.grad_accum} accumulation steps")
@@ -256,11 +244,8 @@ class Trainer:
         ckpt_dir = self.run_dir / "checkpoints"
         restore = resume_run(self, resume, ckpt_dir, opt, ema, process_age()) if resume else None
         start = restore.step if restore is not None else 0
-        model: nn.Module = stage
-        if self.world > 1:
-            model = nn.parallel.DistributedDataParallel(
-                stage, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=stage.ddp_find_unused_parameters)
+        ddp = ranks.wrap(stage, self.device, self.world, stage.ddp_find_unused_parameters)
+        model: nn.Module = ddp if ddp is not None else stage
         forward: Any = model
         if cfg.compile and cfg.compile_scope == "blocks":
             for m in stage.modules():
@@ -274,7 +259,7 @@ class Trainer:
         stage.train()
         return _Loop(opt=opt, ema=ema, forward=forward, params=params, ckpt_dir=ckpt_dir,
                      writer=self._open_writer(), bar=bar, step=start, stop_at=cfg.steps, start=start, restore=restore,
-                     ddp=model if isinstance(model, nn.parallel.DistributedDataParallel) else None)
+                     ddp=ddp)
 
     def _open_writer(self) -> Any:
         if not (self.is_main and self.cfg.tensorboard):
@@ -407,10 +392,7 @@ class Trainer:
         if not keys:
             return {}
         vals = torch.stack([running[k].float().reshape(()) for k in keys]) / max(n, 1)
-        if self.world > 1:
-            vals = vals.to(self.device)
-            dist.all_reduce(vals)
-            vals = vals / self.world
+        vals = ranks.mean_over_ranks(vals, self.world, self.device)
         return dict(zip(keys, vals.tolist()))
 
     def _stop_when_out_of_time(self, loop: _Loop) -> None:
@@ -418,11 +400,7 @@ class Trainer:
         if self.cfg.max_minutes <= 0 or loop.stop_at != self.cfg.steps:
             return
         over = time.perf_counter() - loop.t_begin > 60 * self.cfg.max_minutes
-        if self.world > 1:
-            flag = torch.tensor(float(over), device=self.device)
-            dist.all_reduce(flag)  # every rank stops at the same step
-            over = flag.item() > 0
-        if over:
+        if ranks.any_rank(over, self.world, self.device):  # every rank stops at the same step
             loop.stop_at = loop.step
             log.info("time budget of %.1f min reached at step %d", self.cfg.max_minutes, loop.step)
 
@@ -437,8 +415,7 @@ class Trainer:
             self._with_ema(loop.ema, lambda: self.stage.export(out))
         if loop.writer is not None:
             loop.writer.close()
-        if self.world > 1:
-            dist.barrier()
+        ranks.barrier(self.world)
         return out
 
     def _with_ema(self, ema: EMA | None, fn):
@@ -456,8 +433,7 @@ class Trainer:
     def _evaluate(self, ema: EMA | None, step: int, writer) -> None:
         if self.is_main:
             self._evaluate_main(ema, step, writer)
-        if self.world > 1:
-            dist.barrier()  # the others wait for rank 0's evaluation here, not in a collective that times out
+        ranks.barrier(self.world)  # the others wait for rank 0's evaluation here, not in a collective that times out
 
     def _evaluate_main(self, ema: EMA | None, step: int, writer) -> None:
         metrics, images = self._with_ema(ema, lambda: self.stage.evaluate(step))
@@ -476,14 +452,10 @@ class Trainer:
 
     def _save(self, ckpt_dir: Path, step: int, stage: Stage, ema: EMA | None, opt) -> None:
         data = stage.data_state()
-        states: list[Any] = [data] if data is not None else []
-        if data is not None and self.world > 1:
-            states = [None] * self.world
-            dist.all_gather_object(states, data)
+        states = ranks.gather_objects(data, self.world) if data is not None else []
         if self.is_main:
             self._save_main(ckpt_dir, step, stage, ema, opt, states)
-        if self.world > 1:
-            dist.barrier()  # no rank runs ahead of a checkpoint rank 0 is still writing
+        ranks.barrier(self.world)  # no rank runs ahead of a checkpoint rank 0 is still writing
 
     def _save_main(self, ckpt_dir: Path, step: int, stage: Stage, ema: EMA | None, opt, data: list) -> None:
         model_state = {k: v.detach().cpu() for k, v in stage.state_dict().items()}
