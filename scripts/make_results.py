@@ -1,6 +1,7 @@
 """Regenerate docs/results.md (tables + plots) for a pipeline, by default the bundled flowtok-shapes.
 
     python scripts/make_results.py                 # about 10-20 minutes on 2 CPU cores
+    python scripts/make_results.py --n 500 --recon-n 500 --batch-size 16   # the page: 91 min on 2 shared cores
     python scripts/make_results.py --n 20 --fid-n 0 --out /tmp/quick   # a quick look
 
 Every number comes from flowtok.shapes.benchmark on this run; each result JSON (with its full
