@@ -169,12 +169,18 @@ def _write(tmp: Path, ckpt_dir: Path, final: Path, step: int, model: dict[str, t
     write_manifest(tmp, step)
     _fault_point(step, "manifest")
     _fsync_dir(tmp)
+    replaced = None
     if final.exists():  # a re-run of the same step after a resume: replace it whole
-        shutil.rmtree(final)
+        # Hidden first, deleted after: a kill inside the deletion must not leave half a checkpoint in view.
+        replaced = ckpt_dir / f".tmp-{final.name}-{os.getpid()}-replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     _fault_point(step, "rename")
     os.replace(tmp, final)
     _fsync_dir(ckpt_dir)
     _fault_point(step, "renamed")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -186,7 +192,12 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         return
     steps = list_checkpoints(ckpt_dir)
     for path in steps[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        hidden = path.with_name(f".tmp-{path.name}-pruned")  # out of view before its files go
+        try:
+            os.replace(path, hidden)
+        except OSError:
+            continue
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
