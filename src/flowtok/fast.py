@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidInputError
+from .nn.regions import compile_regions, uncompile_regions
 from .sampling import SAMPLERS, CudaGraphed
 
 if TYPE_CHECKING:
@@ -43,17 +44,6 @@ DEFAULT_FUSED_MIN_ROWS = 4096
 def to_uint8_nhwc(images: torch.Tensor) -> torch.Tensor:
     """Images [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], rounded as the pipeline's PIL output is."""
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def compile_regions(blocks: nn.ModuleList, **options: Any) -> None:
-    """Regional ``torch.compile``: every block compiled in place (one compiled graph shared by all)."""
-    for block in blocks:
-        block.compile(**{"dynamic": False, **options})
-
-
-def uncompile_regions(blocks: nn.ModuleList) -> None:
-    for block in blocks:
-        block._compiled_call_impl = None  # what Module.compile set; the eager forward is back
 
 
 class FastTextToImage:

@@ -66,29 +66,25 @@ def _guided(model: VelocityModel, guidance_scale: float, batch: int,
 
     A model with ``grouped_condition`` set (a FlowTransformer with fused inference enabled) is told instead
     that the batch is one (or, guided, two) groups sharing t and a null indicator: ``forward_grouped``."""
-    if getattr(model, "grouped_condition", False):
-        grouped = model.forward_grouped  # type: ignore[attr-defined]
-        if guidance_scale == 1.0:
-            return lambda x, t: grouped(x, t, (0,))
-
-        def guided_grouped(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v_cond, v_null = grouped(torch.cat([x, x]), t, (0, 1)).chunk(2)
-            return v_null + guidance_scale * (v_cond - v_null)
-
-        return guided_grouped
+    grouped = getattr(model, "grouped_condition", False)
     if guidance_scale == 1.0:
+        if grouped:
+            return lambda x, t: model.forward_grouped(x, t, (0,))  # type: ignore[attr-defined]
         cond = torch.zeros(batch, dtype=torch.bool, device=device)
+        return lambda x, t: model(x, t.expand(batch), cond)
 
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model(x, t.expand(batch), cond)
+    if grouped:  # the conditional half, then the null half, each sharing t and its indicator
+        def both_halves(x2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model.forward_grouped(x2, t, (0, 1))  # type: ignore[attr-defined]
+    else:
+        both = torch.cat([torch.zeros(batch, dtype=torch.bool, device=device),
+                          torch.ones(batch, dtype=torch.bool, device=device)])
 
-        return velocity
-
-    both = torch.cat([torch.zeros(batch, dtype=torch.bool, device=device),
-                      torch.ones(batch, dtype=torch.bool, device=device)])
+        def both_halves(x2: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(x2, t.expand(2 * batch), both)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v_cond, v_null = model(torch.cat([x, x]), t.expand(2 * batch), both).chunk(2)
+        v_cond, v_null = both_halves(torch.cat([x, x]), t).chunk(2)
         return v_null + guidance_scale * (v_cond - v_null)
 
     return guided

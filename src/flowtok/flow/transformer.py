@@ -43,6 +43,7 @@ from ..errors import ConfigError, InvalidInputError
 from ..modeling import PretrainedMixin
 from ..nn import TimestepEmbedder, sincos_1d
 from ..nn.dit import DiTBlock, FinalLayer
+from ..nn.regions import compile_regions
 
 # The null indicator has two states: 0 = conditional on the source latent, 1 = "null" (CFG).
 NUM_NULL_STATES = 2
@@ -156,9 +157,7 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         to :meth:`torch.nn.Module.compile` (default ``fullgraph=True, dynamic=False``: one graph per
         batch size, the fastest kernels for the fixed shapes of sampling and training). Returns self.
         """
-        options: dict[str, Any] = {"fullgraph": True, "dynamic": False, **compile_kwargs}
-        for block in self.blocks:
-            block.compile(**options)
+        compile_regions(self.blocks, **{"fullgraph": True, **compile_kwargs})
         return self
 
     def quantize_fp8(self, emulate: bool = False, calibrate: Callable[[], Any] | None = None) -> FlowTransformer:

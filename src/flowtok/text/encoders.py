@@ -35,6 +35,7 @@ import torch
 
 from ..config import from_dict
 from ..errors import CheckpointError, ConfigError, InvalidInputError
+from ..nn.regions import compile_regions
 from .cache import TextStateCache
 from .clip_tokenizer import ClipBPETokenizer, detokenize
 
@@ -233,8 +234,7 @@ class TextEncoder(ABC):
         if not stacks:
             return 0
         layers = max(stacks, key=len)
-        for layer in layers:
-            layer.compile(**{"dynamic": False, **options})
+        compile_regions(layers, **options)
         return len(layers)
 
     def _freeze(self, device: torch.device, dtype: torch.dtype) -> None:
