@@ -9,6 +9,9 @@ Phases (``--phases``, in order; each writes its numbers into the results JSON):
 - ``jpeg``: ``--jpeg-n`` 256-px JPEGs written as webdataset tar shards, then decoded samples/s through
   :class:`~flowtok.training.loader.RawImageSource` with each of ``--jpeg-workers`` loader workers.
 - ``baseline``: ``benchmarks/train_step.py`` (FlowTok-XL, compiled, ``--batch``): the flow alone.
+- ``resident``: the same ``flowtok train`` run as ``train`` with its data resident on the GPU
+  (``benchmarks/train_resident.py``: one batch served for every step, the posterior draw and the text tower
+  still run in the step): the streaming run's same-work baseline.
 - ``train``: ``flowtok train`` FlowTok-XL t2i streaming the big set, the CLIP tower in the step, compiled, then
   ``--resume latest`` for a few more steps (time to the first step and the trainer's ``resume timing:``
   breakdown), then the small set (memory and RSS; ``--train-sets big`` skips it).
@@ -187,6 +190,17 @@ def _train_cfg(args, work: Path, data: Path, run: Path, steps: int) -> Path:
     return path
 
 
+def resident(args, work: Path) -> dict[str, Any]:
+    run = work / "run_resident"
+    cfg = _train_cfg(args, work, work / "tokens_big", run, args.steps)
+    dev = ["--device", args.device] if args.device else []
+    t0 = time.perf_counter()
+    with open(work / "resident.log", "w") as fh:
+        rc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_resident.py"), str(cfg), *dev],
+                            stdout=fh, stderr=subprocess.STDOUT, timeout=args.train_timeout).returncode
+    return {"rc": rc, "seconds": time.perf_counter() - t0, **_summary(_records(run), args.skip_logs)}
+
+
 def _records(run: Path) -> list[dict]:
     p = run / "metrics.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
@@ -270,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results.setdefault("env", {"torch": torch.__version__, "cuda": torch.cuda.get_device_name()
                                if torch.cuda.is_available() else None, "cpus": os.cpu_count()})
     results.setdefault("settings", {}).update({k: v for k, v in vars(args).items() if k not in ("out",)})
-    phases = {"setup": setup, "pretokenize": pretokenize, "jpeg": jpeg, "baseline": baseline, "train": train}
+    phases = {"setup": setup, "pretokenize": pretokenize, "jpeg": jpeg, "baseline": baseline,
+              "resident": resident, "train": train}
     for name in args.phases.split(","):
         log(f"phase {name}")
         t0 = time.perf_counter()
@@ -285,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         big, base = results["train"].get("big", {}), results["baseline"].get("samples_per_s")
         if base and big.get("samples_per_s"):
             results["ratio_vs_train_step"] = big["samples_per_s"] / base
+    same = results.get("resident", {}).get("samples_per_s")
+    if same and results.get("train", {}).get("big", {}).get("samples_per_s"):
+        results["ratio_vs_resident"] = results["train"]["big"]["samples_per_s"] / same
     save(results, args.out)
     return results
 

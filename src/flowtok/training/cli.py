@@ -9,7 +9,7 @@ def _train(args: argparse.Namespace) -> int:
     from ..commands import check_device
     from .run import build_run
 
-    trainer = build_run(args.config, args.overrides, device=check_device(args.device))
+    trainer = build_run(args.config, args.overrides, device=check_device(args.device), resume=args.resume)
     out = trainer.fit(resume=args.resume, allow_config_change=args.allow_config_change)
     if trainer.is_main:
         print(f"exported to {out}")

@@ -5,6 +5,7 @@ The resolved config is written beside the run as ``config.yaml``, so every run c
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,13 @@ class RunConfig:
 
 
 def build_run(config: str | Path | dict[str, Any], overrides: list[str] | None = None,
-              device: str | None = None) -> Trainer:
+              device: str | None = None, resume: str | None = None) -> Trainer:
+    """The :class:`Trainer` of a config. With ``resume`` naming a checkpoint (or "latest" and the run has
+    one), the stage is built directly on its accelerator: its initial weights are about to be replaced by
+    the checkpoint's, and initialising a FlowTok-XL on the host costs seconds to tens of seconds of the
+    restart. A fresh run is always initialised on the host, so its weights do not depend on the device."""
+    from . import checkpoint as ckpt
+    from . import distributed as ranks
     from .stages import STAGES
 
     data = load_yaml(config) if not isinstance(config, dict) else dict(config)
@@ -45,7 +52,11 @@ def build_run(config: str | Path | dict[str, Any], overrides: list[str] | None =
     stage_cfg = from_dict(stage_cfg_cls, run.model, "model")
     # The initial weights come from ``seed`` too: without this two runs of one config start apart, and a
     # resumed run could only ever match the run it resumed, never a fresh run of the same config.
-    with torch.random.fork_rng(devices=[]):
+    build_on = torch.device("cpu")
+    if resume and (resume != "latest" or ckpt.list_checkpoints(Path(run.run_dir) / "checkpoints")):
+        build_on = ranks.process_device(device, ranks.dist_info()[2])
+    on_device = build_on if build_on.type != "cpu" else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[build_on] if build_on.type == "cuda" else []), on_device:
         torch.manual_seed(run.seed)
         try:
             stage = stage_cls(stage_cfg, run.data, run.seed)

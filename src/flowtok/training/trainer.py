@@ -38,6 +38,7 @@ from ..flow import FlowTransformer
 from . import checkpoint as ckpt
 from . import distributed as ranks
 from .ema import EMA
+from .prefetch import Prefetched, prefetch, set_rng_state
 from .resume import Restore, process_age, resume_run
 from .stages.base import Stage
 
@@ -70,6 +71,7 @@ class TrainConfig:
     # as benchmarks/train_step.py) with the rest eager (cold compile: one block's). Both compile the text tower.
     compile_scope: Literal["stage", "blocks"] = "stage"
     max_minutes: float = 0.0  # >0: stop (checkpoint, evaluate, export) once this much wall time has passed
+    prefetch: bool = True  # draw the next step's batch while this step's backward runs (see training/prefetch.py)
     tensorboard: bool = True
     progress: bool = True
 
@@ -131,6 +133,7 @@ class _Loop:
     data_s: float = 0.0  # seconds spent getting batches since the last log step (the GPU idles meanwhile)
     start: int = 0  # the step this process started (or resumed) at
     restore: Restore | None = None  # a resume's optimizer and EMA restore, until the first optimizer step
+    prefetched: Prefetched | None = None  # the next step's batch, drawn during this step's backward
     t_last: float = field(default_factory=time.perf_counter)
     t_begin: float = field(default_factory=time.perf_counter)
 
@@ -217,7 +220,7 @@ class Trainer:
                 self._evaluate(loop.ema, loop.step, loop.writer)
             self._stop_when_out_of_time(loop)
             if loop.step % self.cfg.ckpt_every == 0 or loop.step == loop.stop_at:
-                self._save(loop.ckpt_dir, loop.step, self.stage, loop.ema, loop.opt)
+                self._save(loop.ckpt_dir, loop.step, self.stage, loop.ema, loop.opt, loop.prefetched)
         return self._finish(loop)
 
     def _set_up(self, resume: str | None) -> _Loop:
@@ -282,8 +285,21 @@ class Trainer:
         finite = bad_input is None
         if finite:
             gnorm = torch.nn.utils.clip_grad_norm_(loop.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            # One sync for both: a non-finite loss gives non-finite gradients, which are never applied.
-            finite = bool(torch.isfinite(gnorm) & torch.isfinite(loss.detach()))
+            # One sync for all: a non-finite loss gives non-finite gradients, which are never applied; the
+            # next batch, drawn meanwhile, is checked in the same read-back.
+            flags = [torch.isfinite(gnorm) & torch.isfinite(loss.detach())]
+            if cfg.prefetch and step + 1 < loop.stop_at:
+                loop.prefetched, waited = prefetch(
+                    step + 1, self.device, self._seed_step,
+                    lambda s: self.stage.batch(s, self.micro_batch, self.rank, self.world * cfg.grad_accum),
+                    self.stage.data_state)
+                loop.data_s += waited
+                if loop.prefetched.finite is not None:
+                    flags.append(loop.prefetched.finite)
+            read = torch.stack(flags).tolist()
+            finite = bool(read[0])
+            if len(read) > 1 and loop.prefetched is not None:
+                loop.prefetched.clean = bool(read[1])
         if not finite:
             self._skip(loop, bad_input)
             return False
@@ -325,12 +341,18 @@ class Trainer:
         loss = None
         metrics: dict[str, Any] = {}
         for m in range(accum):
-            t0 = time.perf_counter()
-            batch = self.stage.batch(step, self.micro_batch, m * self.world + self.rank, self.world * accum)
-            loop.data_s += time.perf_counter() - t0
-            if loop.restore is not None:
-                loop.restore.start()  # loader workers are forked by now: the background restore may begin
-            bad_input = _nonfinite_key(batch)
+            pre, loop.prefetched = (loop.prefetched, None) if m == 0 else (None, loop.prefetched)
+            if pre is not None and pre.step == step:
+                batch = pre.batch
+                set_rng_state(pre.rng, self.device)  # as if drawn just now, after this step's seed
+                bad_input = None if pre.clean else _nonfinite_key(batch)
+            else:
+                t0 = time.perf_counter()
+                batch = self.stage.batch(step, self.micro_batch, m * self.world + self.rank, self.world * accum)
+                loop.data_s += time.perf_counter() - t0
+                if loop.restore is not None:
+                    loop.restore.start()  # loader workers are forked by now: the background restore may begin
+                bad_input = _nonfinite_key(batch)
             if bad_input is not None:
                 return None, {}, bad_input
             sync = loop.ddp is None or m == accum - 1
@@ -450,8 +472,10 @@ class Trainer:
             (self.run_dir / "previews").mkdir(exist_ok=True)
             Image.fromarray(arr).save(self.run_dir / "previews" / f"{k}-{step:07d}.png")
 
-    def _save(self, ckpt_dir: Path, step: int, stage: Stage, ema: EMA | None, opt) -> None:
-        data = stage.data_state()
+    def _save(self, ckpt_dir: Path, step: int, stage: Stage, ema: EMA | None, opt,
+              prefetched: Prefetched | None = None) -> None:
+        # A batch already drawn for the next step is not consumed yet: the position from before its draw.
+        data = prefetched.data_state if prefetched is not None else stage.data_state()
         states = ranks.gather_objects(data, self.world) if data is not None else []
         if self.is_main:
             self._save_main(ckpt_dir, step, stage, ema, opt, states)
