@@ -150,3 +150,51 @@ def test_two_processes_train_checkpoint_once_and_resume(tmp_path, monkeypatch):
     alone = train("train.steps=8", "--resume", "latest", procs=1)  # fewer processes: goes on, and says so
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert "written by 2 processes, resuming on 1" in alone.stderr
+
+
+class CountingStage(ToyStage):
+    """A toy stage whose data position is state (as raw-image shards are): the batches it has drawn."""
+
+    def __init__(self):
+        super().__init__()
+        self.taken = 0
+
+    def batch(self, step, local_batch, rank, world):
+        self.taken += 1
+        return super().batch(step, local_batch, rank, world)
+
+    def data_state(self):
+        return {"taken": self.taken}
+
+
+class NoisyStage(ToyStage):
+    """A toy stage whose batch takes a draw from the global RNG, as a posterior sample does."""
+
+    def batch(self, step, local_batch, rank, world):
+        b = super().batch(step, local_batch, rank, world)
+        return {**b, "x": b["x"] + 0.1 * torch.randn_like(b["x"])}
+
+
+def test_prefetching_the_next_batch_changes_no_number(tmp_path):
+    """The next step's batch is drawn during this step's backward, with the RNG of its own step: the run is
+    bit for bit the run that draws each batch at the start of its step (the batch's own draw, then dropout)."""
+    runs = {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        stage = NoisyStage()
+        Trainer(stage, _cfg(steps=12, prefetch=on), tmp_path / str(on), seed=0, device="cpu").fit()
+        runs[on] = stage.exported
+    for k, v in runs[True].items():
+        assert torch.equal(v, runs[False][k]), k
+
+
+def test_checkpoint_holds_the_data_position_before_the_prefetched_batch(tmp_path):
+    torch.manual_seed(0)
+    stage = CountingStage()
+    Trainer(stage, _cfg(steps=12, ckpt_every=5), tmp_path, seed=0, device="cpu").fit()
+    found = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    assert [p.name for p in found] == ["step-0000005", "step-0000010", "step-0000012"]
+    for path in found:
+        state = json.loads((path / "state.json").read_text())
+        step = int(path.name.split("-")[1])
+        assert state["data"] == [{"taken": step}], path.name  # at step 10: 10 batches drawn, not 11
