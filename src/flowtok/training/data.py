@@ -17,7 +17,7 @@ import torch
 from .. import shapes
 from ..data.readers import ImageCaptionFolder
 from ..errors import ConfigError, DataError
-from .loader import RawImageSource, TokenSource
+from .loader import RawImageSource, SceneStream, TokenSource
 from .pretokenize import LatentShards
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,21 @@ class BatchSource(Protocol):
 
 
 class ShapesSource:
-    """The procedural shapes world, rendered on the training device."""
+    """The procedural shapes world, rendered on the training device. On a GPU the scenes of the coming
+    steps are sampled ahead in ``data.workers`` loader processes (:class:`~.loader.SceneStream`); on a CPU,
+    whose cores are the trainer's, in the training process."""
 
     def __init__(self, cfg: DataConfig, seed: int, device: torch.device) -> None:
         self.cfg, self.seed, self.device = cfg, seed, device
+        self.scenes = (SceneStream(seed, cfg.split, cfg.num_objects, cfg.workers, cfg.prefetch)
+                       if device.type != "cpu" and cfg.workers > 0 else None)
 
     def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
+        if self.scenes is not None:
+            drawn = self.scenes.get(step, local_batch, rank, world)
+            scenes = [d[0] for d in drawn]
+            images = shapes.render_batch(scenes, self.cfg.size, self.device, [d[2] for d in drawn])
+            return {"images": images, "captions": [d[1] for d in drawn], "scenes": scenes}
         start = (step * world + rank) * local_batch
         images, captions, scenes = shapes.shapes_batch(self.seed, start, local_batch, split=self.cfg.split,
                                                        num_objects=self.cfg.num_objects, size=self.cfg.size,

@@ -11,7 +11,11 @@
   permutes the pool and decodes it batch by batch. Its position (epoch, pool start, samples taken) is
   saved in every checkpoint: a resume re-reads one pool's bytes and decodes nothing it skips.
 
-Both return batches already moved to the training device (pinned host memory, non-blocking copies);
+- :class:`SceneStream` samples the shapes world's scenes (and how each is drawn) for the coming steps in
+  loader worker processes: per-sample Python that left a GPU waiting most of a tokenizer step; the
+  rendering stays one vectorised pass on the training device.
+
+All return batches already moved to the training device (pinned host memory, non-blocking copies);
 ``wait_s`` accumulates the time the training loop was blocked on the loader.
 """
 
@@ -51,6 +55,55 @@ def _next(it: Iterator) -> Any:
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------ shapes
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+class _SceneBatches(torch.utils.data.Dataset):
+    """``dataset[(step, virtual_rank)]``: that micro-batch's (scene, caption, drawing) triples."""
+
+    def __init__(self, seed: int, local_batch: int, world: int, split: str, num_objects: int | None) -> None:
+        self.seed, self.local_batch, self.world, self.split, self.num_objects = seed, local_batch, world, split, num_objects
+
+    def __getitem__(self, key: tuple[int, int]) -> list:
+        from ..shapes.stream import drawn_at
+
+        step, rank = key
+        start = (step * self.world + rank) * self.local_batch
+        return [drawn_at(self.seed, i, self.split, self.num_objects) for i in range(start, start + self.local_batch)]
+
+
+class SceneStream:
+    """The scenes of the steps to come, sampled ahead by ``workers`` loader processes (in step order, so a
+    step's scenes are the ones :func:`~flowtok.shapes.shapes_batch` draws for it, and a resume is exact)."""
+
+    def __init__(self, seed: int, split: str, num_objects: int | None, workers: int, prefetch: int) -> None:
+        self.seed, self.split, self.num_objects = seed, split, num_objects
+        self.workers, self.prefetch = workers, prefetch
+        self.wait_s = 0.0
+        self._it: Iterator | None = None
+        self._next: tuple | None = None
+
+    def get(self, step: int, local_batch: int, rank: int, world: int) -> list:
+        _, real_world = _world()
+        if world % real_world:
+            real_world = 1
+        accum = world // real_world
+        key = (step, rank, local_batch, world)
+        t0 = time.perf_counter()
+        if self._it is None or key != self._next:
+            ds = _SceneBatches(self.seed, local_batch, world, self.split, self.num_objects)
+            self._it = iter(torch.utils.data.DataLoader(
+                ds, batch_size=None, sampler=_keys(step, rank, real_world, accum), num_workers=self.workers,
+                prefetch_factor=self.prefetch, collate_fn=_as_is, persistent_workers=False))
+        got = _next(self._it)
+        self.wait_s += time.perf_counter() - t0
+        self._next = ((step, rank + real_world, local_batch, world) if rank // real_world + 1 < accum
+                      else (step + 1, rank % real_world, local_batch, world))
+        return got
 
 
 # ------------------------------------------------------------------------------------------ tokens
