@@ -251,3 +251,16 @@ def test_shapes_scenes_sampled_in_workers_are_the_steps_own():
         a, b = plain.get(*key), ahead.get(*key)
         assert a["captions"] == b["captions"], key
         assert torch.equal(a["images"], b["images"]), key
+
+
+def test_text_only_stages_train_on_the_captions_of_the_rendered_scenes():
+    """The text decoder and distillation draw captions without images: the same captions shapes_batch gives
+    those samples (v2 names a white background only when the drawing has one)."""
+    from flowtok.shapes import shapes_batch
+    from flowtok.training.stages.shapes_world import ShapesWorld
+
+    world = ShapesWorld(0, DataConfig(kind="shapes", size=64))
+    _, captions, _ = shapes_batch(0, (3 * 2 + 1) * 32, 32, size=64)
+    assert world.train_captions(3, 32, 1, 2) == captions
+    _, held_out, _ = world.test_batch(8, 5, torch.device("cpu"), size=64)
+    assert world.test_captions(8, 5) == held_out

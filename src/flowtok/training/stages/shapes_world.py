@@ -10,7 +10,6 @@ stage an object with these methods.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ... import shapes
@@ -27,16 +26,15 @@ class ShapesWorld:
     def train_captions(self, step: int, local_batch: int, rank: int, world: int) -> list[str]:
         """The captions of the shapes batch of this step and process, drawn without rendering its images."""
         start = (step * world + rank) * local_batch
-        caps = []
-        for j in range(local_batch):
-            rng = np.random.default_rng([self.seed, start + j])
-            caps.append(shapes.caption(shapes.sample_scene(rng, self.data.num_objects, split=self.data.split), rng))
-        return caps
+        # The very captions shapes_batch gives these samples: a v2 caption names a white background only
+        # when its drawing has one, so the drawing is sampled (not rendered) too.
+        return [shapes.sample_at(self.seed, start + j, self.data.split, self.data.num_objects)[1]
+                for j in range(local_batch)]
 
     def test_captions(self, n: int, stream: int) -> list[str]:
-        """``n`` captions of held-out scenes (1 to 3 objects) from the evaluation stream ``stream``."""
-        rng = np.random.default_rng([self.seed, stream])
-        return [shapes.caption(shapes.sample_scene(rng, None, split="test"), rng) for _ in range(n)]
+        """``n`` captions of held-out scenes (1 to 3 objects) from the evaluation stream ``stream``: those of
+        :meth:`test_batch`'s scenes."""
+        return [shapes.sample_at(self.seed + stream, i, "test")[1] for i in range(n)]
 
     def test_batch(self, n: int, stream: int, device: torch.device, num_objects: int | None = None,
                    size: int | None = None) -> tuple[torch.Tensor, list[str], list[shapes.Scene]]:
