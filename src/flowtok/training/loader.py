@@ -57,6 +57,49 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _keys(step: int, rank: int, world: int, accum: int) -> Iterator[tuple[int, int]]:
+    """The order the trainer asks for micro-batches: (step, m * world + rank), m = 0 .. accum - 1."""
+    m = rank // world
+    while True:
+        yield step, m * world + rank % world
+        m += 1
+        if m == accum:
+            step, m = step + 1, 0
+
+
+class _StepStream:
+    """Micro-batches read ahead by ``workers`` DataLoader processes in the order the trainer asks for them:
+    ``dataset[(step, virtual rank)]`` for the dataset :meth:`_dataset` builds. A request out of that order
+    (a resume, a one-off read of another size) starts a new stream at it."""
+
+    def __init__(self, workers: int, prefetch: int) -> None:
+        self.workers, self.prefetch = workers, prefetch
+        self.wait_s = 0.0
+        self._it: Iterator | None = None
+        self._next: tuple | None = None
+
+    def _dataset(self, local_batch: int, world: int) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+    def _take(self, step: int, local_batch: int, rank: int, world: int, **loader_kw: Any) -> Any:
+        _, real_world = _world()
+        if world % real_world:
+            real_world = 1  # a caller outside the trainer's rank layout (e.g. a one-off measurement)
+        accum = world // real_world
+        key = (step, rank, local_batch, world)
+        t0 = time.perf_counter()
+        if self._it is None or key != self._next:
+            kw: dict[str, Any] = {"prefetch_factor": self.prefetch} if self.workers > 0 else {}
+            self._it = iter(torch.utils.data.DataLoader(
+                self._dataset(local_batch, world), batch_size=None, sampler=_keys(step, rank, real_world, accum),
+                num_workers=self.workers, **kw, **loader_kw))
+        got = _next(self._it)
+        self.wait_s += time.perf_counter() - t0
+        self._next = ((step, rank + real_world, local_batch, world) if rank // real_world + 1 < accum
+                      else (step + 1, rank % real_world, local_batch, world))
+        return got
+
+
 # ------------------------------------------------------------------------------------------ shapes
 def _as_is(batch: Any) -> Any:
     return batch
@@ -76,34 +119,19 @@ class _SceneBatches(torch.utils.data.Dataset):
         return [drawn_at(self.seed, i, self.split, self.num_objects) for i in range(start, start + self.local_batch)]
 
 
-class SceneStream:
+class SceneStream(_StepStream):
     """The scenes of the steps to come, sampled ahead by ``workers`` loader processes (in step order, so a
     step's scenes are the ones :func:`~flowtok.shapes.shapes_batch` draws for it, and a resume is exact)."""
 
     def __init__(self, seed: int, split: str, num_objects: int | None, workers: int, prefetch: int) -> None:
+        super().__init__(workers, prefetch)
         self.seed, self.split, self.num_objects = seed, split, num_objects
-        self.workers, self.prefetch = workers, prefetch
-        self.wait_s = 0.0
-        self._it: Iterator | None = None
-        self._next: tuple | None = None
+
+    def _dataset(self, local_batch: int, world: int) -> torch.utils.data.Dataset:
+        return _SceneBatches(self.seed, local_batch, world, self.split, self.num_objects)
 
     def get(self, step: int, local_batch: int, rank: int, world: int) -> list:
-        _, real_world = _world()
-        if world % real_world:
-            real_world = 1
-        accum = world // real_world
-        key = (step, rank, local_batch, world)
-        t0 = time.perf_counter()
-        if self._it is None or key != self._next:
-            ds = _SceneBatches(self.seed, local_batch, world, self.split, self.num_objects)
-            self._it = iter(torch.utils.data.DataLoader(
-                ds, batch_size=None, sampler=_keys(step, rank, real_world, accum), num_workers=self.workers,
-                prefetch_factor=self.prefetch, collate_fn=_as_is, persistent_workers=False))
-        got = _next(self._it)
-        self.wait_s += time.perf_counter() - t0
-        self._next = ((step, rank + real_world, local_batch, world) if rank // real_world + 1 < accum
-                      else (step + 1, rank % real_world, local_batch, world))
-        return got
+        return self._take(step, local_batch, rank, world, collate_fn=_as_is)
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -134,17 +162,7 @@ class _TokenBatches(torch.utils.data.Dataset):
                 "text_mask": torch.from_numpy(mask), "captions": got["captions"], "index": torch.from_numpy(idx)}
 
 
-def _keys(step: int, rank: int, world: int, accum: int) -> Iterator[tuple[int, int]]:
-    """The order the trainer asks for micro-batches: (step, m * world + rank), m = 0 .. accum - 1."""
-    m = rank // world
-    while True:
-        yield step, m * world + rank % world
-        m += 1
-        if m == accum:
-            step, m = step + 1, 0
-
-
-class TokenSource:
+class TokenSource(_StepStream):
     """The compact pre-tokenised format, streamed (or held in memory when small: ``data.in_memory``)."""
 
     def __init__(self, path: str, seed: int, device: torch.device, workers: int = 4, prefetch: int = 4,
@@ -156,33 +174,18 @@ class TokenSource:
         self.meta = self.shards.meta
         self.n = self.shards.n
         self.seed, self.device = seed, device
-        self.workers = 0 if hold else workers  # in memory a batch is an index gather: no worker helps
-        self.prefetch = prefetch
+        # In memory a batch is an index gather: no worker helps.
+        super().__init__(0 if hold else workers, prefetch)
         self.eos_id = int(self.meta["eos_token_id"])
-        self.wait_s = 0.0
-        self._it: Iterator | None = None
-        self._next: tuple | None = None
 
     def __len__(self) -> int:
         return self.n
 
+    def _dataset(self, local_batch: int, world: int) -> torch.utils.data.Dataset:
+        return _TokenBatches(self.shards, self.seed, local_batch, world, self.eos_id)
+
     def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
-        _, real_world = _world()
-        if world % real_world:
-            real_world = 1  # a caller outside the trainer's rank layout (e.g. a one-off measurement)
-        accum = world // real_world
-        key = (step, rank, local_batch, world)
-        t0 = time.perf_counter()
-        if self._it is None or key != self._next:
-            ds = _TokenBatches(self.shards, self.seed, local_batch, world, self.eos_id)
-            kw: dict[str, Any] = {"prefetch_factor": self.prefetch} if self.workers > 0 else {}
-            self._it = iter(torch.utils.data.DataLoader(
-                ds, batch_size=None, sampler=_keys(step, rank, real_world, accum), num_workers=self.workers,
-                pin_memory=self.device.type == "cuda", **kw))
-        batch = _next(self._it)
-        self.wait_s += time.perf_counter() - t0
-        self._next = ((step, rank + real_world, local_batch, world) if rank // real_world + 1 < accum
-                      else (step + 1, rank % real_world, local_batch, world))
+        batch = self._take(step, local_batch, rank, world, pin_memory=self.device.type == "cuda")
         return _to_device(batch, self.device)
 
     def indices(self, step: int, local_batch: int, rank: int, world: int) -> np.ndarray:

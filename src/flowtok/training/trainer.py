@@ -38,7 +38,7 @@ from ..flow import FlowTransformer
 from . import checkpoint as ckpt
 from . import distributed as ranks
 from .ema import EMA
-from .prefetch import Prefetched, prefetch, set_rng_state
+from .prefetch import Prefetched, finite_flag, prefetch, set_rng_state
 from .resume import Restore, process_age, resume_run
 from .stages.base import Stage
 
@@ -105,10 +105,11 @@ class NonFiniteLossError(FlowTokError, FloatingPointError):
 
 def _nonfinite_key(batch: dict[str, Any]) -> str | None:
     """The first floating-point tensor of ``batch`` holding NaN or inf, or None (one host sync when clean)."""
-    floats = [(k, v) for k, v in batch.items() if torch.is_tensor(v) and v.is_floating_point()]
-    if not floats or bool(torch.stack([torch.isfinite(v).all() for _, v in floats]).all()):
+    flag = finite_flag(batch)
+    if flag is None or bool(flag):
         return None
-    return next(k for k, v in floats if not bool(torch.isfinite(v).all()))
+    return next(k for k, v in batch.items() if torch.is_tensor(v) and v.is_floating_point()
+                and not bool(torch.isfinite(v).all()))
 
 
 @dataclass
