@@ -238,13 +238,15 @@ def test_paper_configs_parse(name):
 
 def test_shapes_scenes_sampled_in_workers_are_the_steps_own():
     """On a GPU the shapes source samples scenes in loader workers; forced on here, every micro-batch (two
-    accumulation micro-steps, a jump back as after a resume, a one-off other size) equals the in-process one."""
+    accumulation micro-steps, a jump back as after a resume, a one-off other size) equals the in-process one,
+    with three micro-steps drawn in one render."""
     from flowtok.training.data import ShapesSource
     from flowtok.training.loader import SceneStream
 
     cfg = DataConfig(kind="shapes", size=64, workers=2, prefetch=2)
     plain = ShapesSource(cfg, seed=3, device=torch.device("cpu"))
-    ahead = ShapesSource(cfg, seed=3, device=torch.device("cpu"))
+    ahead = ShapesSource(DataConfig(kind="shapes", size=64, workers=2, prefetch=2, render_ahead=3), seed=3,
+                         device=torch.device("cpu"))
     ahead.scenes = SceneStream(3, cfg.split, cfg.num_objects, workers=2, prefetch=2)
     keys = [(0, 4, 0, 2), (0, 4, 1, 2), (1, 4, 0, 2), (1, 4, 1, 2), (0, 4, 1, 2), (5, 16, 0, 1), (1, 4, 1, 2)]
     for key in keys:

@@ -36,6 +36,9 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     workers: int = 4  # loader worker processes (tokens, webdataset); decoding threads for folder data
     prefetch: int = 4  # batches each loader worker prepares ahead
+    # shapes on a GPU: the scenes of this many coming (micro-)steps are drawn in one render_batch call, whose
+    # ~2,500 small launches cost the same at any batch size (per-sample results are unchanged)
+    render_ahead: int = 16
     in_memory: Literal["auto", "memory", "stream"] = "auto"  # tokens: hold a small set in host memory
     shuffle_buffer: int = 2000  # webdataset: samples pooled (whole shards) and shuffled per loader worker
     # A held-out set read like the training data: in-training evaluation reports the stage's loss on it.
@@ -45,8 +48,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.kind != "shapes" and not self.path:
             raise ConfigError(f"data.path is required for data.kind={self.kind}")
-        if self.workers < 0 or self.prefetch < 1 or self.shuffle_buffer < 1 or self.eval_batches < 1:
-            raise ConfigError("data.workers must be >= 0 and data.prefetch, shuffle_buffer, eval_batches >= 1")
+        if (self.workers < 0 or self.prefetch < 1 or self.shuffle_buffer < 1 or self.eval_batches < 1
+                or self.render_ahead < 1):
+            raise ConfigError("data.workers must be >= 0 and data.prefetch, shuffle_buffer, eval_batches, "
+                              "render_ahead >= 1")
         if self.num_objects is not None and not 1 <= self.num_objects <= 3:
             raise ConfigError(f"data.num_objects must be 1, 2 or 3, got {self.num_objects}")
 
@@ -59,20 +64,38 @@ class BatchSource(Protocol):
 
 class ShapesSource:
     """The procedural shapes world, rendered on the training device. On a GPU the scenes of the coming
-    steps are sampled ahead in ``data.workers`` loader processes (:class:`~.loader.SceneStream`); on a CPU,
-    whose cores are the trainer's, in the training process."""
+    steps are sampled ahead in ``data.workers`` loader processes (:class:`~.loader.SceneStream`) and those of
+    ``data.render_ahead`` micro-steps are drawn together: a render costs a fixed number of kernel launches,
+    which at one step's batch kept the GPU waiting. On a CPU, whose cores are the trainer's, a step's scenes
+    are sampled and drawn in the training process when it asks for them."""
 
     def __init__(self, cfg: DataConfig, seed: int, device: torch.device) -> None:
         self.cfg, self.seed, self.device = cfg, seed, device
         self.scenes = (SceneStream(seed, cfg.split, cfg.num_objects, cfg.workers, cfg.prefetch)
                        if device.type != "cpu" and cfg.workers > 0 else None)
+        self._ready: dict[tuple[int, int, int, int], dict[str, Any]] = {}
+
+    def _render_ahead(self, key: tuple[int, int, int, int]) -> None:
+        assert self.scenes is not None
+        keys, drawn = [], []
+        for _ in range(self.cfg.render_ahead):
+            keys.append(key)
+            drawn.append(self.scenes.get(*key))
+            key = self.scenes.next_key
+        flat = [d for step in drawn for d in step]
+        images = shapes.render_batch([d[0] for d in flat], self.cfg.size, self.device, [d[2] for d in flat])
+        self._ready, at = {}, 0
+        for k, step in zip(keys, drawn):
+            self._ready[k] = {"images": images[at:at + len(step)], "captions": [d[1] for d in step],
+                              "scenes": [d[0] for d in step]}
+            at += len(step)
 
     def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         if self.scenes is not None:
-            drawn = self.scenes.get(step, local_batch, rank, world)
-            scenes = [d[0] for d in drawn]
-            images = shapes.render_batch(scenes, self.cfg.size, self.device, [d[2] for d in drawn])
-            return {"images": images, "captions": [d[1] for d in drawn], "scenes": scenes}
+            key = (step, local_batch, rank, world)
+            if key not in self._ready:  # the first request, one past the drawn ones, or out of order
+                self._render_ahead(key)
+            return self._ready.pop(key)
         start = (step * world + rank) * local_batch
         images, captions, scenes = shapes.shapes_batch(self.seed, start, local_batch, split=self.cfg.split,
                                                        num_objects=self.cfg.num_objects, size=self.cfg.size,

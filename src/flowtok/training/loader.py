@@ -133,6 +133,13 @@ class SceneStream(_StepStream):
     def get(self, step: int, local_batch: int, rank: int, world: int) -> list:
         return self._take(step, local_batch, rank, world, collate_fn=_as_is)
 
+    @property
+    def next_key(self) -> tuple[int, int, int, int]:
+        """``(step, local_batch, rank, world)`` of the micro-batch the trainer asks for after the last one."""
+        assert self._next is not None
+        step, rank, local_batch, world = self._next
+        return step, local_batch, rank, world
+
 
 # ------------------------------------------------------------------------------------------ tokens
 class _TokenBatches(torch.utils.data.Dataset):
