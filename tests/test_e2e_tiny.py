@@ -148,8 +148,20 @@ def test_pretokenize_then_train_on_latents(tiny_pipeline, tmp_path):
     i2t = {"tokenizer_path": tok, "projector_path": str(out / "text_projector"), "flow_preset": "tiny",
            "flow": {"num_tokens": K, "in_channels": C}, "eval_images": 2, "eval_steps": 1}
     cfg = {"stage": "i2t", "run_dir": str(tmp_path / "i2t"), "data": data, "train": TRAIN, "model": i2t}
-    out = build_run(cfg, device="cpu").fit()
+    run = build_run(cfg, device="cpu")
+    # The canonical captions' text latents are computed once at setup; a batch's are the ones its own
+    # captions give, parsed back to scenes and re-encoded.
+    stage = run.stage
+    stage.setup(torch.device("cpu"))
+    assert stage.targets is not None and stage.targets.shape == (10, K, C)
+    b = stage.batch(1, 4, 0, 1)
+    ts = stage.encoder.encode([stage.shapes.canonical_caption(stage.shapes.scene_of(c)) for c in b["captions"]])
+    want = stage.projector(ts.states.float(), ts.mask, sample=False).mean
+    torch.testing.assert_close(b["text_latents"], want)
+    out = run.fit()
     assert (out / "i2t_flow" / "model.safetensors").is_file()
+    every = shards.read(np.arange(10))["captions"]
+    assert shards.captions() == every == TokenShards(lat, in_memory=True).captions()
 
 
 def test_pretokenized_shape_mismatch(tiny_pipeline, tmp_path):

@@ -284,6 +284,21 @@ class TokenShards:
             captions[j] = os.pread(self._fd(s), int(b - a), f["text"].offset + int(a)).decode("utf-8")
         return {"moments": moments, "input_ids": ids, "captions": captions}
 
+    def captions(self) -> list[str]:
+        """Every sample's caption, in index order (one read of each shard's text and offsets)."""
+        out: list[str] = []
+        for s in range(len(self.paths)):
+            if self._ram is not None:
+                text, offsets = self._ram[s]["text"].tobytes(), self._ram[s]["text_offsets"]
+            else:
+                f = self.fields[s]
+                offsets = self._pread(s, f["text_offsets"], 0, int(self.starts[s + 1] - self.starts[s]) + 1)
+                text = os.pread(self._fd(s), int(offsets[-1]), f["text"].offset)
+                if len(text) != int(offsets[-1]):
+                    raise DataError(f"{self.paths[s]} is truncated (short read of its captions)")
+            out.extend(text[int(a):int(b)].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:]))
+        return out
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

@@ -16,7 +16,7 @@ from ...pipelines import FlowTokPipeline, SamplingDefaults
 from ...text import TextDecoder, TextEncoder, TextEncoderSpec, TextProjector, load_text_encoder
 from ...tokenizer import ImageTokenizer
 from ..data import BatchSource, DataConfig, LatentSource, build_source
-from ..pretokenize import LatentShards
+from ..loader import TokenSource
 from .base import (
     Stage,
     check_latent_shapes,
@@ -88,26 +88,37 @@ class I2TStage(Stage):
         self.source = build_source(self.data_cfg, self.seed, device)
         check_pretokenized(self.source, self.tokenizer, self.encoder)
         self.targets = None
-        if self.cfg.caption_mode == "canonical" and isinstance(self.source, LatentSource):
-            self.targets = self._canonical_targets(self.source.dataset)
+        if self.cfg.caption_mode == "canonical" and self.cfg.target == "mean":
+            self.targets = self._canonical_targets()
 
     @torch.no_grad()
-    def _canonical_targets(self, shards: LatentShards) -> torch.Tensor | None:
-        """Text latents of every pre-tokenised sample's canonical caption, computed once."""
-        if not all(r.get("scene") for r in shards.records):
+    def _canonical_targets(self) -> torch.Tensor | None:
+        """Text latents of every pre-tokenised sample's canonical caption, computed once (each distinct
+        caption encoded once): per batch, parsing and re-encoding the captions kept the GPU waiting most
+        of a step. ``None`` when the data is not pre-tokenised shapes samples."""
+        if isinstance(self.source, LatentSource):
+            records = self.source.dataset.records
+            if not all(r.get("scene") for r in records):
+                return None
+            canonical = [self.shapes.canonical_caption(r["scene"]) for r in records]
+        elif isinstance(self.source, TokenSource) and self.is_shapes_data():
+            canonical = [self.shapes.canonical_caption(self.shapes.scene_of(c)) for c in self.source.shards.captions()]
+        else:
             return None
+        distinct = sorted(set(canonical))
+        row = {c: i for i, c in enumerate(distinct)}
         out = []
-        for i in range(0, len(shards), 2048):
-            caps = [self.shapes.canonical_caption(r["scene"]) for r in shards.records[i:i + 2048]]
-            ts = self.encoder.encode(caps)
+        for i in range(0, len(distinct), 2048):
+            ts = self.encoder.encode(distinct[i:i + 2048])
             out.append(self.projector(ts.states.float(), ts.mask, sample=False).mean)
-        return torch.cat(out)
+        index = torch.tensor([row[c] for c in canonical], device=out[0].device)
+        return torch.cat(out).index_select(0, index)
 
     @torch.no_grad()
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         b = self.source.get(step, local_batch, rank, world)
         b["image_latents"] = image_latents(b, self.tokenizer)
-        if self.targets is not None and self.cfg.target == "mean":
+        if self.targets is not None:
             b["text_latents"] = self.targets.index_select(0, b["index"])
             return b
         if self.cfg.caption_mode == "canonical" and (b.get("scenes") or self.is_shapes_data()):
