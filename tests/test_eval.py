@@ -1,6 +1,7 @@
 """Evaluation: FID/KID sanity on real shapes, caption metrics = pycocoevalcap, PSNR/SSIM, the shapes
 benchmarks with fake models, and ``flowtok eval t2i | i2t | recon`` on a tiny trained pipeline."""
 
+import dataclasses
 import json
 import math
 import time
@@ -228,6 +229,25 @@ def test_i2t_perfect_captioner(capsys):
     wrong = shapes_bench.evaluate_i2t(lambda im: ["nonsense"] * len(im), n_per_group=1, objects=(1,),
                                       metrics=False)
     assert wrong["accuracy"]["seen"]["all"]["exact"] == 0.0 and "caption_metrics" not in wrong
+    assert res["confusions"] == [] and wrong["confusions"] == []  # unreadable captions are no confusion
+
+
+def test_confusions_name_the_misread_objects():
+    """A captioner that reads every star as a cross: the confusions list says so, per split, and counts it."""
+    def star_blind(images):
+        out = []
+        for scene in shapes.judge_batch(images):
+            objs = tuple(dataclasses.replace(o, shape="cross") if o.shape == "star" else o for o in scene.objects)
+            out.append(shapes.all_captions(dataclasses.replace(scene, objects=objs))[0])
+        return out
+
+    res = shapes_bench.evaluate_i2t(star_blind, n_per_group=30, objects=(1,), metrics=False)
+    items = shapes_bench.benchmark_items(30, 0, (1,), ("train", "test"))
+    stars = {(shapes_bench.SPLIT_NAMES[it.split], f"{o.size} {o.color} star") for it in items
+             for o in it.scene.objects if o.shape == "star"}
+    assert stars and {(c["split"], c["truth"]) for c in res["confusions"]} == stars
+    assert all(c["read"] == c["truth"].replace("star", "cross") for c in res["confusions"])
+    assert sum(c["n"] for c in res["confusions"]) == sum(o.shape == "star" for it in items for o in it.scene.objects)
 
 
 def test_recon_identity_and_blur():

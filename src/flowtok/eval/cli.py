@@ -199,11 +199,18 @@ def cmd_t2i(args: argparse.Namespace) -> int:
     write_results(args.out, results)
     if "accuracy" in results:
         print(format_accuracy_table(results["accuracy"]))
+        _print_confusions(results)
     if "fid" in results:
         f = results["fid"]
         print(f"FID {f['fid']:.2f}  KID {_fmt(f['kid'])}  ({f['generated_n']} generated vs {f['reference_set']})")
     print(f"results: {args.out}")
     return 0
+
+
+def _print_confusions(results: dict, top: int = 5) -> None:
+    """The most frequent misread objects (the full list is in the results JSON)."""
+    for c in results.get("confusions", [])[:top]:
+        print(f"misread {c['n']:>4} x  {c['split']:<9} {c['truth']} -> {c['read']}")
 
 
 def _fast_record(pipe, batch_size: int) -> dict:
@@ -238,6 +245,7 @@ def cmd_i2t(args: argparse.Namespace) -> int:
                                              jpeg_quality=args.jpeg))
     write_results(args.out, results)
     print(format_accuracy_table(results["accuracy"]))
+    _print_confusions(results)
     for split, m in results.get("caption_metrics", {}).items():
         print(f"{split:<9}" + "  ".join(f"{k} {_fmt(m[k])}" for k in (
             "bleu_1", "bleu_4", "meteor", "rouge_l", "cider", "spice")))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
@@ -119,6 +120,21 @@ def _breakdown(items: Sequence[BenchItem], preds: Sequence[Scene | None]) -> dic
             block["objects"][str(k)] = _accuracy([preds[i] for i in sub], [items[i].scene for i in sub])
         out[name] = block
     return out
+
+
+def confusions(items: Sequence[BenchItem], preds: Sequence[Scene | None], top: int = 20) -> list[dict]:
+    """The most frequent object-level misreadings: for every scene read with the right object count, each
+    object whose (size, colour, shape) differs from the truth's object in the same place, counted per
+    split as ``{"split", "truth", "read", "n"}`` (e.g. "large yellow diamond" read as "large yellow cross"),
+    most frequent first. Says *which* combinations fail where the accuracy table says how often."""
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for it, pred in zip(items, preds):
+        if pred is None or pred.num_objects != it.scene.num_objects:
+            continue
+        for t, p in zip(it.scene.objects, pred.objects):
+            if (t.size, t.color, t.shape) != (p.size, p.color, p.shape):
+                counts[(SPLIT_NAMES[it.split], f"{t.size} {t.color} {t.shape}", f"{p.size} {p.color} {p.shape}")] += 1
+    return [{"split": sp, "truth": t, "read": r, "n": n} for (sp, t, r), n in counts.most_common(top)]
 
 
 def _check_images(images: torch.Tensor, n: int, what: str) -> torch.Tensor:
@@ -225,6 +241,7 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
             "image_size": int(images.shape[-1]),
         },
         "accuracy": _breakdown(items, preds),
+        "confusions": confusions(items, preds),
         "timing": {"generate_s": round(gen_s, 3), "images": len(items)},
     }
     if fid_n > 0:
@@ -276,6 +293,7 @@ def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
             "parser": "flowtok.shapes.parse (unparseable caption = every attribute wrong)",
         },
         "accuracy": _breakdown(items, scenes),
+        "confusions": confusions(items, scenes),
         "timing": {"caption_s": round(cap_s, 3), "images": len(items)},
         "examples": [{"group": it.group, "prompt_scene": it.prompt, "caption": p}
                      for it, p in list(zip(items, preds))[:: max(1, len(items) // 6)]],
