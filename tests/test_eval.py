@@ -241,8 +241,8 @@ def test_confusions_name_the_misread_objects():
             out.append(shapes.all_captions(dataclasses.replace(scene, objects=objs))[0])
         return out
 
-    res = shapes_bench.evaluate_i2t(star_blind, n_per_group=30, objects=(1,), metrics=False)
-    items = shapes_bench.benchmark_items(30, 0, (1,), ("train", "test"))
+    res = shapes_bench.evaluate_i2t(star_blind, n_per_group=12, objects=(1,), metrics=False)
+    items = shapes_bench.benchmark_items(12, 0, (1,), ("train", "test"))
     stars = {(shapes_bench.SPLIT_NAMES[it.split], f"{o.size} {o.color} star") for it in items
              for o in it.scene.objects if o.shape == "star"}
     assert stars and {(c["split"], c["truth"]) for c in res["confusions"]} == stars
