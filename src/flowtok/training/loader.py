@@ -76,7 +76,7 @@ class _StepStream:
         self.workers, self.prefetch = workers, prefetch
         self.wait_s = 0.0
         self._it: Iterator | None = None
-        self._next: tuple | None = None
+        self._next: tuple[int, int, int, int] | None = None  # (step, local_batch, rank, world) expected next
 
     def _dataset(self, local_batch: int, world: int) -> torch.utils.data.Dataset:
         raise NotImplementedError
@@ -86,7 +86,7 @@ class _StepStream:
         if world % real_world:
             real_world = 1  # a caller outside the trainer's rank layout (e.g. a one-off measurement)
         accum = world // real_world
-        key = (step, rank, local_batch, world)
+        key = (step, local_batch, rank, world)
         t0 = time.perf_counter()
         if self._it is None or key != self._next:
             kw: dict[str, Any] = {"prefetch_factor": self.prefetch} if self.workers > 0 else {}
@@ -95,8 +95,8 @@ class _StepStream:
                 num_workers=self.workers, **kw, **loader_kw))
         got = _next(self._it)
         self.wait_s += time.perf_counter() - t0
-        self._next = ((step, rank + real_world, local_batch, world) if rank // real_world + 1 < accum
-                      else (step + 1, rank % real_world, local_batch, world))
+        self._next = ((step, local_batch, rank + real_world, world) if rank // real_world + 1 < accum
+                      else (step + 1, local_batch, rank % real_world, world))
         return got
 
 
@@ -137,8 +137,7 @@ class SceneStream(_StepStream):
     def next_key(self) -> tuple[int, int, int, int]:
         """``(step, local_batch, rank, world)`` of the micro-batch the trainer asks for after the last one."""
         assert self._next is not None
-        step, rank, local_batch, world = self._next
-        return step, local_batch, rank, world
+        return self._next
 
 
 # ------------------------------------------------------------------------------------------ tokens
