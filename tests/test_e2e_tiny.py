@@ -129,15 +129,27 @@ def test_text_latent_shape_mismatch_is_a_config_error(tiny_pipeline, tmp_path):
                                       "flow_preset": "tiny", "flow": {"num_tokens": K, "in_channels": C}})
 
 
-def test_pretokenize_then_train_on_latents(tiny_pipeline, tmp_path):
+def test_pretokenize_then_train_on_latents(tiny_pipeline, tmp_path, monkeypatch):
+    import flowtok.training.pretokenize as pretok
+    from flowtok import shapes
+
     tok = str(tiny_pipeline / "tokenizer")
     lat = tmp_path / "latents"
+    rendered = []
+    monkeypatch.setattr(pretok, "render_batch", lambda *a, **kw: rendered.append(shapes.render_batch(*a, **kw))
+                        or rendered[-1])
     assert main(["pretokenize", "--tokenizer", tok, "--out", str(lat), "--n", "10", "--batch-size", "4",
                  "--shard-size", "6", "--no-progress"]) == 0
     from flowtok.data.tokens import TokenShards
 
     shards = TokenShards(lat)
     assert len(shards) == 10 and len(shards.meta["shards"]) == 2
+    # The tokenizer saw each sample as the shapes stream draws it (v2: placement, shade, style,
+    # background), not the v1 canonical drawing of its scene.
+    images, captions, scenes = shapes.shapes_batch(0, 0, 10, size=64)
+    torch.testing.assert_close(torch.cat(rendered), images)
+    assert not torch.allclose(shapes.render_batch(scenes, 64), images)
+    assert shards.read(np.arange(10))["captions"] == captions
     assert shards.moments_shape == (K, 2 * C)  # the posterior: mean and logvar
     data = {"kind": "tokens", "path": str(lat), "workers": 0}
     model = {"tokenizer_path": tok, "projector_preset": "tiny", "projector": {"latent_channels": C},
@@ -303,3 +315,18 @@ def test_pipeline_fp8_calibrated_on_prompts(tiny_pipeline):
     img = pipe.text_to_image("a red circle", output_type="np", generator=torch.Generator().manual_seed(0))
     assert img.shape == ref.shape and np.abs(img - ref).mean() < 0.05
     assert len(pipe.image_to_text(torch.from_numpy(img).permute(0, 3, 1, 2))) == 1
+
+
+def test_image_latents_draw_mode_or_sample(tiny_pipeline):
+    from flowtok.tokenizer import ImageTokenizer
+    from flowtok.training.stages.base import image_latents
+
+    tok = ImageTokenizer.from_pretrained(tiny_pipeline / "tokenizer").float()
+    mean, logvar = torch.randn(3, K, C), torch.zeros(3, K, C)
+    batch = {"image_moments": torch.cat([mean, logvar], -1)}
+    # The mode is what the pipeline encodes an image to; a draw adds the posterior's unit noise here.
+    torch.testing.assert_close(image_latents(batch, tok, "mode"), tok.scale_latents(mean))
+    drawn = image_latents(batch, tok, "sample") / tok.scale_factor - mean
+    assert 0.5 < drawn.std().item() < 1.5
+    with pytest.raises(ConfigError, match="image_latent"):
+        image_latents(batch, tok, "median")

@@ -31,7 +31,7 @@ from ..config import atomic_write_text
 from ..data.tokens import FORMAT, read_header, shard_name, write_shard
 from ..errors import CheckpointError, ConfigError, DataError
 from ..modeling import load_safetensors
-from ..shapes import Scene, render_batch, sample_at
+from ..shapes import Scene, drawn_at, render_batch
 from ..untrusted import parse_json
 
 if TYPE_CHECKING:
@@ -91,8 +91,9 @@ class _Chunks(torch.utils.data.Dataset):
         unit, a, b, last = self.chunks[i]
         out: dict[str, Any] = {"unit": unit, "last": last}
         if self.data.kind == "shapes":
-            pairs = [sample_at(self.seed, j, self.data.split, self.data.num_objects) for j in range(a, b)]
-            out["scenes"], captions = [p[0] for p in pairs], [p[1] for p in pairs]
+            # Each sample is drawn as the shapes stream draws it (position, size, shade, style, background).
+            got = [drawn_at(self.seed, j, self.data.split, self.data.num_objects) for j in range(a, b)]
+            out["scenes"], captions, out["drawings"] = [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
         else:
             from ..data.readers import ImageCaptionFolder
 
@@ -178,7 +179,7 @@ def pretokenize(data, out_dir: str | Path, tokenizer, text_encoder, n: int | Non
         part = pending.setdefault(chunk["unit"], {"moments": [], "input_ids": [], "captions": []})
         if len(chunk["captions"]):
             if "scenes" in chunk:
-                images = render_batch(chunk["scenes"], data.size, device)
+                images = render_batch(chunk["scenes"], data.size, device, chunk["drawings"])
             else:
                 images = chunk["images"].to(device, non_blocking=True)
             with amp:

@@ -131,16 +131,19 @@ def load_frozen_tokenizer(path: str, device: torch.device) -> ImageTokenizer:
     return tokenizer
 
 
-def image_latents(batch: dict[str, Any], tokenizer: ImageTokenizer) -> torch.Tensor:
-    """Scaled image latents of a batch: a draw from the stored posterior (compact pre-tokenised data, sampled
-    at train time as the authors do), stored latents (unscaled), or encoded from its images."""
+def image_latents(batch: dict[str, Any], tokenizer: ImageTokenizer, draw: str = "mode") -> torch.Tensor:
+    """Scaled image latents of a batch: from the stored posterior (compact pre-tokenised data), stored
+    latents (unscaled), or encoded from its images. ``draw`` is ``"mode"`` (the posterior mean, what the
+    pipeline encodes an image to) or ``"sample"`` (a posterior draw, as the authors train)."""
+    if draw not in ("mode", "sample"):
+        raise ConfigError(f"image_latent must be 'mode' or 'sample', got {draw!r}")
     if "image_moments" in batch:
         cfg = tokenizer.config
-        raw = DiagonalGaussian(batch["image_moments"], cfg.logvar_min, cfg.logvar_max).sample()
-        return tokenizer.scale_latents(raw)
+        posterior = DiagonalGaussian(batch["image_moments"], cfg.logvar_min, cfg.logvar_max)
+        return tokenizer.scale_latents(posterior.sample() if draw == "sample" else posterior.mode())
     if "image_latents_raw" in batch:
         return tokenizer.scale_latents(batch["image_latents_raw"])
-    return tokenizer.encode_for_flow(batch["images"])
+    return tokenizer.encode_for_flow(batch["images"], sample=draw == "sample")
 
 
 def text_states(batch: dict[str, Any], encoder: TextEncoder) -> tuple[torch.Tensor, torch.Tensor]:

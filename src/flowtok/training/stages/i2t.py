@@ -44,6 +44,11 @@ class I2TStageConfig:
     # The ODE from one image latent has one end point, so several paraphrases of one image would be
     # averaged; "canonical" trains on one fixed template per scene (shapes world only).
     caption_mode: Literal["canonical", "random"] = "canonical"
+    # How a training image latent is drawn from the tokenizer's posterior: "mode" (its mean, what the
+    # pipeline encodes an image to) or "sample" (a draw, as the authors train). Sampling only suits a
+    # tokenizer whose posterior noise is small beside its signal: the shapes tokenizer's posterior std is
+    # about 3x its latents' spread, so a draw is mostly noise (docs/results.md, "posterior draws").
+    image_latent: Literal["mode", "sample"] = "mode"
     eval_images: int = 64
     # A trained flow folder of the same architecture to start from (fine-tuning); empty: from scratch.
     init_from: str = ""
@@ -117,7 +122,7 @@ class I2TStage(Stage):
     @torch.no_grad()
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         b = self.source.get(step, local_batch, rank, world)
-        b["image_latents"] = image_latents(b, self.tokenizer)
+        b["image_latents"] = image_latents(b, self.tokenizer, self.cfg.image_latent)
         if self.targets is not None:
             b["text_latents"] = self.targets.index_select(0, b["index"])
             return b

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 
@@ -45,6 +45,11 @@ class T2IStageConfig:
     objective: FlowObjectiveConfig = field(default_factory=FlowObjectiveConfig)
     kl_weight: float = 1e-4
     align_weight: float = 1.0
+    # How a training image latent is drawn from the tokenizer's posterior: "mode" (its mean, what the
+    # pipeline encodes an image to) or "sample" (a draw, as the authors train). Sampling only suits a
+    # tokenizer whose posterior noise is small beside its signal: the shapes tokenizer's posterior std is
+    # about 3x its latents' spread, so a draw is mostly noise (docs/results.md, "posterior draws").
+    image_latent: Literal["mode", "sample"] = "mode"
     eval_prompts: int = 64
     # A trained flow folder of the same architecture to start from (fine-tuning); empty: from scratch.
     init_from: str = ""
@@ -107,7 +112,7 @@ class T2IStage(Stage):
     @torch.no_grad()
     def batch(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         b = self.source.get(step, local_batch, rank, world)
-        b["image_latents"] = image_latents(b, self.tokenizer)
+        b["image_latents"] = image_latents(b, self.tokenizer, self.cfg.image_latent)
         b["text_states"], b["text_mask"] = text_states(b, self.encoder)
         return b
 
