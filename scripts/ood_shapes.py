@@ -148,7 +148,7 @@ def main() -> None:
             image.save(Path(args.save_images) / f"{k:04d}-{group}.png")
     result = {"protocol": {"script": "scripts/ood_shapes.py", "seed": args.seed, "n_single": args.n_single,
                            "n_multi": args.n_multi, "model": _shown(pipe.model_path),
-                           "decoding": "argmax" if args.raw else pipe.defaults.get("caption_grammar") or "argmax"},
+                           "decoding": "argmax" if args.raw else pipe.defaults.caption_grammar or "argmax"},
               "single_named_color_and_shape": named / max(1, args.n_single),
               "single_parses": parsed["single"] / max(1, args.n_single),
               "multi_parses": parsed["multi"] / max(1, args.n_multi),

@@ -312,3 +312,19 @@ def test_bundled_pipeline_captions_through_the_grammar(tmp_path) -> None:
         S.parse(text)
     with pytest.raises(CheckpointError, match="caption_grammar"):
         check_defaults({"caption_grammar": "english"}, "pipeline.json")
+
+
+def test_ood_script_runs_on_the_bundle(tmp_path):
+    """scripts/ood_shapes.py end to end on a few images of the bundled model: every grammar caption parses."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ood.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ood_shapes.py"
+    subprocess.run([sys.executable, str(script), "--n-single", "3", "--n-multi", "2", "--threads", "1",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300)
+    got = json.loads(out.read_text())
+    assert got["protocol"]["decoding"] == "shapes"
+    assert got["single_parses"] == got["multi_parses"] == 1.0
+    assert len(got["records"]) == 5 and 0.0 <= got["single_named_color_and_shape"] <= 1.0

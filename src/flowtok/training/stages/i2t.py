@@ -47,7 +47,7 @@ class I2TStageConfig:
     # How a training image latent is drawn from the tokenizer's posterior: "mode" (its mean, what the
     # pipeline encodes an image to) or "sample" (a draw, as the authors train). Sampling only suits a
     # tokenizer whose posterior noise is small beside its signal: the shapes tokenizer's posterior std is
-    # about 3x its latents' spread, so a draw is mostly noise (docs/results.md, "posterior draws").
+    # about 3x its latents' spread, so a draw is mostly noise (docs/training.md, "Posterior modes, not draws").
     image_latent: Literal["mode", "sample"] = "mode"
     eval_images: int = 64
     # A trained flow folder of the same architecture to start from (fine-tuning); empty: from scratch.
