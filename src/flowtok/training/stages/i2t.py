@@ -44,10 +44,8 @@ class I2TStageConfig:
     # The ODE from one image latent has one end point, so several paraphrases of one image would be
     # averaged; "canonical" trains on one fixed template per scene (shapes world only).
     caption_mode: Literal["canonical", "random"] = "canonical"
-    # How a training image latent is drawn from the tokenizer's posterior: "mode" (its mean, what the
-    # pipeline encodes an image to) or "sample" (a draw, as the authors train). Sampling only suits a
-    # tokenizer whose posterior noise is small beside its signal: the shapes tokenizer's posterior std is
-    # about 3x its latents' spread, so a draw is mostly noise (docs/training.md, "Posterior modes, not draws").
+    # The training image latent: the posterior's "mode" (what the pipeline encodes an image to) or a
+    # "sample" as the authors draw; see docs/training.md, "Posterior modes, not draws".
     image_latent: Literal["mode", "sample"] = "mode"
     eval_images: int = 64
     # A trained flow folder of the same architecture to start from (fine-tuning); empty: from scratch.
