@@ -176,6 +176,33 @@ def test_pretokenize_then_train_on_latents(tiny_pipeline, tmp_path, monkeypatch)
     assert shards.captions() == every == TokenShards(lat, in_memory=True).captions()
 
 
+def test_pretokenize_the_v1_world(tiny_pipeline, tmp_path, monkeypatch, caplog):
+    """``--world v1`` encodes the canonical drawings and says so in meta.json; training on those shards with
+    the default data.world (v2) warns that its evaluation draws another world."""
+    import logging
+
+    import flowtok.training.pretokenize as pretok
+    from flowtok import shapes
+    from flowtok.data.tokens import TokenShards
+    from flowtok.training.data import DataConfig, build_source
+
+    lat = tmp_path / "v1"
+    rendered = []
+    monkeypatch.setattr(pretok, "render_batch", lambda *a, **kw: rendered.append(shapes.render_batch(*a, **kw))
+                        or rendered[-1])
+    assert main(["pretokenize", "--tokenizer", str(tiny_pipeline / "tokenizer"), "--out", str(lat), "--n", "4",
+                 "--world", "v1", "--no-progress"]) == 0
+    images, captions, _ = shapes.shapes_batch(0, 0, 4, size=64, world="v1")
+    torch.testing.assert_close(torch.cat(rendered), images)
+    shards = TokenShards(lat)
+    assert shards.meta["world"] == "v1" and shards.read(np.arange(4))["captions"] == captions
+    with caplog.at_level(logging.WARNING, logger="flowtok.training.data"):
+        build_source(DataConfig(kind="tokens", path=str(lat), workers=0, world="v1"), 0, torch.device("cpu"))
+        assert "drawn in world" not in caplog.text
+        build_source(DataConfig(kind="tokens", path=str(lat), workers=0), 0, torch.device("cpu"))
+    assert "holds shapes drawn in world v1; in-training evaluation draws data.world=v2" in caplog.text
+
+
 def test_pretokenized_shape_mismatch(tiny_pipeline, tmp_path):
     lat = tmp_path / "latents"
     assert main(["pretokenize", "--tokenizer", str(tiny_pipeline / "tokenizer"), "--out", str(lat), "--n", "4",

@@ -16,8 +16,9 @@ import torch
 import yaml
 from torch import nn
 
+from flowtok.config import from_dict
 from flowtok.data.tokens import TokenShards, epoch_permutation, plan_memory
-from flowtok.errors import DataError
+from flowtok.errors import ConfigError, DataError
 from flowtok.training.data import DataConfig
 from flowtok.training.loader import RawImageSource, TokenSource
 from flowtok.training.trainer import Stage, TrainConfig, Trainer
@@ -266,3 +267,31 @@ def test_text_only_stages_train_on_the_captions_of_the_rendered_scenes():
     assert world.train_captions(3, 32, 1, 2) == captions
     _, held_out, _ = world.test_batch(8, 5, torch.device("cpu"), size=64)
     assert world.test_captions(8, 5) == held_out
+
+
+def test_data_world_picks_the_shapes_world():
+    """``data.world: v1`` draws the canonical world for training (in process and in loader workers) and for
+    in-training evaluation; the default is v2."""
+    from flowtok.shapes import shapes_batch
+    from flowtok.training.data import ShapesSource
+    from flowtok.training.loader import SceneStream
+    from flowtok.training.stages.shapes_world import ShapesWorld
+
+    assert DataConfig().world == "v2"
+    with pytest.raises(ConfigError):
+        from_dict(DataConfig, {"kind": "shapes", "world": "v3"}, "data")
+    cfg = DataConfig(kind="shapes", size=64, workers=2, prefetch=2, world="v1")
+    plain = ShapesSource(cfg, seed=3, device=torch.device("cpu"))
+    ahead = ShapesSource(cfg, seed=3, device=torch.device("cpu"))
+    ahead.scenes = SceneStream(3, cfg.split, cfg.num_objects, workers=2, prefetch=2, shapes_world="v1")
+    v1_images, v1_captions, _ = shapes_batch(3, 4, 4, size=64, world="v1")
+    v2_images, _, _ = shapes_batch(3, 4, 4, size=64)
+    for source in (plain, ahead):
+        got = source.get(1, 4, 0, 1)
+        assert got["captions"] == v1_captions
+        assert torch.equal(got["images"], v1_images) and not torch.equal(got["images"], v2_images)
+    world = ShapesWorld(3, cfg)
+    images, captions, _ = world.test_batch(4, 5, torch.device("cpu"))
+    want, want_captions, _ = shapes_batch(3 + 5, 0, 4, split="test", size=64, world="v1")
+    assert torch.equal(images, want) and captions == want_captions == world.test_captions(4, 5)
+    assert world.train_captions(1, 4, 0, 1) == v1_captions

@@ -56,7 +56,8 @@ def _pretokenize(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     tok = ImageTokenizer.from_pretrained(args.tokenizer, device=device).eval()
     data = from_dict(DataConfig, {"kind": args.data, "path": args.path, "size": tok.config.image_size,
-                                  "split": args.split, "num_objects": args.objects, "on_error": args.on_error},
+                                  "split": args.split, "num_objects": args.objects, "on_error": args.on_error,
+                                  "world": args.world},
                      "data")
     # Only the text encoder's tokenizer is used here (its network runs in the training step); a CPU copy.
     encoder = load_text_encoder(TextEncoderSpec.parse(args.text_encoder), max_length=tok.config.num_latent_tokens,
@@ -84,6 +85,8 @@ def register_pretokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--path", default=None, help="image folder or shard directory / brace pattern (not for shapes)")
     p.add_argument("--split", choices=["train", "test", "any"], default="train")
     p.add_argument("--objects", type=int, default=None, help="shapes: fixed number of objects")
+    p.add_argument("--world", choices=["v1", "v2"], default="v2",
+                   help="shapes: v2 varies the drawings (default); v1 is the original canonical drawing")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     p.add_argument("--text-encoder", default="minilm",
                    help='text encoder: a name (minilm) or a JSON spec, e.g. \'{"name": "clip", "path": "..."}\'; '

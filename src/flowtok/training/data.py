@@ -32,6 +32,9 @@ class DataConfig:
     size: int = 128  # image resolution
     split: Literal["train", "test", "any"] = "train"  # shapes world split
     num_objects: int | None = None  # shapes world: fix the number of objects (None: 1 to 3)
+    # Which shapes world is drawn for shapes data, pre-tokenisation and in-training evaluation: v2 (varied
+    # drawings, the default) or v1 (the canonical drawing), as `flowtok eval --world`.
+    world: Literal["v1", "v2"] = "v2"
     crop: Literal["center", "random"] = "center"
     on_error: Literal["raise", "skip"] = "raise"
     workers: int = 4  # loader worker processes (tokens, webdataset); decoding threads for folder data
@@ -71,7 +74,7 @@ class ShapesSource:
 
     def __init__(self, cfg: DataConfig, seed: int, device: torch.device) -> None:
         self.cfg, self.seed, self.device = cfg, seed, device
-        self.scenes = (SceneStream(seed, cfg.split, cfg.num_objects, cfg.workers, cfg.prefetch)
+        self.scenes = (SceneStream(seed, cfg.split, cfg.num_objects, cfg.workers, cfg.prefetch, cfg.world)
                        if device.type != "cpu" and cfg.workers > 0 else None)
         self._ready: dict[tuple[int, int, int, int], dict[str, Any]] = {}
 
@@ -99,7 +102,7 @@ class ShapesSource:
         start = (step * world + rank) * local_batch
         images, captions, scenes = shapes.shapes_batch(self.seed, start, local_batch, split=self.cfg.split,
                                                        num_objects=self.cfg.num_objects, size=self.cfg.size,
-                                                       device=self.device)
+                                                       device=self.device, world=self.cfg.world)
         return {"images": images, "captions": captions, "scenes": scenes}
 
 
@@ -154,7 +157,12 @@ def build_source(cfg: DataConfig, seed: int, device: torch.device) -> BatchSourc
     if cfg.kind == "latents":
         return LatentSource(str(cfg.path), seed, device)
     if cfg.kind == "tokens":
-        return TokenSource(str(cfg.path), seed, device, cfg.workers, cfg.prefetch, cfg.in_memory)
+        source = TokenSource(str(cfg.path), seed, device, cfg.workers, cfg.prefetch, cfg.in_memory)
+        drawn = source.meta.get("world")
+        if drawn is not None and drawn != cfg.world:
+            log.warning("%s holds shapes drawn in world %s; in-training evaluation draws data.world=%s",
+                        cfg.path, drawn, cfg.world)
+        return source
     if cfg.kind == "webdataset":
         return RawImageSource(cfg, seed, device)
     raise ConfigError(f"unknown data.kind {cfg.kind!r}")

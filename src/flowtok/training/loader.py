@@ -108,27 +108,31 @@ def _as_is(batch: Any) -> Any:
 class _SceneBatches(torch.utils.data.Dataset):
     """``dataset[(step, virtual_rank)]``: that micro-batch's (scene, caption, drawing) triples."""
 
-    def __init__(self, seed: int, local_batch: int, world: int, split: str, num_objects: int | None) -> None:
+    def __init__(self, seed: int, local_batch: int, world: int, split: str, num_objects: int | None,
+                 shapes_world: str) -> None:
         self.seed, self.local_batch, self.world, self.split, self.num_objects = seed, local_batch, world, split, num_objects
+        self.shapes_world = shapes_world
 
     def __getitem__(self, key: tuple[int, int]) -> list:
         from ..shapes.stream import drawn_at
 
         step, rank = key
         start = (step * self.world + rank) * self.local_batch
-        return [drawn_at(self.seed, i, self.split, self.num_objects) for i in range(start, start + self.local_batch)]
+        return [drawn_at(self.seed, i, self.split, self.num_objects, self.shapes_world)
+                for i in range(start, start + self.local_batch)]
 
 
 class SceneStream(_StepStream):
     """The scenes of the steps to come, sampled ahead by ``workers`` loader processes (in step order, so a
     step's scenes are the ones :func:`~flowtok.shapes.shapes_batch` draws for it, and a resume is exact)."""
 
-    def __init__(self, seed: int, split: str, num_objects: int | None, workers: int, prefetch: int) -> None:
+    def __init__(self, seed: int, split: str, num_objects: int | None, workers: int, prefetch: int,
+                 shapes_world: str = "v2") -> None:
         super().__init__(workers, prefetch)
-        self.seed, self.split, self.num_objects = seed, split, num_objects
+        self.seed, self.split, self.num_objects, self.shapes_world = seed, split, num_objects, shapes_world
 
     def _dataset(self, local_batch: int, world: int) -> torch.utils.data.Dataset:
-        return _SceneBatches(self.seed, local_batch, world, self.split, self.num_objects)
+        return _SceneBatches(self.seed, local_batch, world, self.split, self.num_objects, self.shapes_world)
 
     def get(self, step: int, local_batch: int, rank: int, world: int) -> list:
         return self._take(step, local_batch, rank, world, collate_fn=_as_is)

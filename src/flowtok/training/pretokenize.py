@@ -92,7 +92,7 @@ class _Chunks(torch.utils.data.Dataset):
         out: dict[str, Any] = {"unit": unit, "last": last}
         if self.data.kind == "shapes":
             # Each sample is drawn as the shapes stream draws it (position, size, shade, style, background).
-            got = [drawn_at(self.seed, j, self.data.split, self.data.num_objects) for j in range(a, b)]
+            got = [drawn_at(self.seed, j, self.data.split, self.data.num_objects, self.data.world) for j in range(a, b)]
             out["scenes"], captions, out["drawings"] = [g[0] for g in got], [g[1] for g in got], [g[2] for g in got]
         else:
             from ..data.readers import ImageCaptionFolder
@@ -200,11 +200,13 @@ def pretokenize(data, out_dir: str | Path, tokenizer, text_encoder, n: int | Non
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if rank == 0:
-        write_meta(out, len(units), total, tokenizer, text_encoder, data.kind)
+        write_meta(out, len(units), total, tokenizer, text_encoder, data.kind,
+                   data.world if data.kind == "shapes" else None)
     return out
 
 
-def write_meta(out: Path, num_units: int, planned: int | None, tokenizer, text_encoder, source: str) -> None:
+def write_meta(out: Path, num_units: int, planned: int | None, tokenizer, text_encoder, source: str,
+               shapes_world: str | None = None) -> None:
     shards: list[dict[str, Any]] = []
     text_bytes = 0
     for i in range(num_units):
@@ -224,6 +226,8 @@ def write_meta(out: Path, num_units: int, planned: int | None, tokenizer, text_e
             "vocab_size": text_encoder.vocab_size, "scale_factor": tokenizer.scale_factor,
             "tokenizer": {k: v for k, v in vars(tokenizer.config).items() if not k.startswith("_")},
             "source": source, "mean_text_bytes": round(text_bytes / max(n, 1))}
+    if shapes_world is not None:
+        meta["world"] = shapes_world
     atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, default=str))
     log.info("%s: %d samples in %d shards", out, n, len(shards))
 

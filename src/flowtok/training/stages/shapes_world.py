@@ -28,19 +28,19 @@ class ShapesWorld:
         start = (step * world + rank) * local_batch
         # The very captions shapes_batch gives these samples: a v2 caption names a white background only
         # when its drawing has one, so the drawing is sampled (not rendered) too.
-        return [shapes.sample_at(self.seed, start + j, self.data.split, self.data.num_objects)[1]
+        return [shapes.sample_at(self.seed, start + j, self.data.split, self.data.num_objects, self.data.world)[1]
                 for j in range(local_batch)]
 
     def test_captions(self, n: int, stream: int) -> list[str]:
         """``n`` captions of held-out scenes (1 to 3 objects) from the evaluation stream ``stream``: those of
         :meth:`test_batch`'s scenes."""
-        return [shapes.sample_at(self.seed + stream, i, "test")[1] for i in range(n)]
+        return [shapes.sample_at(self.seed + stream, i, "test", world=self.data.world)[1] for i in range(n)]
 
     def test_batch(self, n: int, stream: int, device: torch.device, num_objects: int | None = None,
                    size: int | None = None) -> tuple[torch.Tensor, list[str], list[shapes.Scene]]:
         """``n`` held-out scenes rendered at ``size`` (default: the run's image size): images, captions, scenes."""
         return shapes.shapes_batch(self.seed + stream, 0, n, split="test", num_objects=num_objects,
-                                   size=size or self.data.size, device=device)
+                                   size=size or self.data.size, device=device, world=self.data.world)
 
     @staticmethod
     def judge_exact(images: torch.Tensor, scenes: list[shapes.Scene]) -> float:
