@@ -41,13 +41,14 @@ def tokenizer_folder(model: str | None) -> Path:
 
 
 @torch.no_grad()
-def encode(tok: ImageTokenizer, world: str, split: str, n: int, seed: int, batch: int = 250):
+def encode(tok: ImageTokenizer, world: str, split: str, n: int, seed: int, batch: int = 250,
+           device: str = "cpu"):
     """Flattened mode latents [n, K * C] of ``n`` single-object scenes, and their labels per attribute."""
     feats, labels = [], {a: [] for a in ATTRIBUTES}
     held = 0
     for start in range(0, n, batch):
         images, _, scenes = shapes_batch(seed, start, min(batch, n - start), split=split, num_objects=1,
-                                         size=tok.config.image_size, world=world)
+                                         size=tok.config.image_size, device=device, world=world)
         feats.append(tok.encode_for_flow(images).flatten(1).float())
         for scene in scenes:
             obj = scene.objects[0]
@@ -55,7 +56,7 @@ def encode(tok: ImageTokenizer, world: str, split: str, n: int, seed: int, batch
             for attr, value in (("color", obj.color), ("shape", obj.shape), ("size", obj.size),
                                 ("region", scene.layout)):
                 labels[attr].append(ATTRIBUTES[attr].index(value))
-    return torch.cat(feats), {a: torch.tensor(v) for a, v in labels.items()}, held / n
+    return torch.cat(feats), {a: torch.tensor(v, device=device) for a, v in labels.items()}, held / n
 
 
 class Probe(nn.Module):
@@ -74,7 +75,7 @@ class Probe(nn.Module):
 
 def fit(x: torch.Tensor, y: dict[str, torch.Tensor], hidden: int, epochs: int, seed: int) -> Probe:
     torch.manual_seed(seed)
-    probe = Probe(x.shape[1], hidden)
+    probe = Probe(x.shape[1], hidden).to(x.device)
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=1e-2)
     for _ in range(epochs):
         opt.zero_grad()
@@ -100,15 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=512, help="the MLP probe's hidden width")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (results match up to float rounding)")
     p.add_argument("--out", default=None, help="results JSON (written atomically)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     folder = tokenizer_folder(args.model)
-    tok = ImageTokenizer.from_pretrained(folder).eval()
-    x_train, y_train, _ = encode(tok, args.world, "train", args.n_train, args.seed)
-    x_test, y_test, held = encode(tok, args.world, "test", args.n_test, args.seed + 1)
+    tok = ImageTokenizer.from_pretrained(folder, device=args.device).eval()
+    x_train, y_train, _ = encode(tok, args.world, "train", args.n_train, args.seed, device=args.device)
+    x_test, y_test, held = encode(tok, args.world, "test", args.n_test, args.seed + 1, device=args.device)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-4
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     results: dict[str, dict[str, dict[str, float]]] = {}
