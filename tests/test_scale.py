@@ -248,7 +248,7 @@ def test_shapes_scenes_sampled_in_workers_are_the_steps_own():
     plain = ShapesSource(cfg, seed=3, device=torch.device("cpu"))
     ahead = ShapesSource(DataConfig(kind="shapes", size=64, workers=2, prefetch=2, render_ahead=3), seed=3,
                          device=torch.device("cpu"))
-    ahead.scenes = SceneStream(3, cfg.split, cfg.num_objects, workers=2, prefetch=2)
+    ahead.scenes = SceneStream(3, cfg.split, cfg.num_objects, workers=2, prefetch=2, shapes_world=cfg.world)
     keys = [(0, 4, 0, 2), (0, 4, 1, 2), (1, 4, 0, 2), (1, 4, 1, 2), (0, 4, 1, 2), (5, 16, 0, 1), (1, 4, 1, 2)]
     for key in keys:
         a, b = plain.get(*key), ahead.get(*key)

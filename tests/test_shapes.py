@@ -314,17 +314,21 @@ def test_bundled_pipeline_captions_through_the_grammar(tmp_path) -> None:
         check_defaults({"caption_grammar": "english"}, "pipeline.json")
 
 
-def test_ood_script_runs_on_the_bundle(tmp_path):
-    """scripts/ood_shapes.py end to end on a few images of the bundled model: every grammar caption parses."""
+def _run_script(name: str, out, *args: str) -> dict:
+    """``scripts/<name>`` run in a fresh interpreter with ``--out out``; its JSON report."""
     import subprocess
     import sys
     from pathlib import Path
 
-    out = tmp_path / "ood.json"
-    script = Path(__file__).resolve().parents[1] / "scripts" / "ood_shapes.py"
-    subprocess.run([sys.executable, str(script), "--n-single", "3", "--n-multi", "2", "--threads", "1",
-                    "--out", str(out)], check=True, capture_output=True, timeout=300)
-    got = json.loads(out.read_text())
+    script = Path(__file__).resolve().parents[1] / "scripts" / name
+    subprocess.run([sys.executable, str(script), *args, "--out", str(out)], check=True, capture_output=True,
+                   timeout=300)
+    return json.loads(out.read_text())
+
+
+def test_ood_script_runs_on_the_bundle(tmp_path):
+    """scripts/ood_shapes.py end to end on a few images of the bundled model: every grammar caption parses."""
+    got = _run_script("ood_shapes.py", tmp_path / "ood.json", "--n-single", "3", "--n-multi", "2", "--threads", "1")
     assert got["protocol"]["decoding"] == "shapes"
     assert got["single_parses"] == got["multi_parses"] == 1.0
     assert len(got["records"]) == 5 and 0.0 <= got["single_named_color_and_shape"] <= 1.0
@@ -333,16 +337,8 @@ def test_ood_script_runs_on_the_bundle(tmp_path):
 def test_probe_latents_script_on_the_bundle(tmp_path):
     """scripts/probe_latents.py end to end on the bundled tokenizer: seen scenes train both probes, every
     test scene shows a held-out colour-shape pair, and the report holds each attribute's accuracies."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    out = tmp_path / "probe.json"
-    script = Path(__file__).resolve().parents[1] / "scripts" / "probe_latents.py"
-    subprocess.run([sys.executable, str(script), "--n-train", "40", "--n-test", "12", "--epochs", "30",
-                    "--hidden", "32", "--threads", "1", "--world", "v1", "--out", str(out)],
-                   check=True, capture_output=True, timeout=300)
-    got = json.loads(out.read_text())
+    got = _run_script("probe_latents.py", tmp_path / "probe.json", "--n-train", "40", "--n-test", "12",
+                      "--epochs", "30", "--hidden", "32", "--threads", "1", "--world", "v1")
     assert got["world"] == "v1" and got["n_train"] == 40 and got["held_out_pair_fraction"] == 1.0
     for probe in ("linear", "mlp"):
         for split in ("seen", "held_out"):

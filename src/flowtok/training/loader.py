@@ -127,7 +127,7 @@ class SceneStream(_StepStream):
     step's scenes are the ones :func:`~flowtok.shapes.shapes_batch` draws for it, and a resume is exact)."""
 
     def __init__(self, seed: int, split: str, num_objects: int | None, workers: int, prefetch: int,
-                 shapes_world: str = "v2") -> None:
+                 shapes_world: str) -> None:
         super().__init__(workers, prefetch)
         self.seed, self.split, self.num_objects, self.shapes_world = seed, split, num_objects, shapes_world
 
