@@ -346,3 +346,7 @@ def test_probe_latents_script_on_the_bundle(tmp_path):
             assert all(0.0 <= v <= 1.0 for v in got["accuracy"][probe][split].values())
     # 30 full-batch epochs nearly fit 40 seen scenes' sizes (two classes, far apart in the latent).
     assert got["accuracy"]["linear"]["seen"]["size"] >= 0.9
+    # The bundled tokenizer (32 x 16 latent) leaves most numbers at the prior: some, not all, carry signal.
+    usage = got["latent_usage"]
+    assert usage["numbers"] == 512
+    assert 0 < usage["snr_above_100"] <= usage["snr_above_10"] <= usage["snr_above_1"] < 512
