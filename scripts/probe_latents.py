@@ -13,9 +13,8 @@ on seen pairs will. This script measures that directly, without any flow:
 * two probes, both trained full-batch with AdamW for ``--epochs`` on the seen scenes: a linear classifier per
   attribute, and an MLP of one hidden layer shared by the four attributes' heads;
 * reported: each probe's accuracy on colour, shape, size and region, on the seen scenes it trained on and on the
-  held-out ones; and how many of the latent's K x C numbers carry signal (``latent_usage``): for each, the
-  variance of its mode across the seen scenes over its mean posterior variance. A KL weight too strong for the
-  data leaves most numbers at the prior (ratio well under 1), and whatever they would have held is lost.
+  held-out ones; and how many of the latent's K x C numbers carry signal on the seen scenes
+  (:func:`flowtok.tokenizer.latent_usage`).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from torch import nn
 from flowtok.config import atomic_write_text
 from flowtok.pipelines import BUNDLED_MODEL
 from flowtok.shapes import CELLS, COLORS, HELDOUT_COLOR_SHAPES, SHAPES, SIZES, shapes_batch
-from flowtok.tokenizer import ImageTokenizer
+from flowtok.tokenizer import ImageTokenizer, latent_usage
 
 ATTRIBUTES = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "region": CELLS}
 
@@ -46,15 +45,15 @@ def tokenizer_folder(model: str | None) -> Path:
 def encode(tok: ImageTokenizer, world: str, split: str, n: int, seed: int, batch: int = 250,
            device: str = "cpu"):
     """Flattened mode latents [n, K * C] of ``n`` single-object scenes, their labels per attribute, the fraction
-    showing a held-out pair, and the mean posterior variance of each latent number [K * C] (raw units)."""
-    feats, post_var, labels = [], torch.zeros((), device=device), {a: [] for a in ATTRIBUTES}
+    showing a held-out pair, and the posterior variances [n, K * C] (raw units, as the latents)."""
+    feats, variances, labels = [], [], {a: [] for a in ATTRIBUTES}
     held = 0
     for start in range(0, n, batch):
         images, _, scenes = shapes_batch(seed, start, min(batch, n - start), split=split, num_objects=1,
                                          size=tok.config.image_size, device=device, world=world)
         posterior = tok.encode_posterior(images)
         feats.append(posterior.mean.flatten(1).float())
-        post_var = post_var + posterior.var.flatten(1).float().sum(0)
+        variances.append(posterior.var.flatten(1).float())
         for scene in scenes:
             obj = scene.objects[0]
             held += (obj.color, obj.shape) in HELDOUT_COLOR_SHAPES
@@ -62,13 +61,7 @@ def encode(tok: ImageTokenizer, world: str, split: str, n: int, seed: int, batch
                                 ("region", scene.layout)):
                 labels[attr].append(ATTRIBUTES[attr].index(value))
     labels_t = {a: torch.tensor(v, device=device) for a, v in labels.items()}
-    return torch.cat(feats), labels_t, held / n, post_var / n
-
-
-def latent_usage(modes: torch.Tensor, post_var: torch.Tensor) -> dict[str, int]:
-    """How many latent numbers vary across images more than their posterior noise (ratio > 1, 10, 100)."""
-    ratio = modes.var(0) / post_var.clamp_min(1e-12)
-    return {"numbers": int(ratio.numel()), **{f"snr_above_{t}": int((ratio > t).sum()) for t in (1, 10, 100)}}
+    return torch.cat(feats), labels_t, held / n, torch.cat(variances)
 
 
 class Probe(nn.Module):
@@ -121,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     folder = tokenizer_folder(args.model)
     tok = ImageTokenizer.from_pretrained(folder, device=args.device).eval()
-    x_train, y_train, _, post_var = encode(tok, args.world, "train", args.n_train, args.seed, device=args.device)
+    x_train, y_train, _, variances = encode(tok, args.world, "train", args.n_train, args.seed, device=args.device)
     x_test, y_test, held, _ = encode(tok, args.world, "test", args.n_test, args.seed + 1, device=args.device)
-    usage = latent_usage(x_train, post_var)
+    usage = latent_usage(x_train, variances)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-4
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     results: dict[str, dict[str, dict[str, float]]] = {}

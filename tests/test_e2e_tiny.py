@@ -357,3 +357,33 @@ def test_image_latents_draw_mode_or_sample(tiny_pipeline):
     assert 0.5 < drawn.std().item() < 1.5
     with pytest.raises(ConfigError, match="image_latent"):
         image_latents(batch, tok, "median")
+
+
+def test_tokenizer_evaluation_reports_how_much_of_the_latent_carries_signal(tmp_path):
+    """The tokenizer stage's shapes evaluation reports PSNR, the judge and ``latent_active``: the latent numbers
+    whose mean varies across the evaluation images more than their posterior noise."""
+    import json
+
+    cfg = {"stage": "tokenizer", "run_dir": str(tmp_path / "tok"), "seed": 0, "data": DATA,
+           "train": {**TRAIN, "eval_every": 2},
+           "model": {"preset": "tiny", "overrides": {"text_dim": 0, "image_size": 64, "patch_size": 16},
+                     "eval_images": 8, "scale_images": 0}}
+    build_run(cfg, device="cpu").fit()
+    evals = [r for r in map(json.loads, (tmp_path / "tok" / "metrics.jsonl").read_text().splitlines())
+             if "eval/latent_active" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 <= r["eval/latent_active"] <= K * C and "eval/psnr" in r for r in evals)
+
+
+def test_latent_usage_counts_the_numbers_that_vary_more_than_their_noise():
+    from flowtok.tokenizer import latent_usage
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(200, 4, 8, generator=g) * 0.01  # nearly constant across images
+    means[:, 0, :3] *= 200.0  # three numbers vary: variance ~4, against posterior variance 1 (or 0.01: ~400)
+    variances = torch.ones(200, 4, 8)
+    variances[:, 0, 0] = 0.01
+    got = latent_usage(means, variances)
+    assert got == {"numbers": 32, "snr_above_1": 3, "snr_above_10": 1, "snr_above_100": 1}
+    with pytest.raises(InvalidInputError, match="latent_usage"):
+        latent_usage(means, variances[:, :2])

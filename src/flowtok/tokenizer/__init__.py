@@ -16,6 +16,7 @@ from .model import (
     ImageTokenizer,
     TokenizerConfig,
     latent_scale_factor,
+    latent_usage,
     tokenizer_param_counts,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "VGGPerceptualLoss",
     "hinge_discriminator_loss",
     "latent_scale_factor",
+    "latent_usage",
     "lecam_regularizer",
     "paper_loss_config",
     "tokenizer_param_counts",

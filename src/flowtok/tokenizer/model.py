@@ -475,6 +475,23 @@ def latent_scale_factor(latents: torch.Tensor) -> float:
     return 1.0 / std
 
 
+def latent_usage(means: torch.Tensor, variances: torch.Tensor, thresholds: tuple[int, ...] = (1, 10, 100)
+                 ) -> dict[str, int]:
+    """How many of the latent's numbers carry signal, from the posteriors of a batch of images.
+
+    ``means`` and ``variances`` are the posteriors' ``[N, K, C]`` (or ``[N, K * C]``) mean and variance, in
+    any one unit. A number's ratio is the variance of its mean across the ``N`` images over its mean
+    posterior variance; ``snr_above_T`` counts the numbers whose ratio exceeds ``T``. A KL weight too strong
+    for the data leaves most numbers at the prior (ratio well under 1): the decoder learns to ignore them and
+    the encoder stops putting anything there.
+    """
+    if means.shape != variances.shape or means.dim() < 2 or means.shape[0] < 2:
+        raise InvalidInputError(f"latent_usage needs [N >= 2, ...] means and variances of one shape, got "
+                                f"{tuple(means.shape)} and {tuple(variances.shape)}")
+    ratio = means.detach().float().flatten(1).var(0) / variances.detach().float().flatten(1).mean(0).clamp_min(1e-12)
+    return {"numbers": int(ratio.numel()), **{f"snr_above_{t}": int((ratio > t).sum()) for t in thresholds}}
+
+
 def tokenizer_param_counts(preset: str | TokenizerConfig) -> dict[str, int]:
     """Parameter counts ``{"encoder", "decoder", "total"}``, built on the meta device (no memory)."""
     config = named_preset(TOKENIZER_PRESETS, preset) if isinstance(preset, str) else preset

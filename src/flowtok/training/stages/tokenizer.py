@@ -20,6 +20,7 @@ from ...tokenizer import (
     TokenizerLoss,
     TokenizerLossConfig,
     latent_scale_factor,
+    latent_usage,
 )
 from ..data import BatchSource, DataConfig, build_source
 from .base import Stage, heldout_metrics, image_grid, init_weights
@@ -112,7 +113,11 @@ class TokenizerStage(Stage):
         mse = torch.mean((recon.float() - images.float()) ** 2, dim=(1, 2, 3))
         psnr = (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).mean().item()
         grid = image_grid(torch.cat([images[:8], recon[:8]]).float())
-        return {"psnr": psnr, "judge_acc": self.shapes.judge_exact(recon, scenes)}, {"recon": grid}
+        # Numbers of the latent that carry signal: a KL weight too strong for the data keeps this low.
+        posterior = self.tokenizer.encode_posterior(images)
+        active = latent_usage(posterior.mean, posterior.var, thresholds=(1,))["snr_above_1"]
+        return ({"psnr": psnr, "judge_acc": self.shapes.judge_exact(recon, scenes), "latent_active": active},
+                {"recon": grid})
 
     @torch.no_grad()
     def measure_scale_factor(self, n: int, batch_size: int = 256) -> float:
