@@ -145,6 +145,14 @@ def test_caption_metrics_equal_direct_pycocoevalcap():
     assert ours["spice_status"] == "ok" or ours["spice_status"].startswith("unavailable")
     with pytest.raises(InvalidInputError):
         caption_metrics(["a"], [["a"], ["b"]])
+    # One METEOR JVM serves every call of the process; one that has died is started again.
+    from flowtok.eval import captions as captions_module
+
+    shared = captions_module._shared_meteor()
+    assert caption_metrics(preds, refs) == ours and captions_module._shared_meteor() is shared
+    shared.meteor_p.kill()
+    shared.meteor_p.wait()
+    assert caption_metrics(preds, refs) == ours and captions_module._shared_meteor() is not shared
 
 
 # ------------------------------------------------------------------------------- PSNR / SSIM

@@ -9,11 +9,14 @@ unavailable instead of attempting the download.
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
+import threading
 from pathlib import Path
+from typing import Any
 
 from ..errors import FlowTokError, InvalidInputError
 
@@ -67,7 +70,6 @@ def spice_missing_reason() -> str | None:
 
 
 def _close_meteor(meteor: object) -> None:
-    # Meteor keeps a JVM alive until garbage collection; end it now so repeated calls don't pile up.
     proc = getattr(meteor, "meteor_p", None)
     if proc is None:
         return
@@ -76,6 +78,32 @@ def _close_meteor(meteor: object) -> None:
         proc.wait(timeout=30)
     except (OSError, subprocess.SubprocessError):
         proc.kill()
+
+
+# METEOR's JVM spends ~14 s loading its paraphrase tables before it scores the first caption, and each score
+# request is independent of the ones before. So one JVM serves every call of this process (both splits of an
+# evaluation, repeated evaluations in a notebook) and is ended at exit, or restarted if it has died.
+_meteor_lock = threading.Lock()
+_meteor: Any = None
+
+
+def _shared_meteor() -> Any:
+    global _meteor
+    with _meteor_lock:
+        if _meteor is None or _meteor.meteor_p.poll() is not None:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            _meteor = Meteor()
+            atexit.register(_close_meteor, _meteor)
+        return _meteor
+
+
+def _drop_meteor(meteor: Any) -> None:
+    global _meteor
+    with _meteor_lock:
+        if _meteor is meteor:
+            _meteor = None
+    _close_meteor(meteor)
 
 
 def caption_metrics(predictions: list[str], references: list[list[str]], spice: bool = True) -> dict:
@@ -93,7 +121,6 @@ def caption_metrics(predictions: list[str], references: list[list[str]], spice: 
     _require_backend()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -109,11 +136,12 @@ def caption_metrics(predictions: list[str], references: list[list[str]], spice: 
     out: dict = {}
     bleu, _ = Bleu(4).compute_score(gts_tok, res_tok, verbose=0)
     out.update({f"bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
-    meteor = Meteor()
+    meteor = _shared_meteor()
     try:
         out["meteor"] = float(meteor.compute_score(gts_tok, res_tok)[0])
-    finally:
-        _close_meteor(meteor)
+    except BaseException:  # a JVM that failed mid-request cannot be trusted with the next one
+        _drop_meteor(meteor)
+        raise
     out["rouge_l"] = float(Rouge().compute_score(gts_tok, res_tok)[0])
     out["cider"] = float(Cider().compute_score(gts_tok, res_tok)[0])
 
