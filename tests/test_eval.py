@@ -240,6 +240,36 @@ def test_i2t_perfect_captioner(capsys):
     assert res["confusions"] == [] and wrong["confusions"] == []  # unreadable captions are no confusion
 
 
+def test_text_round_trip_scores_the_text_side():
+    """evaluate_text: an echo is exact and verbatim, a paraphrase exact but not verbatim, a decoder that
+    turns every square into a circle shows up as that confusion, and gibberish is unreadable."""
+    def paraphrase(prompts):
+        return [shapes.all_captions(shapes.parse(p))[-1] for p in prompts]
+
+    def square_blind(prompts):
+        out = []
+        for p in prompts:
+            scene = shapes.parse(p)
+            objs = tuple(dataclasses.replace(o, shape="circle") if o.shape == "square" else o for o in scene.objects)
+            out.append(shapes.all_captions(dataclasses.replace(scene, objects=objs))[0])
+        return out
+
+    echo = shapes_bench.evaluate_text(list, n_per_group=6, objects=(1, 3), world="v1")
+    assert echo["accuracy"]["seen"]["all"]["exact"] == 1.0 == echo["accuracy"]["held_out"]["all"]["exact"]
+    assert echo["verbatim"] == 1.0 and echo["protocol"]["n_prompts"] == 24 and echo["task"] == "text"
+    para = shapes_bench.evaluate_text(paraphrase, n_per_group=6, objects=(1, 3))
+    assert para["accuracy"]["held_out"]["all"]["exact"] == 1.0 and para["verbatim"] < 1.0
+    blind = shapes_bench.evaluate_text(square_blind, n_per_group=12, objects=(1,))
+    items = shapes_bench.benchmark_items(12, 0, (1,), ("train", "test"))
+    squares = sum(o.shape == "square" for it in items for o in it.scene.objects)
+    assert squares and sum(c["n"] for c in blind["confusions"]) == squares
+    assert all(c["truth"].endswith("square") and c["read"].endswith("circle") for c in blind["confusions"])
+    junk = shapes_bench.evaluate_text(lambda ps: ["a a a"] * len(ps), n_per_group=2, objects=(2,))
+    assert junk["accuracy"]["seen"]["all"]["unreadable"] == 1.0
+    with pytest.raises(InvalidInputError, match="round_trip_fn must return 2 strings"):
+        shapes_bench.evaluate_text(lambda ps: ["x"], n_per_group=1, objects=(1,), batch_size=4)
+
+
 def test_confusions_name_the_misread_objects():
     """A captioner that reads every star as a cross: the confusions list says so, per split, and counts it."""
     def star_blind(images):
@@ -338,6 +368,21 @@ def test_cli_eval_i2t(tiny_pipeline, tmp_path, capsys):
     assert 0 <= res["caption_metrics"]["seen"]["bleu_1"] <= 1
     assert "spice_status" in res["caption_metrics"]["seen"]
     assert "bleu_1" in capsys.readouterr().out
+
+
+def test_cli_eval_text(tiny_pipeline, tmp_path, capsys):
+    out = tmp_path / "text.json"
+    assert main(["eval", "text", "--model", str(tiny_pipeline), "--device", "cpu", "--n", "2", "--objects", "1,2",
+                 "--split", "held_out", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["task"] == "text" and res["text_latent"] == "posterior mean"
+    assert res["protocol"]["n_prompts"] == 4 and set(res["accuracy"]) == {"held_out"}
+    assert 0 <= res["verbatim"] <= 1 and len(res["examples"]) >= 1
+    assert "held_out/2obj" in capsys.readouterr().out
+    assert main(["eval", "text", "--model", str(tiny_pipeline), "--device", "cpu", "--n", "1", "--objects", "1",
+                 "--sample", "--seed", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["text_latent"] == "posterior draw"
+    assert main(["eval", "text", "--model", str(tiny_pipeline), "--n", "0", "--out", str(out)]) == 2
 
 
 def test_cli_eval_recon(tiny_pipeline, tmp_path, capsys):

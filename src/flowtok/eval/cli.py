@@ -253,6 +253,33 @@ def cmd_i2t(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_text(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..shapes import benchmark
+
+    objects, splits = _groups(args)
+    if args.n < 1:
+        raise InvalidInputError(f"--n must be >= 1, got {args.n}")
+    pipe = load_pipeline(args.model, args.device)
+    generator = torch.Generator(pipe.device).manual_seed(args.seed) if args.sample else None
+
+    def round_trip(prompts: list[str]) -> list[str]:
+        latents, _ = pipe.encode_prompt(prompts, generator=generator, sample=args.sample)
+        return pipe.caption_latents(latents)
+
+    results = {**_header(args, str(pipe.model_path)), "task": "text",
+               "text_latent": "posterior draw" if args.sample else "posterior mean"}
+    results.update(benchmark.evaluate_text(round_trip, n_per_group=args.n, seed=args.seed, objects=objects,
+                                           splits=splits, batch_size=args.batch_size, world=args.world))
+    write_results(args.out, results)
+    print(format_accuracy_table(results["accuracy"]))
+    _print_confusions(results)
+    print(f"verbatim {100 * results['verbatim']:.1f}% (the rest are paraphrases or misreads)")
+    print(f"results: {args.out}")
+    return 0
+
+
 def cmd_recon(args: argparse.Namespace) -> int:
     from ..shapes import benchmark
     from . import fid as fidlib
@@ -311,13 +338,17 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", nargs="?", const="static", choices=["static", "dynamic"], default=None,
                    help="FP8 flow transformers (needs a Hopper / Ada GPU); static (default): scales calibrated on "
                         "32 training-split shapes captions and their generated images; dynamic: per-token scales")
+    _group_options(p)
+
+
+def _group_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objects", default="1,2,3", help="object counts to test, e.g. 1,2")
     p.add_argument("--split", choices=sorted(SPLIT_CHOICES), default="both",
                    help="seen (training rule), held_out (unseen combinations) or both, reported apart")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    ev = subparsers.add_parser("eval", help="benchmarks: t2i, i2t, recon",
+    ev = subparsers.add_parser("eval", help="benchmarks: t2i, i2t, text, recon",
                                description="Evaluate a model; writes a results JSON and prints a table.")
     sub = ev.add_subparsers(dest="eval_command", metavar="TASK", parser_class=type(ev))
     ev.set_defaults(func=lambda args: (ev.print_help(), 2)[1])
@@ -343,6 +374,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--jpeg", type=int, default=None, metavar="QUALITY",
                    help="pass every rendered image through JPEG at this quality before captioning")
     p.set_defaults(func=cmd_i2t)
+
+    p = sub.add_parser("text", help="text side alone: prompt -> text latent -> text decoder, exact-scene accuracy",
+                       description="Each shapes prompt through the text projector and back through the text "
+                                   "decoder, parsed and scored like i2t: the ceiling of image to text.")
+    _common(p, 16, "results_text.json")
+    _group_options(p)
+    p.add_argument("--sample", action="store_true",
+                   help="decode a draw from the projector's posterior (seeded by --seed) instead of its mean")
+    p.set_defaults(func=cmd_text)
 
     p = sub.add_parser("recon", help="tokenizer reconstruction: PSNR, SSIM, rFID")
     _common(p, 64, "results_recon.json")

@@ -4,7 +4,8 @@ The functions take plain callables, so they score any model (or a fake one in te
 
 * ``generate_fn(prompts, generator) -> [B, 3, H, W]`` in [0, 1] for :func:`evaluate_t2i`;
 * ``caption_fn(images [B, 3, H, W]) -> list[str]`` for :func:`evaluate_i2t`;
-* ``reconstruct_fn(images) -> images`` for :func:`evaluate_recon`.
+* ``reconstruct_fn(images) -> images`` for :func:`evaluate_recon`;
+* ``round_trip_fn(prompts) -> list[str]`` (text -> text latent -> caption) for :func:`evaluate_text`.
 
 Prompts come in groups of (object count) x (split): ``seen`` scenes follow the training rule,
 ``held_out`` scenes contain a colour-shape pair or a relation never shown in training
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 GenerateFn = Callable[[list[str], torch.Generator], torch.Tensor]
 CaptionFn = Callable[[torch.Tensor], list[str]]
 ReconstructFn = Callable[[torch.Tensor], torch.Tensor]
+RoundTripFn = Callable[[list[str]], list[str]]
 
 SPLIT_NAMES = {"train": "seen", "test": "held_out"}
 ATTRIBUTES = ("count", "color", "shape", "size", "position")
@@ -253,6 +255,19 @@ def evaluate_t2i(generate_fn: GenerateFn, n_per_group: int = 16, seed: int = 0,
     return results
 
 
+def _read_caption(text: str) -> Scene | None:
+    try:
+        return parse(text)
+    except InvalidInputError:
+        return None
+
+
+def _check_captions(out: object, n: int, what: str) -> list[str]:
+    if not isinstance(out, (list, tuple)) or len(out) != n or not all(isinstance(c, str) for c in out):
+        raise InvalidInputError(f"{what} must return {n} strings, got {out!r:.80}")
+    return list(out)
+
+
 def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
                  objects: Sequence[int] = (1, 2, 3), splits: Sequence[str] = ("train", "test"),
                  batch_size: int = 16, image_size: int = 128, metrics: bool = True, spice: bool = True,
@@ -270,19 +285,10 @@ def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
         images = render_batch([it.scene for it in chunk], image_size, drawings=[it.drawing for it in chunk])
         if jpeg_quality is not None:
             images = jpeg_round_trip(images, jpeg_quality)
-        out = caption_fn(images)
-        if not isinstance(out, (list, tuple)) or len(out) != len(chunk) or not all(isinstance(c, str) for c in out):
-            raise InvalidInputError(f"caption_fn must return {len(chunk)} strings, got {out!r:.80}")
-        preds.extend(out)
+        preds.extend(_check_captions(caption_fn(images), len(chunk), "caption_fn"))
     cap_s = time.perf_counter() - t0
 
-    def read(text: str) -> Scene | None:
-        try:
-            return parse(text)
-        except InvalidInputError:
-            return None
-
-    scenes = [read(p) for p in preds]
+    scenes = [_read_caption(p) for p in preds]
     results: dict = {
         "task": "i2t",
         "protocol": {
@@ -307,6 +313,39 @@ def evaluate_i2t(caption_fn: CaptionFn, n_per_group: int = 16, seed: int = 0,
                 results["caption_metrics"][name] = caplib.caption_metrics(
                     [preds[i] for i in idx], [items[i].references for i in idx], spice=spice)
     return results
+
+
+def evaluate_text(round_trip_fn: RoundTripFn, n_per_group: int = 16, seed: int = 0,
+                  objects: Sequence[int] = (1, 2, 3), splits: Sequence[str] = ("train", "test"),
+                  batch_size: int = 16, world: str = DEFAULT_WORLD) -> dict:
+    """The text side alone: each benchmark prompt through the text projector and back through the text
+    decoder (``round_trip_fn(prompts) -> captions``), scored like image to text (parsed, exact-scene).
+
+    Image to text ends in the same decoder, so this is its ceiling for a perfect image-to-text flow: a
+    held-out pair that does not survive the round trip cannot be captioned. ``verbatim`` counts outputs
+    equal to the prompt word for word (a paraphrase of the same scene is still exact)."""
+    items = benchmark_items(n_per_group, seed, objects, splits, world)
+    preds: list[str] = []
+    t0 = time.perf_counter()
+    for chunk in _batched(items, batch_size):
+        preds.extend(_check_captions(round_trip_fn([it.prompt for it in chunk]), len(chunk), "round_trip_fn"))
+    seconds = time.perf_counter() - t0
+    scenes = [_read_caption(p) for p in preds]
+    return {
+        "task": "text",
+        "protocol": {
+            "benchmark": "flowtok shapes world, text -> text latent -> text decoder, exact-scene accuracy",
+            "world": world, "n_per_group": n_per_group, "seed": seed, "objects": list(objects),
+            "splits": [SPLIT_NAMES[s] for s in splits], "n_prompts": len(items), "batch_size": batch_size,
+            "parser": "flowtok.shapes.parse (unparseable caption = every attribute wrong)",
+        },
+        "accuracy": _breakdown(items, scenes),
+        "confusions": confusions(items, scenes),
+        "verbatim": sum(p == it.prompt for p, it in zip(preds, items)) / len(items),
+        "timing": {"round_trip_s": round(seconds, 3), "prompts": len(items)},
+        "examples": [{"group": it.group, "prompt": it.prompt, "caption": p}
+                     for it, p in list(zip(items, preds))[:: max(1, len(items) // 6)]],
+    }
 
 
 def shapes_image_batches(n: int, seed: int = 0, image_size: int = 128, batch_size: int = 16,
