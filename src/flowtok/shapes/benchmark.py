@@ -321,8 +321,8 @@ def evaluate_text(round_trip_fn: RoundTripFn, n_per_group: int = 16, seed: int =
     """The text side alone: each benchmark prompt through the text projector and back through the text
     decoder (``round_trip_fn(prompts) -> captions``), scored like image to text (parsed, exact-scene).
 
-    Image to text ends in the same decoder, so this is its ceiling for a perfect image-to-text flow: a
-    held-out pair that does not survive the round trip cannot be captioned. ``verbatim`` counts outputs
+    Image to text ends in the same decoder, so this is what it reaches when its flow lands exactly on the
+    projector's latent: a pair that does not survive the round trip is not captioned right. ``verbatim`` counts outputs
     equal to the prompt word for word (a paraphrase of the same scene is still exact)."""
     items = benchmark_items(n_per_group, seed, objects, splits, world)
     preds: list[str] = []
