@@ -375,10 +375,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pass every rendered image through JPEG at this quality before captioning")
     p.set_defaults(func=cmd_i2t)
 
-    p = sub.add_parser("text", help="text side alone: prompt -> text latent -> text decoder, exact-scene accuracy",
+    p = sub.add_parser("text", help="text side alone: prompt -> text latent -> text decoder, exact-scene "
+                                    "accuracy",
                        description="Each shapes prompt through the text projector and back through the text "
-                                   "decoder, parsed and scored like i2t: what image to text reaches when its flow lands "
-                                   "on the projector's latent.")
+                                   "decoder, parsed and scored like i2t: what image to text reaches when its "
+                                   "flow lands on the projector's latent.")
     _common(p, 16, "results_text.json")
     _group_options(p)
     p.add_argument("--sample", action="store_true",

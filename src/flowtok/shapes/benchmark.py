@@ -322,8 +322,8 @@ def evaluate_text(round_trip_fn: RoundTripFn, n_per_group: int = 16, seed: int =
     decoder (``round_trip_fn(prompts) -> captions``), scored like image to text (parsed, exact-scene).
 
     Image to text ends in the same decoder, so this is what it reaches when its flow lands exactly on the
-    projector's latent: a pair that does not survive the round trip is not captioned right. ``verbatim`` counts outputs
-    equal to the prompt word for word (a paraphrase of the same scene is still exact)."""
+    projector's latent: a pair that does not survive the round trip is not captioned right. ``verbatim``
+    counts outputs equal to the prompt word for word (a paraphrase of the same scene is still exact)."""
     items = benchmark_items(n_per_group, seed, objects, splits, world)
     preds: list[str] = []
     t0 = time.perf_counter()

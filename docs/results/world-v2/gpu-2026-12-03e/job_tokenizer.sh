@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# issue 20 (job24, tok6): packs the tokenizer before probing, so a call cut short still returns it.
-# issue 20: the fourth tokenizer continued with KL weight 1e-8 (job21's first part, which was lost with its
-# machine), probed on v2 and v1, fp16, tarred and split in 15 MiB pieces into $OUT. One call, synchronous.
+# issue 20: a tokenizer ($1) continued at KL weight 1e-8, fp16, tarred and split in 15 MiB pieces into $OUT
+# *before* it is probed on v2 and v1, so a call cut short still returns it. One call, synchronous. Ran as
+# TOK_MIN=3.0 TOK_STEPS=2300 TOK_SCHED=cosine bash job_tokenizer.sh <the seventh tokenizer>.
 set -u
 K=/tmp/keep; R=$K/runs; rm -rf $K && mkdir -p $R $K/repo && cp -r src configs scripts $K/repo/ && cd $K/repo
 export PYTHONPATH=$K/repo/src HF_HUB_OFFLINE=1
