@@ -203,6 +203,52 @@ def test_pretokenize_the_v1_world(tiny_pipeline, tmp_path, monkeypatch, caplog):
     assert "holds shapes drawn in world v1; in-training evaluation draws data.world=v2" in caplog.text
 
 
+def test_merge_v2_and_v1_sets_and_train_on_canonical_captions(tiny_pipeline, tmp_path, capsys):
+    """``flowtok data merge`` joins a v2 and a v1 set written with one tokenizer: the merged folder reads
+    back as both, in order, and is still shapes data, so the image-to-text stage trains on canonical captions
+    (a hand-edited meta.json that dropped ``source: shapes`` once made it train on each sample's own
+    wording). Folders written otherwise, or an --out that holds files, are one line and exit 2."""
+    import json
+    import shutil
+
+    from flowtok import shapes
+    from flowtok.data.tokens import TokenShards
+
+    tok = str(tiny_pipeline / "tokenizer")
+    for name, n, world in (("a", 6, "v2"), ("b", 4, "v1")):
+        assert main(["pretokenize", "--tokenizer", tok, "--out", str(tmp_path / name), "--n", str(n),
+                     "--world", world, "--seed", "7", "--shard-size", "4", "--workers", "0", "--no-progress"]) == 0
+    merged = tmp_path / "m"
+    assert main(["data", "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(merged)]) == 0
+    assert "10 samples in 3 shards (source shapes" in capsys.readouterr().out
+    shards = TokenShards(merged)
+    want = shapes.shapes_batch(7, 0, 6, size=64)[1] + shapes.shapes_batch(7, 0, 4, size=64, world="v1")[1]
+    assert shards.captions() == want and shards.meta["worlds"] == {"v2": 6, "v1": 4}
+    first = TokenShards(tmp_path / "a").read(np.arange(6))["moments"]
+    assert np.array_equal(shards.read(np.arange(6))["moments"], first)
+    i2t = {"tokenizer_path": tok, "projector_path": str(tiny_pipeline / "text_projector"), "flow_preset": "tiny",
+           "flow": {"num_tokens": K, "in_channels": C}, "eval_images": 2, "eval_steps": 1}
+    cfg = {"stage": "i2t", "run_dir": str(tmp_path / "i2t"), "train": TRAIN, "model": i2t,
+           "data": {"kind": "tokens", "path": str(merged), "workers": 0}}
+    stage = build_run(cfg, device="cpu").stage
+    stage.setup(torch.device("cpu"))
+    assert stage.is_shapes_data() and stage.targets is not None and stage.targets.shape == (10, K, C)
+
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "b", other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["scale_factor"] = meta["scale_factor"] * 2  # as if written by another tokenizer
+    (other / "meta.json").write_text(json.dumps(meta))
+    errs = []
+    for args in ([str(tmp_path / "a"), str(other), "--out", str(tmp_path / "m2")],
+                 [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(merged)]):
+        assert main(["data", "merge", *args]) == 2
+        errs.append(capsys.readouterr().err.strip())
+    assert all(len(e.splitlines()) == 1 for e in errs)
+    assert "does not match" in errs[0] and "scale_factor" in errs[0] and "not empty" in errs[1]
+    assert not (tmp_path / "m2").exists()
+
+
 def test_pretokenized_shape_mismatch(tiny_pipeline, tmp_path):
     lat = tmp_path / "latents"
     assert main(["pretokenize", "--tokenizer", str(tiny_pipeline / "tokenizer"), "--out", str(lat), "--n", "4",

@@ -1,4 +1,5 @@
-"""``flowtok data ...``: dataset tools (``flowtok data shapes`` writes the captioned-shapes world)."""
+"""``flowtok data ...``: dataset tools (``flowtok data shapes`` writes the captioned-shapes world; ``flowtok data
+merge`` joins pre-tokenised folders into one training set)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ def _shapes(args: argparse.Namespace) -> int:
                         progress=not args.no_progress, world=args.world)
     form = "tar shards" if args.shards else "images + captions.jsonl"
     print(f"wrote {args.n} samples ({form}) to {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .tokens import merge
+
+    meta = merge(args.folders, args.out, copy=args.copy)
+    mix = meta.get("worlds") or meta.get("world") or "-"
+    print(f"merged {len(args.folders)} folders into {args.out}: {meta['n']} samples in {len(meta['shards'])} "
+          f"shards (source {meta['source']}, world {mix})")
     return 0
 
 
@@ -42,3 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_shapes)
+
+    p = sub.add_parser("merge", help="join pre-tokenised folders (same tokenizer and text encoder) into one set")
+    p.add_argument("folders", nargs="+", help="folders written by 'flowtok pretokenize'")
+    p.add_argument("--out", required=True, help="new folder: shards are hard-linked in, meta.json written last")
+    p.add_argument("--copy", action="store_true", help="copy the shards instead of hard-linking them")
+    p.set_defaults(func=_merge)

@@ -25,12 +25,14 @@ import json
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..config import atomic_write_text
 from ..errors import DataError
 
 log = logging.getLogger(__name__)
@@ -308,3 +310,73 @@ class TokenShards:
         state = dict(self.__dict__)
         state["_fds"], state["_pid"] = {}, -1
         return state
+
+
+# What two pre-tokenised folders must share to be read as one set: the latent and text shapes, the tokenizer
+# (its config and latent scale) and the text encoder whose ids are stored.
+_MERGE_KEYS = ("num_tokens", "channels", "text_length", "text_encoder", "eos_token_id", "pad_token_id",
+               "vocab_size", "scale_factor", "tokenizer")
+
+
+def merge(sources: list[str | os.PathLike], out: str | os.PathLike, copy: bool = False) -> dict[str, Any]:
+    """Join pre-tokenised folders into one that a flow stage reads as a single set (``data.path=OUT``).
+
+    The folders must have been written with the same tokenizer and text encoder; the first difference is one
+    :class:`DataError` that names the field and both values. Shards are hard-linked into ``out`` (no data is
+    copied; ``copy=True``, or a link across file systems, copies), renamed ``m<source>-<shard>``, and
+    ``meta.json`` is written last, atomically: a folder with a meta.json is whole. The merged meta keeps what
+    the stages read: ``source`` is kept when every folder shares it (``"shapes"`` makes the image-to-text stage
+    train on canonical captions), else ``"mixed"``; ``world`` is kept when shared, else each world's count
+    is listed under ``worlds``. Returns the merged meta.
+    """
+    if len(sources) < 2:
+        raise DataError("merge needs at least two pre-tokenised folders")
+    dest = Path(out)
+    roots = [Path(s) for s in sources]
+    if any(dest.resolve() == r.resolve() for r in roots):
+        raise DataError(f"--out {dest} is one of the folders to merge; write the merged set elsewhere")
+    if dest.exists() and any(dest.iterdir()):
+        raise DataError(f"--out {dest} exists and is not empty")
+    for r in roots:
+        if not r.is_dir():
+            raise DataError(f"{r} does not exist or is not a folder")
+    sets = [TokenShards(r) for r in roots]  # each folder checked: meta, shard names, counts and headers
+    first = sets[0].meta
+    for root, s in zip(roots[1:], sets[1:]):
+        for key in _MERGE_KEYS:
+            if s.meta.get(key) != first.get(key):
+                raise DataError(f"{root} does not match {roots[0]}: {key} {s.meta.get(key)!r} against "
+                                f"{first.get(key)!r} (merge folders written with one tokenizer and text encoder)")
+    dest.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    for i, (root, s) in enumerate(zip(roots, sets)):
+        for entry in s.meta["shards"]:
+            name = f"m{i:03d}-{entry['name']}"
+            target, tmp = dest / name, dest / f".{name}.tmp"
+            try:
+                if copy:
+                    raise OSError("copy asked for")
+                os.link(root / entry["name"], tmp)
+            except OSError:
+                shutil.copyfile(root / entry["name"], tmp)
+            os.replace(tmp, target)
+            shards.append({"name": name, "n": entry["n"]})
+    counts = [len(s) for s in sets]
+    meta = {k: v for k, v in first.items() if k not in ("shards", "world", "source")}
+    meta.update(n=sum(counts), shards=shards,
+                mean_text_bytes=round(sum(int(s.meta.get("mean_text_bytes", 64)) * len(s) for s in sets)
+                                      / sum(counts)),
+                merged_from=[{"path": str(r), "n": len(s), "source": s.meta.get("source"),
+                              "world": s.meta.get("world")} for r, s in zip(roots, sets)])
+    kinds = {s.meta.get("source") for s in sets}
+    meta["source"] = kinds.pop() if len(kinds) == 1 else "mixed"
+    worlds = [s.meta.get("world") for s in sets]
+    if len(set(worlds)) == 1 and worlds[0] is not None:
+        meta["world"] = worlds[0]
+    elif any(w is not None for w in worlds):
+        meta["worlds"] = {str(w): sum(len(s) for s in sets if s.meta.get("world") == w) for w in dict.fromkeys(worlds)}
+    for s in sets:
+        s.close()
+    atomic_write_text(dest / "meta.json", json.dumps(meta, indent=2, default=str))
+    log.info("%s: %d samples from %d folders", dest, meta["n"], len(roots))
+    return meta
