@@ -203,12 +203,13 @@ def test_pretokenize_the_v1_world(tiny_pipeline, tmp_path, monkeypatch, caplog):
     assert "holds shapes drawn in world v1; in-training evaluation draws data.world=v2" in caplog.text
 
 
-def test_merge_v2_and_v1_sets_and_train_on_canonical_captions(tiny_pipeline, tmp_path, capsys):
+def test_merge_v2_and_v1_sets_and_train_on_canonical_captions(tiny_pipeline, tmp_path, capsys, caplog):
     """``flowtok data merge`` joins a v2 and a v1 set written with one tokenizer: the merged folder reads
     back as both, in order, and is still shapes data, so the image-to-text stage trains on canonical captions
     (a hand-edited meta.json that dropped ``source: shapes`` once made it train on each sample's own
-    wording). Folders written otherwise, or an --out that holds files, are one line and exit 2."""
+    wording, and now warns). Folders written otherwise, or an --out that holds files, are one line and exit 2."""
     import json
+    import logging
     import shutil
 
     from flowtok import shapes
@@ -233,6 +234,16 @@ def test_merge_v2_and_v1_sets_and_train_on_canonical_captions(tiny_pipeline, tmp
     stage = build_run(cfg, device="cpu").stage
     stage.setup(torch.device("cpu"))
     assert stage.is_shapes_data() and stage.targets is not None and stage.targets.shape == (10, K, C)
+
+    edited = tmp_path / "edited"
+    shutil.copytree(merged, edited)
+    meta = json.loads((edited / "meta.json").read_text())
+    meta["source"] = "shapes + 4 v1 scenes"  # what the ninth attempt's job wrote by hand
+    (edited / "meta.json").write_text(json.dumps(meta))
+    stage = build_run({**cfg, "data": {**cfg["data"], "path": str(edited)}}, device="cpu").stage
+    with caplog.at_level(logging.WARNING, logger="flowtok.training.stages.i2t"):
+        stage.setup(torch.device("cpu"))
+    assert stage.targets is None and "are shapes captions but meta.json says source" in caplog.text
 
     other = tmp_path / "other"
     shutil.copytree(tmp_path / "b", other)

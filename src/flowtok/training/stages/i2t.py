@@ -3,14 +3,16 @@ frozen projector (the paper's KL and alignment weights are 0 for this direction)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 
 from ...config import preset
-from ...errors import ConfigError
+from ...errors import ConfigError, InvalidInputError
 from ...flow import FLOW_PRESETS, FlowObjective, FlowObjectiveConfig, FlowTransformer
 from ...pipelines import FlowTokPipeline, SamplingDefaults
 from ...text import TextDecoder, TextEncoder, TextEncoderSpec, TextProjector, load_text_encoder
@@ -29,6 +31,8 @@ from .base import (
     load_frozen_tokenizer,
     text_states,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,6 +97,24 @@ class I2TStage(Stage):
         self.targets = None
         if self.cfg.caption_mode == "canonical" and self.cfg.target == "mean":
             self.targets = self._canonical_targets()
+            if self.targets is None and isinstance(self.source, TokenSource) and self._captions_look_like_shapes():
+                # A meta.json whose "source" was edited once trained a flow on mixed wording, silently.
+                log.warning("%s: the captions are shapes captions but meta.json says source %r, not 'shapes': "
+                            "training on each sample's own wording, not canonical captions (join folders with "
+                            "'flowtok data merge', which keeps the source)", self.data_cfg.path,
+                            self.source.meta.get("source"))
+
+    def _captions_look_like_shapes(self, n: int = 32) -> bool:
+        """Whether the first ``n`` captions of the data all parse as shapes scenes."""
+        assert isinstance(self.source, TokenSource)
+        shards = self.source.shards
+        captions = shards.read(np.arange(min(n, len(shards))))["captions"]
+        try:
+            for c in captions:
+                self.shapes.scene_of(c)
+        except InvalidInputError:
+            return False
+        return True
 
     @torch.no_grad()
     def _canonical_targets(self) -> torch.Tensor | None:
