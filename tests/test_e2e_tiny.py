@@ -207,7 +207,8 @@ def test_merge_v2_and_v1_sets_and_train_on_canonical_captions(tiny_pipeline, tmp
     """``flowtok data merge`` joins a v2 and a v1 set written with one tokenizer: the merged folder reads
     back as both, in order, and is still shapes data, so the image-to-text stage trains on canonical captions
     (a hand-edited meta.json that dropped ``source: shapes`` once made it train on each sample's own
-    wording, and now warns). Folders written otherwise, or an --out that holds files, are one line and exit 2."""
+    wording, and now warns). Folders written otherwise, or an --out that holds files, are one line and
+    exit 2."""
     import json
     import logging
     import shutil
@@ -218,7 +219,8 @@ def test_merge_v2_and_v1_sets_and_train_on_canonical_captions(tiny_pipeline, tmp
     tok = str(tiny_pipeline / "tokenizer")
     for name, n, world in (("a", 6, "v2"), ("b", 4, "v1")):
         assert main(["pretokenize", "--tokenizer", tok, "--out", str(tmp_path / name), "--n", str(n),
-                     "--world", world, "--seed", "7", "--shard-size", "4", "--workers", "0", "--no-progress"]) == 0
+                     "--world", world, "--seed", "7", "--shard-size", "4", "--workers", "0",
+                     "--no-progress"]) == 0
     merged = tmp_path / "m"
     assert main(["data", "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(merged)]) == 0
     assert "10 samples in 3 shards (source shapes" in capsys.readouterr().out
@@ -227,8 +229,9 @@ def test_merge_v2_and_v1_sets_and_train_on_canonical_captions(tiny_pipeline, tmp
     assert shards.captions() == want and shards.meta["worlds"] == {"v2": 6, "v1": 4}
     first = TokenShards(tmp_path / "a").read(np.arange(6))["moments"]
     assert np.array_equal(shards.read(np.arange(6))["moments"], first)
-    i2t = {"tokenizer_path": tok, "projector_path": str(tiny_pipeline / "text_projector"), "flow_preset": "tiny",
-           "flow": {"num_tokens": K, "in_channels": C}, "eval_images": 2, "eval_steps": 1}
+    i2t = {"tokenizer_path": tok, "projector_path": str(tiny_pipeline / "text_projector"),
+           "flow_preset": "tiny", "flow": {"num_tokens": K, "in_channels": C}, "eval_images": 2,
+           "eval_steps": 1}
     cfg = {"stage": "i2t", "run_dir": str(tmp_path / "i2t"), "train": TRAIN, "model": i2t,
            "data": {"kind": "tokens", "path": str(merged), "workers": 0}}
     stage = build_run(cfg, device="cpu").stage

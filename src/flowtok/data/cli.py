@@ -1,5 +1,5 @@
-"""``flowtok data ...``: dataset tools (``flowtok data shapes`` writes the captioned-shapes world; ``flowtok data
-merge`` joins pre-tokenised folders into one training set)."""
+"""``flowtok data ...``: dataset tools (``flowtok data shapes`` writes the captioned-shapes world;
+``flowtok data merge`` joins pre-tokenised folders into one training set)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_shapes)
 
-    p = sub.add_parser("merge", help="join pre-tokenised folders (same tokenizer and text encoder) into one set")
+    p = sub.add_parser("merge",
+                       help="join pre-tokenised folders (same tokenizer and text encoder) into one set")
     p.add_argument("folders", nargs="+", help="folders written by 'flowtok pretokenize'")
-    p.add_argument("--out", required=True, help="new folder: shards are hard-linked in, meta.json written last")
+    p.add_argument("--out", required=True,
+                   help="new folder: shards are hard-linked in, meta.json written last")
     p.add_argument("--copy", action="store_true", help="copy the shards instead of hard-linking them")
     p.set_defaults(func=_merge)

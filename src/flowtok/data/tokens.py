@@ -324,10 +324,10 @@ def merge(sources: list[str | os.PathLike], out: str | os.PathLike, copy: bool =
     The folders must have been written with the same tokenizer and text encoder; the first difference is one
     :class:`DataError` that names the field and both values. Shards are hard-linked into ``out`` (no data is
     copied; ``copy=True``, or a link across file systems, copies), renamed ``m<source>-<shard>``, and
-    ``meta.json`` is written last, atomically: a folder with a meta.json is whole. The merged meta keeps what
-    the stages read: ``source`` is kept when every folder shares it (``"shapes"`` makes the image-to-text stage
-    train on canonical captions), else ``"mixed"``; ``world`` is kept when shared, else each world's count
-    is listed under ``worlds``. Returns the merged meta.
+    ``meta.json`` is written last, atomically: a folder with a meta.json is whole. The merged meta keeps
+    what the stages read: ``source`` is kept when every folder shares it (``"shapes"`` makes the
+    image-to-text stage train on canonical captions), else ``"mixed"``; ``world`` is kept when shared, else
+    each world's count is listed under ``worlds``. Returns the merged meta.
     """
     if len(sources) < 2:
         raise DataError("merge needs at least two pre-tokenised folders")
@@ -346,7 +346,8 @@ def merge(sources: list[str | os.PathLike], out: str | os.PathLike, copy: bool =
         for key in _MERGE_KEYS:
             if s.meta.get(key) != first.get(key):
                 raise DataError(f"{root} does not match {roots[0]}: {key} {s.meta.get(key)!r} against "
-                                f"{first.get(key)!r} (merge folders written with one tokenizer and text encoder)")
+                                f"{first.get(key)!r} (merge folders written with one tokenizer and text "
+                                "encoder)")
     dest.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, Any]] = []
     for i, (root, s) in enumerate(zip(roots, sets)):
@@ -374,7 +375,8 @@ def merge(sources: list[str | os.PathLike], out: str | os.PathLike, copy: bool =
     if len(set(worlds)) == 1 and worlds[0] is not None:
         meta["world"] = worlds[0]
     elif any(w is not None for w in worlds):
-        meta["worlds"] = {str(w): sum(len(s) for s in sets if s.meta.get("world") == w) for w in dict.fromkeys(worlds)}
+        meta["worlds"] = {str(w): sum(len(s) for s in sets if s.meta.get("world") == w)
+                          for w in dict.fromkeys(worlds)}
     for s in sets:
         s.close()
     atomic_write_text(dest / "meta.json", json.dumps(meta, indent=2, default=str))

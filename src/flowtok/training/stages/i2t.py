@@ -97,12 +97,13 @@ class I2TStage(Stage):
         self.targets = None
         if self.cfg.caption_mode == "canonical" and self.cfg.target == "mean":
             self.targets = self._canonical_targets()
-            if self.targets is None and isinstance(self.source, TokenSource) and self._captions_look_like_shapes():
+            source = self.source
+            if self.targets is None and isinstance(source, TokenSource) and self._captions_look_like_shapes():
                 # A meta.json whose "source" was edited once trained a flow on mixed wording, silently.
-                log.warning("%s: the captions are shapes captions but meta.json says source %r, not 'shapes': "
-                            "training on each sample's own wording, not canonical captions (join folders with "
-                            "'flowtok data merge', which keeps the source)", self.data_cfg.path,
-                            self.source.meta.get("source"))
+                log.warning("%s: the captions are shapes captions but meta.json says source %r, not "
+                            "'shapes': training on each sample's own wording, not canonical captions (join "
+                            "folders with 'flowtok data merge', which keeps the source)", self.data_cfg.path,
+                            source.meta.get("source"))
 
     def _captions_look_like_shapes(self, n: int = 32) -> bool:
         """Whether the first ``n`` captions of the data all parse as shapes scenes."""
