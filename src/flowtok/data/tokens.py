@@ -354,12 +354,13 @@ def merge(sources: list[str | os.PathLike], out: str | os.PathLike, copy: bool =
         for entry in s.meta["shards"]:
             name = f"m{i:03d}-{entry['name']}"
             target, tmp = dest / name, dest / f".{name}.tmp"
-            try:
-                if copy:
-                    raise OSError("copy asked for")
-                os.link(root / entry["name"], tmp)
-            except OSError:
+            if copy:
                 shutil.copyfile(root / entry["name"], tmp)
+            else:
+                try:
+                    os.link(root / entry["name"], tmp)
+                except OSError:  # another file system, or links not allowed: copy
+                    shutil.copyfile(root / entry["name"], tmp)
             os.replace(tmp, target)
             shards.append({"name": name, "n": entry["n"]})
     counts = [len(s) for s in sets]

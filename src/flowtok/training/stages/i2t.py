@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ...config import preset
+from ...data.tokens import TokenShards
 from ...errors import ConfigError, InvalidInputError
 from ...flow import FLOW_PRESETS, FlowObjective, FlowObjectiveConfig, FlowTransformer
 from ...pipelines import FlowTokPipeline, SamplingDefaults
@@ -98,17 +99,16 @@ class I2TStage(Stage):
         if self.cfg.caption_mode == "canonical" and self.cfg.target == "mean":
             self.targets = self._canonical_targets()
             source = self.source
-            if self.targets is None and isinstance(source, TokenSource) and self._captions_look_like_shapes():
+            if (self.targets is None and isinstance(source, TokenSource)
+                    and self._captions_look_like_shapes(source.shards)):
                 # A meta.json whose "source" was edited once trained a flow on mixed wording, silently.
                 log.warning("%s: the captions are shapes captions but meta.json says source %r, not "
                             "'shapes': training on each sample's own wording, not canonical captions (join "
                             "folders with 'flowtok data merge', which keeps the source)", self.data_cfg.path,
                             source.meta.get("source"))
 
-    def _captions_look_like_shapes(self, n: int = 32) -> bool:
-        """Whether the first ``n`` captions of the data all parse as shapes scenes."""
-        assert isinstance(self.source, TokenSource)
-        shards = self.source.shards
+    def _captions_look_like_shapes(self, shards: TokenShards, n: int = 32) -> bool:
+        """Whether the first ``n`` captions of the shards all parse as shapes scenes."""
         captions = shards.read(np.arange(min(n, len(shards))))["captions"]
         try:
             for c in captions:
