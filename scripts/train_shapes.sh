@@ -7,13 +7,16 @@
 # MINUTES: each run's time budget; RUNS: the run root (default runs/shapes); PY: the python to use.
 # The world is the shapes world's default (v2: varied positions, sizes, rotations, shades, backgrounds, styles).
 #
-# Fine-tuning (how the current bundle was made from the v1 bundle; FINETUNE=1): INIT names a pipeline
-# folder whose tokenizer and flows start the runs (model.init_from) and whose text projector and decoder
-# are kept frozen (its text side already reproduces every caption of the grammar, which v2 leaves
-# unchanged, and a new projector would move the latent space the flows were trained on), so the
-# `tokenizer` phase trains the tokenizer alone and `flows` / `assemble` read the text side from INIT.
-#   FINETUNE=1 MINUTES=5 scripts/train_shapes.sh tokenizer; N_LATENTS=100000 scripts/train_shapes.sh latents
-#   FINETUNE=1 MINUTES=5 scripts/train_shapes.sh flows;     FINETUNE=1 scripts/train_shapes.sh assemble
+# Fine-tuning on v2 from a pipeline folder (FINETUNE=1): INIT names the folder whose tokenizer and flows
+# start the runs (model.init_from) and whose text projector and decoder are kept frozen (its text side already
+# reproduces every caption of the grammar, which v2 leaves unchanged, and a new projector would move the latent
+# space the flows were trained on), so the `tokenizer` phase trains the tokenizer alone and `flows` / `assemble`
+# read the text side from INIT. The schedules are cosine to 5% over about the steps the given minutes reach on
+# one H200; N_V1 v1 scenes join the v2 latents (flowtok data merge) to keep the old world's numbers. The tenth
+# attempt of docs/results.md ran exactly this from the bundle (one H200, 25 device-minutes in all):
+#   FINETUNE=1 MINUTES=10.5 scripts/train_shapes.sh tokenizer
+#   N_LATENTS=200000 N_V1=50000 scripts/train_shapes.sh latents
+#   FINETUNE=1 MINUTES=9.5 scripts/train_shapes.sh flows;   FINETUNE=1 scripts/train_shapes.sh assemble
 # From scratch (the v1 bundle): tokenizer 7 min, text autoencoder 4 min, latents 100k, T2I 7.2 min,
 # I2T 11 min (MINUTES=11 for the flows phase), one H100 (see the model card and docs/training.md).
 # The tokenizer's export measures the latent scale factor the flows use (model.scale_images).
@@ -28,9 +31,12 @@ mkdir -p "$RUNS"
 train() { $PY -m flowtok.cli train "$@" train.max_minutes="$MINUTES" train.progress=false; }
 if [ "$FINETUNE" = 1 ]; then
   P=$INIT; TEXT_DECODER=$INIT/text_decoder
-  TOK_INIT=(model.init_from=$INIT/tokenizer train.lr=2.0e-4 train.warmup_steps=100 train.steps=3000)
-  T2I_INIT=(model.init_from=$INIT/t2i_flow train.lr=3.0e-4 train.warmup_steps=200)
-  I2T_INIT=(model.init_from=$INIT/i2t_flow train.lr=4.0e-4 train.warmup_steps=200)
+  COS=(train.schedule=cosine train.min_lr_ratio=0.05 train.warmup_steps=300)
+  TOK_INIT=(model.init_from=$INIT/tokenizer "${COS[@]}" train.batch_size=256 train.lr=4.0e-4
+    train.steps=${TOK_STEPS:-10500} train.compile=true train.eval_every=2500 data.workers=${WORKERS:-12}
+    data.render_ahead=16)
+  T2I_INIT=(model.init_from=$INIT/t2i_flow "${COS[@]}" train.lr=5.0e-4 train.steps=${T2I_STEPS:-12500})
+  I2T_INIT=(model.init_from=$INIT/i2t_flow "${COS[@]}" train.lr=6.0e-4 train.steps=${I2T_STEPS:-14000})
 else
   P=$RUNS/text_autoencoder/export; TEXT_DECODER=$P/text_decoder
   TOK_INIT=(); T2I_INIT=(); I2T_INIT=()
@@ -44,8 +50,17 @@ case "${1:?phase}" in
     fi
     wait || true ;;
   latents)
-    $PY -m flowtok.cli pretokenize --tokenizer $RUNS/tokenizer/export/tokenizer --out $RUNS/latents \
-      --n ${N_LATENTS:-100000} --batch-size 2048 --no-progress ;;
+    TOK=$RUNS/tokenizer/export/tokenizer
+    if [ "${N_V1:-0}" -gt 0 ]; then
+      $PY -m flowtok.cli pretokenize --tokenizer $TOK --out $RUNS/latents_v2 --n ${N_LATENTS:-100000} \
+        --batch-size 2048 --no-progress
+      $PY -m flowtok.cli pretokenize --tokenizer $TOK --out $RUNS/latents_v1 --n $N_V1 --world v1 --seed 7 \
+        --batch-size 2048 --no-progress
+      $PY -m flowtok.cli data merge $RUNS/latents_v2 $RUNS/latents_v1 --out $RUNS/latents
+    else
+      $PY -m flowtok.cli pretokenize --tokenizer $TOK --out $RUNS/latents --n ${N_LATENTS:-100000} \
+        --batch-size 2048 --no-progress
+    fi ;;
   flows)
     train configs/shapes/t2i.yaml run_dir=$RUNS/t2i model.tokenizer_path=$RUNS/tokenizer/export/tokenizer \
       model.projector_path=$P/text_projector data.path=$RUNS/latents "${T2I_INIT[@]}" > $RUNS.t2i.log 2>&1 &
