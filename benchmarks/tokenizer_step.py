@@ -14,6 +14,15 @@ pixels with ``render_batch`` on the training device. Measured here, each at ``--
 * ``model_step``: the tokenizer's forward, loss (L2 + KL), backward and AdamW (fused on CUDA) on
   ``--device``, under bf16 autocast on CUDA as the trainer's ``precision: auto`` does.
 
+With ``--stream W`` it also times the data path as the stage runs it on a GPU (``ShapesSource`` with ``W``
+loader workers and ``--render-ahead`` steps drawn per ``render_batch`` call), over ``--stream-steps`` steps:
+
+* ``stream_scenes``: the scenes of a step taken from the workers (their transfer and unpickling in the
+  training process), nothing else done meanwhile;
+* ``stream_render``: one ``render_batch`` of ``render_ahead`` steps' scenes on ``--device``, per step: the host
+  time until it returns (launches) and the synchronised time;
+* ``stream_get``: ``ShapesSource.get`` per step, both together, device synchronised at the end.
+
 The summary: the share of a step spent getting data, and how many host cores would render as fast as
 the model trains. Rendering itself is a fixed number of small kernels per call (about 2,500 ops
 whatever the batch), so on a GPU its host overhead, not its arithmetic, is what a step waits for.
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +88,57 @@ def measure(device: torch.device, batch: int, world: str, preset: str, iters: in
     return items
 
 
+def measure_stream(device: torch.device, batch: int, world: str, workers: int, render_ahead: int,
+                   steps: int) -> list[dict[str, Any]]:
+    """The stage's data path on ``device`` (see the module docstring), per step of ``batch``."""
+    from flowtok.training.data import DataConfig, ShapesSource
+    from flowtok.training.loader import SceneStream
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    stream = SceneStream(0, "train", None, workers, 4, world)
+    stream.get(0, batch, 0, 1)  # starts the workers
+    time.sleep(2.0)  # let them fill their queues, then measure the steady state past them
+    for s in range(1, 1 + 4 * workers):
+        stream.get(s, batch, 0, 1)
+    t0 = time.perf_counter()
+    drawn = [stream.get(s, batch, 0, 1) for s in range(1 + 4 * workers, 1 + 4 * workers + steps)]
+    per = (time.perf_counter() - t0) / steps
+    items = [{"name": "stream_scenes", "status": "ok", "batch": batch, "ms": round(1000 * per, 2),
+              "per_s": round(batch / per, 1), "where": "host", "workers": workers}]
+    flat = [d for step in drawn[:render_ahead] for d in step]
+    scenes, drawings = [d[0] for d in flat], [d[2] for d in flat]
+    host, synced = [], []
+    for _ in range(4):
+        sync()
+        t0 = time.perf_counter()
+        render_batch(scenes, 128, device, drawings)
+        host.append(time.perf_counter() - t0)
+        sync()
+        synced.append(time.perf_counter() - t0)
+    h, w = sorted(host[1:])[1] / render_ahead, sorted(synced[1:])[1] / render_ahead
+    items.append({"name": "stream_render", "status": "ok", "batch": batch, "ms": round(1000 * w, 2),
+                  "host_ms": round(1000 * h, 2), "per_s": round(batch / w, 1), "where": str(device),
+                  "render_ahead": render_ahead})
+    source = ShapesSource(DataConfig(world=world, workers=workers, render_ahead=render_ahead), 0, device)
+    source.get(0, batch, 0, 1)
+    time.sleep(2.0)
+    for s in range(1, 1 + 4 * workers):
+        source.get(s, batch, 0, 1)
+    sync()
+    t0 = time.perf_counter()
+    for s in range(1 + 4 * workers, 1 + 4 * workers + steps):
+        source.get(s, batch, 0, 1)
+    sync()
+    per = (time.perf_counter() - t0) / steps
+    items.append({"name": "stream_get", "status": "ok", "batch": batch, "ms": round(1000 * per, 2),
+                  "per_s": round(batch / per, 1), "where": str(device), "workers": workers,
+                  "render_ahead": render_ahead})
+    return items
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None)
@@ -86,6 +147,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preset", default="shapes-128")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--stream", type=int, default=0, metavar="W",
+                   help="also time the stage's data path with W loader workers (0: skip)")
+    p.add_argument("--render-ahead", type=int, default=16)
+    p.add_argument("--stream-steps", type=int, default=128)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -95,6 +160,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     items = {i["name"]: results.add(i) for i in measure(device, args.batch, args.world, args.preset, args.iters)}
     for i in items.values():
         log(f"{i['name']:12s} {i['where']:6s} batch {i['batch']}: {i['ms']:9.1f} ms  ({i['per_s']:.0f} images/s)")
+    if args.stream:
+        for i in measure_stream(device, args.batch, args.world, args.stream, args.render_ahead, args.stream_steps):
+            results.add(i)
+            extra = f", host {i['host_ms']:.1f} ms" if "host_ms" in i else ""
+            log(f"{i['name']:13s} {i['where']:6s} per step of {i['batch']}: {i['ms']:8.2f} ms{extra}  "
+                f"({i['per_s']:.0f} images/s)")
     data, model = items["stage_batch"]["ms"], items["model_step"]["ms"]
     # Host core-seconds per image when sampling (one thread) and rendering (``threads``) on the host.
     host_s = (items["sample"]["ms"] + items["render_host"]["ms"] * items["render_host"]["threads"]) / 1000 / args.batch
