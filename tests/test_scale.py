@@ -295,3 +295,21 @@ def test_data_world_picks_the_shapes_world():
     want, want_captions, _ = shapes_batch(3 + 5, 0, 4, split="test", size=64, world="v1")
     assert torch.equal(images, want) and captions == want_captions == world.test_captions(4, 5)
     assert world.train_captions(1, 4, 0, 1) == v1_captions
+
+
+def test_tokenizer_step_benchmark_times_the_stream_data_path(tmp_path):
+    """``benchmarks/tokenizer_step.py --stream W`` (run on a GPU for docs/benchmarks.md) times the scenes taken
+    from W loader workers, a render of ``render_ahead`` steps, and ``ShapesSource.get``; here on the CPU with
+    one worker, and its JSON record holds the three."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tokenizer_step
+
+    out = tmp_path / "tok.json"
+    tokenizer_step.main(["--device", "cpu", "--batch", "4", "--iters", "1", "--threads", "1", "--stream", "1",
+                         "--render-ahead", "2", "--stream-steps", "3", "--out", str(out)])
+    items = {i["name"]: i for i in json.loads(out.read_text())["items"]}
+    for name in ("stream_scenes", "stream_render", "stream_get"):
+        assert items[name]["status"] == "ok" and items[name]["ms"] > 0 and items[name]["batch"] == 4
+    assert items["stream_scenes"]["workers"] == 1 and items["stream_render"]["render_ahead"] == 2
+    # the medians of the same calls, each returned before it was synchronised
+    assert 0 < items["stream_render"]["host_ms"] <= items["stream_render"]["ms"] + 0.01
