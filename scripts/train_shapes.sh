@@ -13,7 +13,7 @@
 # space the flows were trained on), so the `tokenizer` phase trains the tokenizer alone and `flows` / `assemble`
 # read the text side from INIT. The schedules are cosine to 5% over about the steps the given minutes reach on
 # one H200; N_V1 v1 scenes join the v2 latents (flowtok data merge) to keep the old world's numbers. The tenth
-# attempt of docs/results.md ran exactly this from the bundle (one H200, 25 device-minutes in all):
+# attempt of docs/results.md ran exactly this from the bundle (one H200, about 21 minutes of training):
 #   FINETUNE=1 MINUTES=10.5 scripts/train_shapes.sh tokenizer
 #   N_LATENTS=200000 N_V1=50000 scripts/train_shapes.sh latents
 #   FINETUNE=1 MINUTES=9.5 scripts/train_shapes.sh flows;   FINETUNE=1 scripts/train_shapes.sh assemble
