@@ -21,7 +21,8 @@ loader workers and ``--render-ahead`` steps drawn per ``render_batch`` call), ov
   training process), nothing else done meanwhile;
 * ``stream_render``: one ``render_batch`` of ``render_ahead`` steps' scenes on ``--device``, per step: the host
   time until it returns (launches) and the synchronised time;
-* ``stream_get``: ``ShapesSource.get`` per step, both together, device synchronised at the end.
+* ``stream_get``: ``ShapesSource.get`` per step, both together, device synchronised at the end (on a CPU
+  the stage samples and draws each step in its own process, and so does this).
 
 The summary: the share of a step spent getting data, and how many host cores would render as fast as
 the model trains. Rendering itself is a fixed number of small kernels per call (about 2,500 ops
@@ -108,7 +109,8 @@ def measure_stream(device: torch.device, batch: int, world: str, workers: int, r
     per = (time.perf_counter() - t0) / steps
     items = [{"name": "stream_scenes", "status": "ok", "batch": batch, "ms": round(1000 * per, 2),
               "per_s": round(batch / per, 1), "where": "host", "workers": workers}]
-    flat = [d for step in drawn[:render_ahead] for d in step]
+    ahead = drawn[:render_ahead]  # fewer if --stream-steps is smaller
+    flat = [d for step in ahead for d in step]
     scenes, drawings = [d[0] for d in flat], [d[2] for d in flat]
     host, synced = [], []
     for _ in range(4):
@@ -118,10 +120,10 @@ def measure_stream(device: torch.device, batch: int, world: str, workers: int, r
         host.append(time.perf_counter() - t0)
         sync()
         synced.append(time.perf_counter() - t0)
-    h, w = sorted(host[1:])[1] / render_ahead, sorted(synced[1:])[1] / render_ahead
+    h, w = sorted(host[1:])[1] / len(ahead), sorted(synced[1:])[1] / len(ahead)
     items.append({"name": "stream_render", "status": "ok", "batch": batch, "ms": round(1000 * w, 2),
                   "host_ms": round(1000 * h, 2), "per_s": round(batch / w, 1), "where": str(device),
-                  "render_ahead": render_ahead})
+                  "render_ahead": len(ahead)})
     source = ShapesSource(DataConfig(world=world, workers=workers, render_ahead=render_ahead), 0, device)
     source.get(0, batch, 0, 1)
     time.sleep(2.0)
