@@ -19,8 +19,8 @@ loader workers and ``--render-ahead`` steps drawn per ``render_batch`` call), ov
 
 * ``stream_scenes``: the scenes of a step taken from the workers (their transfer and unpickling in the
   training process), nothing else done meanwhile;
-* ``stream_render``: one ``render_batch`` of ``render_ahead`` steps' scenes on ``--device``, per step: the host
-  time until it returns (launches) and the synchronised time;
+* ``stream_render``: one render of ``render_ahead`` steps' packed drawings on ``--device`` (``concat_packed`` and
+  ``render_packed``, as the stage does), per step: the host time until it returns and the synchronised time;
 * ``stream_get``: ``ShapesSource.get`` per step, both together, device synchronised at the end (on a CPU
   the stage samples and draws each step in its own process, and so does this).
 
@@ -92,6 +92,7 @@ def measure(device: torch.device, batch: int, world: str, preset: str, iters: in
 def measure_stream(device: torch.device, batch: int, world: str, workers: int, render_ahead: int,
                    steps: int) -> list[dict[str, Any]]:
     """The stage's data path on ``device`` (see the module docstring), per step of ``batch``."""
+    from flowtok.shapes.render import concat_packed, render_packed
     from flowtok.training.data import DataConfig, ShapesSource
     from flowtok.training.loader import SceneStream
 
@@ -110,13 +111,11 @@ def measure_stream(device: torch.device, batch: int, world: str, workers: int, r
     items = [{"name": "stream_scenes", "status": "ok", "batch": batch, "ms": round(1000 * per, 2),
               "per_s": round(batch / per, 1), "where": "host", "workers": workers}]
     ahead = drawn[:render_ahead]  # fewer if --stream-steps is smaller
-    flat = [d for step in ahead for d in step]
-    scenes, drawings = [d[0] for d in flat], [d[2] for d in flat]
     host, synced = [], []
     for _ in range(4):
         sync()
         t0 = time.perf_counter()
-        render_batch(scenes, 128, device, drawings)
+        render_packed(concat_packed([step[2] for step in ahead]), 128, device)
         host.append(time.perf_counter() - t0)
         sync()
         synced.append(time.perf_counter() - t0)

@@ -350,3 +350,23 @@ def test_probe_latents_script_on_the_bundle(tmp_path):
     usage = got["latent_usage"]
     assert usage["numbers"] == 512
     assert 0 < usage["snr_above_100"] <= usage["snr_above_10"] <= usage["snr_above_1"] < 512
+
+
+def test_packed_drawings_draw_the_same_pixels_and_join_in_order():
+    """The loader workers send drawings packed (a few arrays, not an object per placement); rendering packed
+    batches, one or several joined, gives render_batch's pixels exactly, in both worlds."""
+    import pickle
+
+    from flowtok.shapes.render import concat_packed, pack_drawings, render_packed
+
+    for world in ("v1", "v2"):
+        got = [drawn_at(11, i, "any", None, world) for i in range(40)]
+        scenes, drawings = [g[0] for g in got], [g[2] for g in got]
+        want = S.render_batch(scenes, 64, drawings=drawings)
+        parts = [pack_drawings(scenes[a:b], drawings[a:b]) for a, b in ((0, 7), (7, 8), (8, 8), (8, 40))]
+        parts = [pickle.loads(pickle.dumps(p)) for p in parts]  # as they cross from a worker
+        assert [len(p) for p in parts] == [7, 1, 0, 32]
+        assert torch.equal(render_packed(concat_packed(parts), 64), want)
+        assert torch.equal(render_packed(pack_drawings(scenes[:5]), 64), S.render_batch(scenes[:5], 64))
+    with pytest.raises(InvalidInputError, match="3 scenes but 2 drawings"):
+        pack_drawings(scenes[:3], drawings[:2])

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InvalidInputError
-from .world import MAX_SIZE, MIN_SIZE, STYLES, Drawing, Placement, Scene, canonical_drawing
+from .world import MAX_SIZE, MIN_SIZE, SHAPES, STYLES, Drawing, Scene, canonical_drawing
 
 
 def _sd_box(x: torch.Tensor, y: torch.Tensor, hx: float, hy: float) -> torch.Tensor:
@@ -102,18 +104,79 @@ def _hash_uniform(seeds: torch.Tensor, count: int, salt: int) -> torch.Tensor:
     return x.float() / 2**31 - 1.0
 
 
-def _backgrounds(drawings: Sequence[Drawing], size: int, device: torch.device) -> torch.Tensor:
-    b = len(drawings)
-    bg = torch.tensor([d.background for d in drawings], dtype=torch.float32, device=device).view(b, 3, 1, 1)
-    image = bg.expand(b, 3, size, size).clone()
-    amp = torch.tensor([d.texture for d in drawings], dtype=torch.float32, device=device)
-    if bool((amp > 0).any()):
-        seeds = torch.tensor([d.noise_seed for d in drawings], dtype=torch.int64, device=device)
+# Objects are drawn grouped by (slot, shape name), in sorted order: a group's objects lie in different images.
+_SHAPE_RANK = {name: rank for rank, name in enumerate(sorted(SHAPES))}
+_RANKED_SHAPES = sorted(SHAPES)
+
+
+@dataclass(frozen=True)
+class PackedDrawings:
+    """A batch of drawn scenes as the few flat arrays :func:`render_packed` reads (:func:`pack_drawings`).
+
+    Cheap to pass between processes (the shapes loader workers send these, not one object per placement)
+    and to copy to a device: ``image`` ``[B, 5]`` float32 (background r, g, b, texture, noise), ``noise_seed``
+    ``[B]`` int64, ``objects`` ``[7, M]`` float32 (radius, x, y, angle in radians, fill r, g, b), ``outline``
+    ``[M]`` float64 (the drawing's outline width at 128 px), ``meta`` ``[3, M]`` int64 (image index, style
+    index, draw-group key), objects in scene order.
+    """
+
+    image: np.ndarray
+    noise_seed: np.ndarray
+    objects: np.ndarray
+    outline: np.ndarray
+    meta: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+
+def pack_drawings(scenes: Sequence[Scene], drawings: Sequence[Drawing] | None = None) -> PackedDrawings:
+    """The arrays :func:`render_packed` draws ``scenes`` from (``drawings`` as in :func:`render_batch`)."""
+    if drawings is None:
+        drawings = [canonical_drawing(s) for s in scenes]
+    if len(drawings) != len(scenes):
+        raise InvalidInputError(f"{len(scenes)} scenes but {len(drawings)} drawings")
+    image = [(*d.background, d.texture, d.noise) for d in drawings]
+    objects: list[tuple[float, ...]] = []
+    outline: list[float] = []
+    meta: list[tuple[int, int, int]] = []
+    for i, (scene, drawing) in enumerate(zip(scenes, drawings)):
+        if len(drawing.placements) != scene.num_objects:
+            raise InvalidInputError(f"scene {i} has {scene.num_objects} objects but its drawing {len(drawing.placements)}")
+        style = STYLES.index(drawing.style)
+        for slot, (obj, p) in enumerate(zip(scene.objects, drawing.placements)):
+            objects.append((p.radius, p.x, p.y, math.radians(p.angle), *p.rgb))
+            outline.append(drawing.outline)
+            meta.append((i, style, slot * len(SHAPES) + _SHAPE_RANK[obj.shape]))
+    return PackedDrawings(
+        image=np.array(image, dtype=np.float32).reshape(len(drawings), 5),
+        noise_seed=np.array([d.noise_seed for d in drawings], dtype=np.int64),
+        objects=np.array(objects, dtype=np.float32).reshape(-1, 7).T.copy(),
+        outline=np.array(outline, dtype=np.float64),
+        meta=np.array(meta, dtype=np.int64).reshape(-1, 3).T.copy())
+
+
+def concat_packed(parts: Sequence[PackedDrawings]) -> PackedDrawings:
+    """Several packed batches as one, images in the order given."""
+    offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    meta = [p.meta.copy() for p in parts]
+    for m, off in zip(meta, offsets):
+        m[0] += off
+    return PackedDrawings(image=np.concatenate([p.image for p in parts]),
+                          noise_seed=np.concatenate([p.noise_seed for p in parts]),
+                          objects=np.concatenate([p.objects for p in parts], axis=1),
+                          outline=np.concatenate([p.outline for p in parts]), meta=np.concatenate(meta, axis=1))
+
+
+def _backgrounds(image: torch.Tensor, seeds: torch.Tensor, textured: bool, size: int) -> torch.Tensor:
+    b = image.shape[0]
+    out = image[:, :3].reshape(b, 3, 1, 1).expand(b, 3, size, size).clone()
+    if textured:
         g = _TEXTURE_GRID
         coarse = _hash_uniform(seeds, g * g, salt=1).view(b, 1, g, g) * math.sqrt(3)  # unit variance
         smooth = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
-        image = image + smooth * amp.view(b, 1, 1, 1)
-    return image
+        out = out + smooth * image[:, 3].reshape(b, 1, 1, 1)
+    return out
 
 
 def render_batch(scenes: Sequence[Scene], size: int = 128, device: str | torch.device = "cpu",
@@ -128,55 +191,61 @@ def render_batch(scenes: Sequence[Scene], size: int = 128, device: str | torch.d
     smooth fill with a darker band of the drawing's outline width along the inside of its edge.
     Objects are grouped by (slot, shape), and each group is drawn in one vectorised step on a
     window around each object, so the cost is a handful of kernels whatever the batch size.
+    Equals ``render_packed(pack_drawings(scenes, drawings), size, device)``.
     """
     check_size(size)
-    device = torch.device(device)
-    if drawings is None:
-        drawings = [canonical_drawing(s) for s in scenes]
-    if len(drawings) != len(scenes):
-        raise InvalidInputError(f"{len(scenes)} scenes but {len(drawings)} drawings")
-    image = _backgrounds(drawings, size, device)
-    groups: dict[tuple[int, str], list[tuple[int, Placement, Drawing]]] = {}
-    for i, (scene, drawing) in enumerate(zip(scenes, drawings)):
-        if len(drawing.placements) != scene.num_objects:
-            raise InvalidInputError(f"scene {i} has {scene.num_objects} objects but its drawing {len(drawing.placements)}")
-        for slot, (obj, place) in enumerate(zip(scene.objects, drawing.placements)):
-            groups.setdefault((slot, obj.shape), []).append((i, place, drawing))
-    channels = torch.arange(3, device=device).view(1, 3, 1, 1)
-    # Objects of one slot belong to different images, so a group's windows never collide.
-    for (_, shape), items in sorted(groups.items(), key=lambda kv: kv[0]):
-        def column(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+    return render_packed(pack_drawings(scenes, drawings), size, device)
 
-        r = column([p.radius for _, p, _ in items]).view(-1, 1, 1)
-        win = min(size, math.ceil(2 * _EXTENT * float(r.max()) * size) + 4)
-        idx = torch.tensor([i for i, _, _ in items], device=device)
-        centre = column([[p.x, p.y] for _, p, _ in items]) * size
+
+def render_packed(packed: PackedDrawings, size: int = 128, device: str | torch.device = "cpu") -> torch.Tensor:
+    """:func:`render_batch` from packed drawings (the same pixels): the arrays go to ``device`` in four
+    copies, and issuing the kernels reads nothing back from the device."""
+    check_size(size)
+    device = torch.device(device)
+    order = np.argsort(packed.meta[2], kind="stable")  # by draw group, each in image order
+    keys = packed.meta[2][order]
+    radius = packed.objects[0][order]
+    objects = torch.from_numpy(np.concatenate(
+        [packed.objects[:, order], (packed.outline[order] * size / 128).astype(np.float32)[None]])).to(device)
+    meta = torch.from_numpy(packed.meta[:2, order].copy()).to(device)
+    image = torch.from_numpy(packed.image).to(device)
+    seeds = torch.from_numpy(packed.noise_seed).to(device)
+    canvas = _backgrounds(image, seeds, bool((packed.image[:, 3] > 0).any()), size)
+    channels = torch.arange(3, device=device).view(1, 3, 1, 1)
+    bounds = [0, *(np.flatnonzero(np.diff(keys)) + 1).tolist(), len(keys)]
+    # Objects of one slot belong to different images, so a group's windows never collide.
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if start == end:
+            continue
+        shape = _RANKED_SHAPES[int(keys[start]) % len(SHAPES)]
+        part = objects[:, start:end]
+        r = part[0].view(-1, 1, 1)
+        win = min(size, math.ceil(2 * _EXTENT * float(radius[start:end].max()) * size) + 4)
+        idx = meta[0, start:end]
+        centre = torch.stack((part[1], part[2]), 1) * size
         corner = (centre - win / 2).round().clamp(0, size - win).long()  # [n, 2] as (x0, y0)
         steps = torch.arange(win, device=device)
         cols, rows = corner[:, :1] + steps, corner[:, 1:] + steps  # [n, win] each
         dx = ((cols.float() + 0.5) - centre[:, :1])[:, None, :] / (r * size)
         dy = ((rows.float() + 0.5) - centre[:, 1:])[:, :, None] / (r * size)
         # Sample the upright shape at coordinates turned back by the object's angle.
-        theta = column([math.radians(p.angle) for _, p, _ in items]).view(-1, 1, 1)
+        theta = part[3].view(-1, 1, 1)
         cos, sin = torch.cos(theta), torch.sin(theta)
         sd_px = shape_sdf(shape, cos * dx + sin * dy, -sin * dx + cos * dy) * r * size
         smooth = (0.5 - sd_px).clamp(0, 1)
-        style = torch.tensor([STYLES.index(d.style) for _, _, d in items], device=device).view(-1, 1, 1)
+        style = meta[1, start:end].view(-1, 1, 1)
         alpha = torch.where(style == STYLES.index("hard"), (sd_px < 0).float(), smooth)[:, None]
-        fill = column([p.rgb for _, p, _ in items]).view(-1, 3, 1, 1)
+        fill = part[4:7].t().reshape(-1, 3, 1, 1)
         # Outlined: the part of the shape more than `width` pixels inside its edge keeps the fill.
-        width = column([d.outline * size / 128 for _, _, d in items]).view(-1, 1, 1)
+        width = part[7].view(-1, 1, 1)
         inner = torch.where(style == STYLES.index("outlined"), (0.5 - sd_px - width).clamp(0, 1), smooth)[:, None]
         rgb = fill * inner + fill * (1 - _OUTLINE_DARKEN) * (alpha - inner).clamp(min=0)
         where = (idx.view(-1, 1, 1, 1), channels, rows[:, None, :, None], cols[:, None, None, :])
-        image[where] = image[where] * (1 - alpha) + rgb
-    noise = torch.tensor([d.noise for d in drawings], dtype=torch.float32, device=device)
-    if bool((noise > 0).any()):
-        seeds = torch.tensor([d.noise_seed for d in drawings], dtype=torch.int64, device=device)
+        canvas[where] = canvas[where] * (1 - alpha) + rgb
+    if bool((packed.image[:, 4] > 0).any()):
         grain = _hash_uniform(seeds, 3 * size * size, salt=2).view(-1, 3, size, size) * math.sqrt(3)
-        image = image + grain * noise.view(-1, 1, 1, 1)
-    return image.clamp(0, 1)
+        canvas = canvas + grain * image[:, 4].reshape(-1, 1, 1, 1)
+    return canvas.clamp(0, 1)
 
 
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:

@@ -17,6 +17,7 @@ import torch
 from .. import shapes
 from ..data.readers import ImageCaptionFolder
 from ..errors import ConfigError, DataError
+from ..shapes.render import concat_packed, render_packed
 from .loader import RawImageSource, SceneStream, TokenSource
 from .pretokenize import LatentShards
 
@@ -85,13 +86,11 @@ class ShapesSource:
             keys.append(key)
             drawn.append(self.scenes.get(*key))
             key = self.scenes.next_key
-        flat = [d for step in drawn for d in step]
-        images = shapes.render_batch([d[0] for d in flat], self.cfg.size, self.device, [d[2] for d in flat])
+        images = render_packed(concat_packed([d[2] for d in drawn]), self.cfg.size, self.device)
         self._ready, at = {}, 0
-        for k, step in zip(keys, drawn):
-            self._ready[k] = {"images": images[at:at + len(step)], "captions": [d[1] for d in step],
-                              "scenes": [d[0] for d in step]}
-            at += len(step)
+        for k, (scenes, captions, _) in zip(keys, drawn):
+            self._ready[k] = {"images": images[at:at + len(scenes)], "captions": captions, "scenes": scenes}
+            at += len(scenes)
 
     def get(self, step: int, local_batch: int, rank: int, world: int) -> dict[str, Any]:
         if self.scenes is not None:
