@@ -40,7 +40,7 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     workers: int = 4  # loader worker processes (tokens, webdataset); decoding threads for folder data
     prefetch: int = 4  # batches each loader worker prepares ahead
-    # shapes on a GPU: the scenes of this many coming (micro-)steps are drawn in one render_batch call, whose
+    # shapes on a GPU: the scenes of this many coming (micro-)steps are drawn in one render_packed call, whose
     # ~2,500 small launches cost the same at any batch size (per-sample results are unchanged)
     render_ahead: int = 16
     in_memory: Literal["auto", "memory", "stream"] = "auto"  # tokens: hold a small set in host memory
@@ -68,8 +68,9 @@ class BatchSource(Protocol):
 
 class ShapesSource:
     """The procedural shapes world, rendered on the training device. On a GPU the scenes of the coming
-    steps are sampled ahead in ``data.workers`` loader processes (:class:`~.loader.SceneStream`) and those of
-    ``data.render_ahead`` micro-steps are drawn together: a render costs a fixed number of kernel launches,
+    steps are sampled ahead in ``data.workers`` loader processes (:class:`~.loader.SceneStream`, which sends
+    the drawings packed into a few arrays) and those of ``data.render_ahead`` micro-steps are drawn together
+    (:func:`~flowtok.shapes.render.render_packed`): a render costs a fixed number of kernel launches,
     which at one step's batch kept the GPU waiting. On a CPU, whose cores are the trainer's, a step's scenes
     are sampled and drawn in the training process when it asks for them."""
 
