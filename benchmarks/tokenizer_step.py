@@ -15,7 +15,7 @@ pixels with ``render_batch`` on the training device. Measured here, each at ``--
   ``--device``, under bf16 autocast on CUDA as the trainer's ``precision: auto`` does.
 
 With ``--stream W`` it also times the data path as the stage runs it on a GPU (``ShapesSource`` with ``W``
-loader workers and ``--render-ahead`` steps drawn per ``render_batch`` call), over ``--stream-steps`` steps:
+loader workers and ``--render-ahead`` steps drawn per render), over ``--stream-steps`` steps:
 
 * ``stream_scenes``: the scenes of a step taken from the workers (their transfer and unpickling in the
   training process), nothing else done meanwhile;
@@ -100,14 +100,20 @@ def measure_stream(device: torch.device, batch: int, world: str, workers: int, r
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    stream = SceneStream(0, "train", None, workers, 4, world)
-    stream.get(0, batch, 0, 1)  # starts the workers
-    time.sleep(2.0)  # let them fill their queues, then measure the steady state past them
-    for s in range(1, 1 + 4 * workers):
-        stream.get(s, batch, 0, 1)
-    t0 = time.perf_counter()
-    drawn = [stream.get(s, batch, 0, 1) for s in range(1 + 4 * workers, 1 + 4 * workers + steps)]
-    per = (time.perf_counter() - t0) / steps
+    def steady(get: Any) -> tuple[list, float]:
+        """Start the workers, let them fill their queues, take what they queued, then time ``steps`` gets."""
+        get(0, batch, 0, 1)
+        time.sleep(2.0)
+        first = 1 + 4 * workers
+        for s in range(1, first):
+            get(s, batch, 0, 1)
+        sync()
+        t0 = time.perf_counter()
+        got = [get(s, batch, 0, 1) for s in range(first, first + steps)]
+        sync()
+        return got, (time.perf_counter() - t0) / steps
+
+    drawn, per = steady(SceneStream(0, "train", None, workers, 4, world).get)
     items = [{"name": "stream_scenes", "status": "ok", "batch": batch, "ms": round(1000 * per, 2),
               "per_s": round(batch / per, 1), "where": "host", "workers": workers}]
     ahead = drawn[:render_ahead]  # fewer if --stream-steps is smaller
@@ -123,17 +129,7 @@ def measure_stream(device: torch.device, batch: int, world: str, workers: int, r
     items.append({"name": "stream_render", "status": "ok", "batch": batch, "ms": round(1000 * w, 2),
                   "host_ms": round(1000 * h, 2), "per_s": round(batch / w, 1), "where": str(device),
                   "render_ahead": len(ahead)})
-    source = ShapesSource(DataConfig(world=world, workers=workers, render_ahead=render_ahead), 0, device)
-    source.get(0, batch, 0, 1)
-    time.sleep(2.0)
-    for s in range(1, 1 + 4 * workers):
-        source.get(s, batch, 0, 1)
-    sync()
-    t0 = time.perf_counter()
-    for s in range(1 + 4 * workers, 1 + 4 * workers + steps):
-        source.get(s, batch, 0, 1)
-    sync()
-    per = (time.perf_counter() - t0) / steps
+    _, per = steady(ShapesSource(DataConfig(world=world, workers=workers, render_ahead=render_ahead), 0, device).get)
     items.append({"name": "stream_get", "status": "ok", "batch": batch, "ms": round(1000 * per, 2),
                   "per_s": round(batch / per, 1), "where": str(device), "workers": workers,
                   "render_ahead": render_ahead})

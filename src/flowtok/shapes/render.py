@@ -105,8 +105,8 @@ def _hash_uniform(seeds: torch.Tensor, count: int, salt: int) -> torch.Tensor:
 
 
 # Objects are drawn grouped by (slot, shape name), in sorted order: a group's objects lie in different images.
-_SHAPE_RANK = {name: rank for rank, name in enumerate(sorted(SHAPES))}
 _RANKED_SHAPES = sorted(SHAPES)
+_SHAPE_RANK = {name: rank for rank, name in enumerate(_RANKED_SHAPES)}
 
 
 @dataclass(frozen=True)
@@ -204,10 +204,11 @@ def render_packed(packed: PackedDrawings, size: int = 128, device: str | torch.d
     device = torch.device(device)
     order = np.argsort(packed.meta[2], kind="stable")  # by draw group, each in image order
     keys = packed.meta[2][order]
-    radius = packed.objects[0][order]
+    sorted_objects = packed.objects[:, order]
+    radius = sorted_objects[0]
     objects = torch.from_numpy(np.concatenate(
-        [packed.objects[:, order], (packed.outline[order] * size / 128).astype(np.float32)[None]])).to(device)
-    meta = torch.from_numpy(packed.meta[:2, order].copy()).to(device)
+        [sorted_objects, (packed.outline[order] * size / 128).astype(np.float32)[None]])).to(device)
+    meta = torch.from_numpy(packed.meta[:2, order]).to(device)
     image = torch.from_numpy(packed.image).to(device)
     seeds = torch.from_numpy(packed.noise_seed).to(device)
     canvas = _backgrounds(image, seeds, bool((packed.image[:, 3] > 0).any()), size)
