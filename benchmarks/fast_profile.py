@@ -6,11 +6,15 @@ graph (a replayed graph is one opaque launch to the profiler), of
 
 * ``plain compile``: the regionally compiled plain blocks (inductor fuses LayerNorm + modulate, bias + GELU,
   gate + residual; GEMMs through cuBLAS);
-* ``fused``: :mod:`flowtok.nn.fused_dit` (the adaLN fold, residual in the GEMM accumulator, GELU epilogue);
+* ``fused``: :mod:`flowtok.nn.fused_dit` (LayerNorm + modulate in one Triton pass, the gates folded into the
+  output Linears, residual in the GEMM accumulator, GELU epilogue);
 * each variant of ``--variants``, a change to the fused path tried beside it:
   ``no-epilogue`` (fc1 as ``addmm`` then an in-place tanh-GELU: is cuBLASLt's GELU epilogue slower than
-  the pass it saves?) and ``bmm`` (the qkv, proj and fc2 GEMMs of both CFG groups as one batched cuBLAS call
-  instead of one call per group: twice the tiles per launch, less wave quantisation; fc1 keeps its epilogue).
+  the pass it saves?), ``no-triton`` (the LayerNorm pass compiled by inductor and the gate fold as PyTorch's
+  broadcast multiply instead of flowtok's Triton kernels), ``fold-in`` (the fused path of 2026-12-02, before
+  this one: the modulation folded into qkv's and fc1's weights too, those GEMMs split per group, the LayerNorm
+  pass compiled by inductor), ``sdpa-flash`` and ``sdpa-efficient`` (attention forced onto PyTorch's
+  FlashAttention or memory-efficient kernel instead of the backend SDPA picks, cuDNN's on an H100 / H200).
 
 Kernel time is grouped into GEMM, attention, layernorm/elementwise, fold (every kernel launched while the
 weights are folded, found through a ``record_function`` range around the fold) and other, each with its share
@@ -35,14 +39,16 @@ import torch.nn.functional as F
 from common import log, sync, time_call
 from sampling import count_forward_flops
 from torch.autograd import DeviceType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from flowtok.nn import fused_dit as fd
+from flowtok.nn import triton_ops
 from flowtok.sampling import GraphedSampler, euler_sample
 
 CATEGORIES = ("GEMM", "attention", "layernorm/elementwise", "fold", "other")
 FOLD_RANGE = "flowtok::fold"
-VARIANTS = ("no-epilogue", "bmm")
+VARIANTS = ("no-epilogue", "no-triton", "fold-in", "sdpa-flash", "sdpa-efficient")
 
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_mha|mha_")
 _GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|cublas|splitk|matmul|triton_tem"
@@ -63,10 +69,27 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def _fold_in(linear, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``fold-in`` variant's input fold: (W diag(1 + scale_g) [G, out, in], b + W shift_g [G, out])."""
+    w, b = linear.weight, linear.bias
+    folded = w.unsqueeze(0) * (1 + scale).unsqueeze(1)
+    bias = torch.addmm(b, shift, w.t()) if b is not None else shift @ w.t()
+    return folded, bias
+
+
+def _fold_out_torch(linear, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``fold-in`` variant's output fold, as PyTorch's broadcast multiply."""
+    folded = linear.weight.unsqueeze(0) * gate.unsqueeze(2)
+    return folded, gate * linear.bias if linear.bias is not None else torch.zeros_like(gate)
+
+
+_FOLDS = {"in": _fold_in, "out": _fold_out_torch}
+
+
 @contextlib.contextmanager
 def fold_ranges() -> Iterator[None]:
-    """Run the fused path's weight folds inside a ``record_function`` range, to attribute their kernels."""
-    fold_in, fold_out = fd._fold_in, fd._fold_out
+    """Run every weight fold inside a ``record_function`` range, to attribute their kernels."""
+    saved_fd, saved_own = fd._fold_out, dict(_FOLDS)
 
     def ranged(fn: Callable) -> Callable:
         def wrapper(*args: Any) -> Any:
@@ -74,35 +97,61 @@ def fold_ranges() -> Iterator[None]:
                 return fn(*args)
         return wrapper
 
-    fd._fold_in, fd._fold_out = ranged(fold_in), ranged(fold_out)  # type: ignore[assignment]
+    fd._fold_out = ranged(saved_fd)  # type: ignore[assignment]
+    _FOLDS.update({k: ranged(f) for k, f in saved_own.items()})
     try:
         yield
     finally:
-        fd._fold_in, fd._fold_out = fold_in, fold_out  # type: ignore[assignment]
+        fd._fold_out = saved_fd  # type: ignore[assignment]
+        _FOLDS.update(saved_own)
 
 
-def _block_bmm(block, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
-               epilogue: bool) -> torch.Tensor:
-    """:func:`flowtok.nn.fused_dit._block` with the qkv, proj and fc2 GEMMs of all groups in one ``baddbmm``."""
+_ADD_LN_COMPILED: dict[str, Callable] = {}
+
+
+def _add_layer_norm_eager(x: torch.Tensor, pending: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x + pending, x.shape[-1:], eps=eps)
+
+
+def _add_layer_norm(x: torch.Tensor, pending: torch.Tensor, eps: float) -> torch.Tensor:
+    """The ``fold-in`` variant's ``LayerNorm(x + pending)``: one inductor-compiled kernel on CUDA."""
+    if x.device.type != "cuda":
+        return _add_layer_norm_eager(x, pending, eps)
+    if "fn" not in _ADD_LN_COMPILED:
+        _ADD_LN_COMPILED["fn"] = torch.compile(_add_layer_norm_eager, dynamic=False, fullgraph=True)
+    return _ADD_LN_COMPILED["fn"](x, pending, eps)
+
+
+def _block_fold_in(block, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
+                   epilogue: bool) -> torch.Tensor:
+    """The fused block as of 2026-12-02: every adaLN vector folded into the weights, per-group GEMMs."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-    attn = block.attn
-    w_qkv, b_qkv = fd._fold_in(attn.qkv, shift_msa, scale_msa)
-    w_proj, b_proj = fd._fold_out(attn.proj, gate_msa)
-    w_fc1, b_fc1 = fd._fold_in(block.mlp.fc1, shift_mlp, scale_mlp)
-    w_fc2, b_fc2 = fd._fold_out(block.mlp.fc2, gate_mlp)
-    h = fd.add_layer_norm(x, pending, block.norm1.eps)
-    qkv = torch.baddbmm(b_qkv.unsqueeze(1), h, w_qkv.transpose(1, 2))
+    attn, mlp = block.attn, block.mlp
+    w_qkv, b_qkv = _FOLDS["in"](attn.qkv, shift_msa, scale_msa)
+    w_proj, b_proj = _FOLDS["out"](attn.proj, gate_msa)
+    w_fc1, b_fc1 = _FOLDS["in"](mlp.fc1, shift_mlp, scale_mlp)
+    w_fc2, b_fc2 = _FOLDS["out"](mlp.fc2, gate_mlp)
+    h = _add_layer_norm(x, pending, block.norm1.eps)
+    qkv = x.new_empty(groups, rows, w_qkv.shape[1])
+    for g in range(groups):
+        torch.addmm(b_qkv[g], h[g], w_qkv[g].t(), out=qkv[g])
     heads = attn.num_heads
     q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups, rows, d)
-    x.baddbmm_(o, w_proj.transpose(1, 2))
+    for g in range(groups):
+        x[g].addmm_(o[g], w_proj[g].t())
     pending = pending + b_proj.unsqueeze(1)
-    h = fd.add_layer_norm(x, pending, block.norm2.eps)
+    h = _add_layer_norm(x, pending, block.norm2.eps)
     hidden = x.new_empty(groups, rows, w_fc1.shape[1])
     for g in range(groups):
-        fd._gemm_gelu(b_fc1[g], h[g], w_fc1[g], hidden[g], epilogue)
-    x.baddbmm_(hidden, w_fc2.transpose(1, 2))
+        if epilogue:
+            torch._addmm_activation(b_fc1[g], h[g], w_fc1[g].t(), use_gelu=True, out=hidden[g])
+        else:
+            torch.addmm(b_fc1[g], h[g], w_fc1[g].t(), out=hidden[g])
+            torch.ops.aten.gelu_(hidden[g], approximate="tanh")
+    for g in range(groups):
+        x[g].addmm_(hidden[g], w_fc2[g].t())
     return pending + b_fc2.unsqueeze(1)
 
 
@@ -112,15 +161,21 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; one of {', '.join(VARIANTS)}")
     key = (str(torch.empty(0, device=device).device), dtype)  # "cuda:0", as fused_blocks_forward asks
-    saved_epilogue, saved_block = fd._GELU_EPILOGUE.get(key), fd._block
+    saved_epilogue, saved_block, saved_triton = fd._GELU_EPILOGUE.get(key), fd._block, triton_ops.ENABLED
+    backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+    attention = sdpa_kernel([backends[name]]) if name in backends else contextlib.nullcontext()
     if name == "no-epilogue":
         fd._GELU_EPILOGUE[key] = False
-    else:
-        fd._block = _block_bmm  # type: ignore[assignment]
+    elif name == "no-triton":
+        triton_ops.ENABLED = False
+    elif name == "fold-in":
+        fd._block = _block_fold_in  # type: ignore[assignment]
     try:
-        yield
+        with attention:
+            yield
     finally:
         fd._block = saved_block  # type: ignore[assignment]
+        triton_ops.ENABLED = saved_triton
         if saved_epilogue is None:
             fd._GELU_EPILOGUE.pop(key, None)
         else:

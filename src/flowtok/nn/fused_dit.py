@@ -2,27 +2,31 @@
 
 FlowTok's condition is ``c = t_embedder(t) + null_embedder(null_indicator)``: within one Euler step every
 sample has the same t, and the classifier-free-guidance batch ``[x ; x]`` has only two null indicators. So a
-sampling step has at most two distinct condition vectors, hence two sets of shift / scale / gate vectors per
-block, while a plain block applies them to every token in separate memory-bound passes. Here they go into the
-weights instead, once per step and per distinct condition ``g``::
+sampling step has at most two distinct condition vectors ``g``, hence two sets of shift / scale / gate vectors
+per block, while a plain block applies them to every token in separate memory-bound passes. Here each
+sub-block is one memory-bound pass and GEMMs:
 
-    LN(x) * (1 + scale) + shift  ->  Linear(W, b)      ==  LN(x) @ W'_g^T + b'_g,
-        W'_g = W diag(1 + scale_g),  b'_g = b + W shift_g                       (qkv and fc1)
-    x + gate * Linear(W, b)(a)                          ==  x + a @ W''_g^T + gate_g * b,
-        W''_g = diag(gate_g) W                                                  (proj and fc2)
+    h = LN(x + P_g) * (1 + scale_g) + shift_g          one pass (a Triton kernel on a GPU)
+    qkv / fc1 = h @ W^T + b                            one GEMM over every group's rows (fc1: + tanh-GELU)
+    x += a @ W''_g^T,  W''_g = diag(gate_g) W           proj and fc2: the gate folded into the weight's rows,
+                                                       one GEMM per group with x as its accumulator
 
-and every sub-block becomes: one LayerNorm pass (no affine), GEMMs over each group's rows, attention
-through SDPA. The output GEMMs take the residual stream as their accumulator (``addmm_`` with beta = 1), so
-the residual add costs nothing; their gated biases, constant per group, are not added to the stream at all:
-they are summed into a per-group vector ``P`` that the next LayerNorm adds as it reads (``LN(x + P)``, one
-pass, compiled into a single kernel on a GPU) and the final layer adds once. fc1's bias and the tanh-GELU
-run in cuBLASLt's epilogue (``torch._addmm_activation(..., use_gelu=True)``) where a probe on the device
-shows that it computes tanh-GELU, the block's activation; elsewhere (the CPU's kernel computes exact GELU)
-it is ``addmm`` then an in-place GELU.
+The output GEMMs take the residual stream as their accumulator (``addmm_`` with beta = 1), so the residual add
+costs nothing; their gated biases ``gate_g * b``, constant per group, are not added to the stream at all: they
+are summed into a per-group vector ``P_g`` that the next LayerNorm adds as it reads, and the final layer adds
+once. fc1's bias and the tanh-GELU run in cuBLASLt's epilogue (``torch._addmm_activation(..., use_gelu=True)``)
+where a probe on the device shows that it computes tanh-GELU, the block's activation; elsewhere (the CPU's
+kernel computes exact GELU) it is ``addmm`` then an in-place GELU.
 
-Folding reads and writes the block's four big weight matrices once per group and step, which only pays
+Folding the gates reads proj's and fc2's weights once per step and writes a copy per group, which only pays
 when each group has many rows: :func:`fused_blocks_forward` is for large batches, and the caller
 (:meth:`flowtok.flow.FlowTransformer.forward_grouped`) falls back to the plain blocks below ``min_rows``.
+
+The LayerNorm pass and the fold run as the kernels of :mod:`flowtok.nn.triton_ops` where Triton can run them;
+otherwise the LayerNorm pass is one ``torch.compile``-d function on a GPU and plain PyTorch on a CPU. (An
+earlier version also folded the modulation into qkv's and fc1's weights, ``W'_g = W diag(1 + scale_g)``: that
+moved three times the weight bytes per step and split those GEMMs per group; the modulation now rides in the
+LayerNorm pass, which writes its output anyway.)
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_ops
 from .dit import DiTBlock, FinalLayer
 
 log = logging.getLogger(__name__)
 
 _GELU_EPILOGUE: dict[tuple[str, torch.dtype], bool] = {}
-_ADD_LN: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None] = {}
+_ADD_LN: dict[str, Callable[..., torch.Tensor] | None] = {}
 
 
 @torch.no_grad()
@@ -73,55 +78,67 @@ def gelu_epilogue_is_tanh(device: torch.device, dtype: torch.dtype) -> bool:
     return _GELU_EPILOGUE[key]
 
 
-def _add_layer_norm_eager(x: torch.Tensor, pending: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.layer_norm(x + pending, x.shape[-1:], eps=eps)
+def _modulated_layer_norm_eager(x: torch.Tensor, pending: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                                eps: float) -> torch.Tensor:
+    return F.layer_norm(x + pending, x.shape[-1:], eps=eps) * (1 + scale) + shift
 
 
-def add_layer_norm(x: torch.Tensor, pending: torch.Tensor, eps: float) -> torch.Tensor:
-    """``LayerNorm(x + pending)`` without affine; x ``[G, R, D]``, pending ``[G, 1, D]``. On CUDA one compiled
-    kernel (read x, write the result); elsewhere, or if compiling fails, two eager passes."""
+def modulated_layer_norm(x: torch.Tensor, pending: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """``LayerNorm(x + pending) * (1 + scale) + shift`` without LayerNorm affine; x ``[G, R, D]``, the others
+    ``[G, 1, D]``. One pass: the Triton kernel where Triton runs (:func:`flowtok.nn.triton_ops.available`);
+    else, on CUDA, one compiled kernel; elsewhere, or if compiling fails, eager passes."""
+    if triton_ops.available(x):
+        return triton_ops.add_layer_norm_modulate(x, pending, shift, scale, eps)
     kind = x.device.type
     if kind not in _ADD_LN:
         _ADD_LN[kind] = None
         if kind == "cuda":
             try:
-                _ADD_LN[kind] = torch.compile(_add_layer_norm_eager, dynamic=False, fullgraph=True)
+                _ADD_LN[kind] = torch.compile(_modulated_layer_norm_eager, dynamic=False, fullgraph=True)
             except Exception as exc:  # noqa: BLE001 - no inductor here: the eager passes are still right
-                log.warning("add+LayerNorm not compiled (%s); using eager passes", exc)
+                log.warning("LayerNorm + modulate not compiled (%s); using eager passes", exc)
     fn = _ADD_LN[kind]
     if fn is not None:
         try:
-            return fn(x, pending, eps)
+            return fn(x, pending, shift, scale, eps)
         except Exception as exc:  # noqa: BLE001 - a compile failure must not break sampling
-            log.warning("compiled add+LayerNorm failed (%s: %s); using eager passes", type(exc).__name__, exc)
+            log.warning("compiled LayerNorm + modulate failed (%s: %s); using eager passes",
+                        type(exc).__name__, exc)
             _ADD_LN[kind] = None
-    return _add_layer_norm_eager(x, pending, eps)
+    return _modulated_layer_norm_eager(x, pending, shift, scale, eps)
 
 
 def _linear(module: nn.Module) -> nn.Linear:
     return cast(nn.Linear, module)
 
 
-def _fold_in(linear: nn.Linear, shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W'_g [G, out, in], b'_g [G, out]) with LN(x)(1 + scale) + shift folded in on the input side."""
-    w, b = linear.weight, linear.bias
-    folded = w.unsqueeze(0) * (1 + scale).unsqueeze(1)
-    bias = torch.addmm(b, shift, w.t()) if b is not None else shift @ w.t()
-    return folded, bias
-
-
 def _fold_out(linear: nn.Linear, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(W''_g [G, out, in], gate_g * b [G, out]): the gate folded into the output rows."""
-    folded = linear.weight.unsqueeze(0) * gate.unsqueeze(2)
+    w = linear.weight
+    if triton_ops.available(w):
+        folded = triton_ops.scale_rows(w, gate)
+    else:
+        folded = w.unsqueeze(0) * gate.unsqueeze(2)
     bias = gate * linear.bias if linear.bias is not None else torch.zeros_like(gate)
     return folded, bias
 
 
-def _gemm_gelu(bias: torch.Tensor, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, epilogue: bool) -> None:
-    if epilogue:
-        torch._addmm_activation(bias, a, w.t(), use_gelu=True, out=out)
+def _gemm(a: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> None:
+    if linear.bias is None:
+        torch.mm(a, linear.weight.t(), out=out)
     else:
-        torch.addmm(bias, a, w.t(), out=out)
+        torch.addmm(linear.bias, a, linear.weight.t(), out=out)
+
+
+def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, out: torch.Tensor, epilogue: bool) -> None:
+    """``out = tanh-GELU(a @ W^T + b)``: in cuBLASLt's epilogue if ``epilogue``, else a GEMM then a GELU pass."""
+    w, bias = linear.weight, linear.bias
+    if epilogue:
+        torch._addmm_activation(bias if bias is not None else w.new_zeros(w.shape[0]), a, w.t(), use_gelu=True,
+                                out=out)
+    else:
+        _gemm(a, linear, out)
         torch.ops.aten.gelu_(out, approximate="tanh")
 
 
@@ -129,17 +146,15 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
            epilogue: bool) -> torch.Tensor:
     """One block on the stream ``x [G, R, D]`` (updated in place); returns the new pending bias [G, 1, D]."""
     groups, rows, d = x.shape
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-    attn = block.attn
-    w_qkv, b_qkv = _fold_in(_linear(attn.qkv), shift_msa, scale_msa)
-    w_proj, b_proj = _fold_out(_linear(attn.proj), gate_msa)
-    w_fc1, b_fc1 = _fold_in(_linear(block.mlp.fc1), shift_mlp, scale_mlp)
-    w_fc2, b_fc2 = _fold_out(_linear(block.mlp.fc2), gate_mlp)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(6, dim=2)
+    attn, mlp = block.attn, block.mlp
+    qkv_l, proj_l, fc1_l, fc2_l = (_linear(m) for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2))
+    w_proj, b_proj = _fold_out(proj_l, gate_msa.squeeze(1))
+    w_fc2, b_fc2 = _fold_out(fc2_l, gate_mlp.squeeze(1))
 
-    h = add_layer_norm(x, pending, block.norm1.eps)
-    qkv = x.new_empty(groups, rows, w_qkv.shape[1])
-    for g in range(groups):
-        torch.addmm(b_qkv[g], h[g], w_qkv[g].t(), out=qkv[g])
+    h = modulated_layer_norm(x, pending, shift_msa, scale_msa, block.norm1.eps).view(groups * rows, d)
+    qkv = x.new_empty(groups * rows, qkv_l.out_features)
+    _gemm(h, qkv_l, qkv)
     heads = attn.num_heads
     q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups, rows, d)
@@ -147,10 +162,10 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
         x[g].addmm_(o[g], w_proj[g].t())
     pending = pending + b_proj.unsqueeze(1)
 
-    h = add_layer_norm(x, pending, block.norm2.eps)
-    hidden = x.new_empty(groups, rows, w_fc1.shape[1])
-    for g in range(groups):
-        _gemm_gelu(b_fc1[g], h[g], w_fc1[g], hidden[g], epilogue)
+    h = modulated_layer_norm(x, pending, shift_mlp, scale_mlp, block.norm2.eps).view(groups * rows, d)
+    hidden = x.new_empty(groups * rows, fc1_l.out_features)
+    _gemm_gelu(h, fc1_l, hidden, epilogue)
+    hidden = hidden.view(groups, rows, -1)
     for g in range(groups):
         x[g].addmm_(hidden[g], w_fc2[g].t())
     return pending + b_fc2.unsqueeze(1)
@@ -181,10 +196,8 @@ def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torc
         if not fused_block_supported(blk):
             raise ValueError("the fused path needs plain Linears and the tanh-GELU MLP (not an FP8 or other block)")
         pending = _block(blk, x, pending, blk.adaLN_modulation(cond), batch, epilogue)
-    shift, scale = final_layer.adaLN_modulation(cond).chunk(2, dim=1)
-    w_out, b_out = _fold_in(final_layer.linear, shift, scale)
-    y = add_layer_norm(x, pending, final_layer.norm_final.eps)
-    out = x.new_empty(groups, batch * n, w_out.shape[1])
-    for g in range(groups):
-        torch.addmm(b_out[g], y[g], w_out[g].t(), out=out[g])
+    shift, scale = final_layer.adaLN_modulation(cond).unsqueeze(1).chunk(2, dim=2)
+    y = modulated_layer_norm(x, pending, shift, scale, final_layer.norm_final.eps).view(groups * batch * n, d)
+    out = x.new_empty(groups * batch * n, final_layer.linear.out_features)
+    _gemm(y, final_layer.linear, out)
     return out.view(groups * batch, n, -1)

@@ -1,0 +1,25 @@
+# Issue 23 in one GPU call (one H200, <= 10 minutes): the Triton passes alone, then the kernel profile of the
+# fused flow beside its variants, then the whole fast-inference run against the PixArt-shaped baseline.
+#   device run, carry [".whl"], timeout_s 600, command "bash benchmarks/run_fast_gpu3.sh"
+# .whl/ holds the diffusers wheel (docs/benchmarks.md says how to get it). Every part writes its JSON as it
+# goes and ends by its own deadline (the parts end by 140, 330 and 585 s after start), so a slow compile costs
+# the last items, never the measured ones. Files under $OUT: triton_ops.json, profile.json, fast.json, fast3.log.
+set -o pipefail
+start=$(date +%s)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+export PYTHONPATH=$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-results/gpu3}
+mkdir -p "$OUT"
+LOG=$OUT/fast3.log
+left() { echo $(( start + $1 - $(date +%s) )); }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
+timeout "$(left 60)" python3 benchmarks/triton_ops_bench.py --out "$OUT/triton_ops.json" 2>&1 | tee -a "$LOG"
+BENCH_DEADLINE=$((start + 310)) timeout "$(left 330)" python3 benchmarks/fast_inference.py --profile \
+  --variants "${VARIANTS:-no-triton,fold-in,sdpa-flash,sdpa-efficient}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
+echo "profile done at $(( $(date +%s) - start )) s" | tee -a "$LOG"
+BENCH_DEADLINE=$((start + 570)) timeout "$(left 585)" python3 benchmarks/fast_inference.py --out "$OUT/fast.json" \
+  2>&1 | tee -a "$LOG"
+echo "total $(( $(date +%s) - start )) s" | tee -a "$LOG"

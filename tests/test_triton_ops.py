@@ -1,0 +1,104 @@
+"""flowtok.nn.triton_ops's kernels, and the fused DiT path through them, run by Triton's CPU interpreter.
+
+Triton decides at import whether its kernels are interpreted (``TRITON_INTERPRET=1``), so each check runs in a
+fresh interpreter with that variable set; the rest of the suite keeps the PyTorch path. The interpreter rounds
+fp32 -> bf16 by truncation where a GPU rounds to nearest, so bf16 results are held to one bf16 step; fp32 ones
+to fp32 rounding. On the GPU the same kernels are checked against fp32 by benchmarks/fast_inference.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton ships Linux wheels only")
+
+
+def _interpreted(code: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "FLOWTOK_TRITON": "1"}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_layer_norm_modulate_kernel_matches_pytorch():
+    _interpreted("""
+        import torch
+        import torch.nn.functional as F
+        from flowtok.nn import triton_ops as T
+
+        assert T.available(torch.zeros(1))
+        torch.manual_seed(0)
+        # D not a power of two, rows not a multiple of the rows per program, one and two groups
+        for groups, rows, d in [(2, 37, 96), (1, 5, 40), (3, 11, 1152)]:
+            x = 3 * torch.randn(groups, rows, d) + 1
+            pending, shift, scale = (torch.randn(groups, 1, d) for _ in range(3))
+            ref = F.layer_norm(x + pending, (d,), eps=1e-6) * (1 + scale) + shift
+            out = T.add_layer_norm_modulate(x, pending, shift, scale, 1e-6)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            plain = T.add_layer_norm_modulate(x, pending[:, 0], None, None, 1e-6)  # [G, D] rows, no modulation
+            torch.testing.assert_close(plain, F.layer_norm(x + pending, (d,), eps=1e-6), rtol=1e-5, atol=1e-5)
+            half = T.add_layer_norm_modulate(x.bfloat16(), pending.bfloat16(), shift.bfloat16(),
+                                             scale.bfloat16(), 1e-6)
+            ref16 = (F.layer_norm(x.bfloat16().float() + pending.bfloat16().float(), (d,), eps=1e-6)
+                     * (1 + scale.bfloat16().float()) + shift.bfloat16().float())
+            assert half.dtype == torch.bfloat16
+            assert ((half.float() - ref16).abs() <= ref16.abs() * 2 ** -7 + 1e-6).all()
+        print("OK")
+    """)
+
+
+def test_scale_rows_kernel_folds_each_groups_gate():
+    _interpreted("""
+        import torch
+        from flowtok.nn import triton_ops as T
+
+        torch.manual_seed(0)
+        for groups, n_out, n_in in [(2, 50, 70), (1, 33, 129), (3, 64, 128)]:
+            w, gate = torch.randn(n_out, n_in), torch.randn(groups, n_out)
+            out = T.scale_rows(w, gate)
+            assert out.shape == (groups, n_out, n_in)
+            assert torch.equal(out, w.unsqueeze(0) * gate.unsqueeze(2))
+            strided = torch.randn(groups, 3 * n_out)[:, :n_out]  # a chunk of the adaLN output: not contiguous
+            assert torch.equal(T.scale_rows(w, strided), w.unsqueeze(0) * strided.unsqueeze(2))
+        try:
+            T.scale_rows(torch.zeros(4, 4), torch.zeros(2, 5))
+        except ValueError as exc:
+            assert "rows" in str(exc)
+        else:
+            raise AssertionError("a gate of the wrong length was accepted")
+        print("OK")
+    """)
+
+
+def test_fused_flow_through_the_kernels_equals_the_plain_blocks():
+    _interpreted("""
+        import torch
+        from flowtok.flow import FLOW_PRESETS, FlowTransformer
+        from flowtok.nn import fused_dit, triton_ops
+
+        torch.manual_seed(0)
+        model = FlowTransformer(FLOW_PRESETS["tiny"]).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        calls = []
+        for name in ("add_layer_norm_modulate", "scale_rows"):
+            fn = getattr(triton_ops, name)
+            setattr(triton_ops, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        x, t = torch.randn(6, 8, 4), torch.tensor(0.37)
+        with torch.no_grad():
+            ref = model(x, t.expand(6), torch.tensor([0, 0, 0, 1, 1, 1]))
+            model.enable_fused_inference(min_rows=0)
+            out = model.forward_grouped(x, t, (0, 1))
+        depth = model.config.depth
+        assert calls.count("add_layer_norm_modulate") == 2 * depth + 1 and calls.count("scale_rows") == 2 * depth
+        assert ref.abs().max() > 0.5
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        print("OK")
+    """)
