@@ -3,8 +3,9 @@
 For ``LayerNorm(x + pending) * (1 + scale) + shift`` over ``x [2, 256 * 77, 1152]`` (bf16): flowtok's Triton
 kernel at its default launch configuration and at the others of a small grid (rows per program x warps),
 against the same function compiled by inductor and in eager PyTorch. For the gate fold ``diag(gate_g) W`` of
-fc2 (``W [1152, 4608]``, two groups): the Triton kernel against PyTorch's broadcast multiply. Each is timed as
-the median of CUDA-event timings of 50 calls after warm-up, and reported as GB/s (bytes read + written, the
+fc2 (``W [1152, 4608]``, two groups, the gated bias added to the pending vector): the Triton kernel against
+PyTorch's ops, ten folds in a CUDA graph as the sampler runs them. Each is timed as the median of CUDA-event
+timings of 50 calls after warm-up, and reported as GB/s (bytes read + written, the
 least each pass must move) beside the device-to-device copy rate measured the same way.
 
     python benchmarks/triton_ops_bench.py --out results/triton_ops.json
@@ -73,18 +74,19 @@ def main(argv: list[str] | None = None) -> dict:
     out = triton_ops.add_layer_norm_modulate(x, pending, shift, scale, 1e-6)
     err = float((out.float() - ref.float()).abs().max())
     ms = cuda_ms(lambda: triton_ops.add_layer_norm_modulate(x, pending, shift, scale, 1e-6))
-    block_d = 1 << (d - 1).bit_length()
+    main_d, tail, rows_default, warps_default = triton_ops._launch_shape(d)
     items["layernorm+modulate triton (default)"] = {"ms": ms, "gb_s": gbs(ms, moved), "max_abs_diff_vs_eager": err,
-                                                    "rows_warps": list(triton_ops._rows_per_program(block_d))}
+                                                    "main_tail_rows_warps": [main_d, tail, rows_default,
+                                                                             warps_default]}
     y = torch.empty_like(x)
-    xs, ps, shs, scs = x, pending.reshape(g, d), shift.reshape(g, d).contiguous(), scale.reshape(g, d).contiguous()
-    for rows_per in (1, 2, 4, 8):
-        for warps in (2, 4, 8, 16):
+    ps, shs, scs = pending.reshape(g, d), shift.reshape(g, d), scale.reshape(g, d)
+    for rows_per in (1, 2, 4):
+        for warps in (1, 2, 4, 8):
             def launch(rows_per: int = rows_per, warps: int = warps) -> None:
                 grid = ((g * r + rows_per - 1) // rows_per,)
-                triton_ops._add_layer_norm_modulate_kernel[grid](xs, ps, shs, scs, y, g * r, r, d, 1e-6,
-                                                                 BLOCK_D=block_d, ROWS=rows_per, MODULATE=True,
-                                                                 num_warps=warps)
+                triton_ops._add_layer_norm_modulate_kernel[grid](x, ps, d, shs, scs, d, y, g * r, r, d, 1e-6,
+                                                                 MAIN=main_d, TAIL=tail, ROWS=rows_per,
+                                                                 MODULATE=True, num_warps=warps)
             try:
                 ms = cuda_ms(launch, iters=20)
             except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is recorded, not fatal
@@ -92,14 +94,23 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             items[f"layernorm+modulate triton rows{rows_per} warps{warps}"] = {"ms": ms, "gb_s": gbs(ms, moved)}
 
+    # The fold inside a CUDA graph, as the sampler runs it (a lone launch is mostly the host's launch time).
     w = torch.randn(d, args.hidden, device=device, dtype=dtype)
+    bias = torch.randn(d, device=device, dtype=dtype)
     gate = torch.randn(g, d, device=device, dtype=dtype)
     fold_bytes = w.numel() * w.element_size() * (1 + g)
-    ms = cuda_ms(lambda: w.unsqueeze(0) * gate.unsqueeze(2))
-    items["gate fold torch"] = {"ms": ms, "gb_s": gbs(ms, fold_bytes)}
-    same = bool(torch.equal(triton_ops.scale_rows(w, gate), w.unsqueeze(0) * gate.unsqueeze(2)))
-    ms = cuda_ms(lambda: triton_ops.scale_rows(w, gate))
-    items["gate fold triton"] = {"ms": ms, "gb_s": gbs(ms, fold_bytes), "equal_to_torch": same}
+    folds = {"torch": lambda: (w.unsqueeze(0) * gate.unsqueeze(2), pending + (gate * bias).unsqueeze(1)),
+             "triton": lambda: triton_ops.fold_gate(w, bias, gate, pending)}
+    same = bool(torch.equal(folds["triton"]()[0], folds["torch"]()[0]))
+    for name, fold in folds.items():
+        fold()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                fold()
+        ms = cuda_ms(graph.replay) / 10
+        items[f"gate fold {name} (graph)"] = {"ms": ms, "gb_s": gbs(ms, fold_bytes)}
+    items["gate fold triton (graph)"]["equal_to_torch"] = same
     for name, item in items.items():
         log(f"{name:<45} " + (f"{item['ms'] * 1e3:8.1f} us {item['gb_s']:7.0f} GB/s" if "ms" in item
                               else item["error"]))

@@ -34,10 +34,12 @@ def test_layer_norm_modulate_kernel_matches_pytorch():
 
         assert T.available(torch.zeros(1))
         torch.manual_seed(0)
-        # D not a power of two, rows not a multiple of the rows per program, one and two groups
-        for groups, rows, d in [(2, 37, 96), (1, 5, 40), (3, 11, 1152)]:
+        # widths of a power of two and not (a main part and a tail: 96 = 64 + 32, 40 = 32 + 8 of a 16-wide tail,
+        # 1152 = 1024 + 128), rows not a multiple of the rows per program, one to three groups
+        for groups, rows, d in [(2, 37, 96), (1, 5, 40), (3, 11, 1152), (2, 3, 64)]:
             x = 3 * torch.randn(groups, rows, d) + 1
-            pending, shift, scale = (torch.randn(groups, 1, d) for _ in range(3))
+            pending = torch.randn(groups, 1, d)
+            shift, scale = torch.randn(groups, 1, 4 * d)[..., d:3 * d].chunk(2, dim=-1)  # strided adaLN rows
             ref = F.layer_norm(x + pending, (d,), eps=1e-6) * (1 + scale) + shift
             out = T.add_layer_norm_modulate(x, pending, shift, scale, 1e-6)
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -53,21 +55,23 @@ def test_layer_norm_modulate_kernel_matches_pytorch():
     """)
 
 
-def test_scale_rows_kernel_folds_each_groups_gate():
+def test_fold_gate_kernel_folds_each_groups_gate_and_moves_the_bias():
     _interpreted("""
         import torch
         from flowtok.nn import triton_ops as T
 
         torch.manual_seed(0)
-        for groups, n_out, n_in in [(2, 50, 70), (1, 33, 129), (3, 64, 128)]:
-            w, gate = torch.randn(n_out, n_in), torch.randn(groups, n_out)
-            out = T.scale_rows(w, gate)
-            assert out.shape == (groups, n_out, n_in)
+        for groups, n_out, n_in, has_bias in [(2, 50, 70, True), (1, 33, 129, False), (3, 64, 128, True)]:
+            w, bias = torch.randn(n_out, n_in), torch.randn(n_out) if has_bias else None
+            gate = torch.randn(groups, 3 * n_out)[:, n_out:2 * n_out]  # a chunk of the adaLN output: strided
+            pending = torch.randn(groups, 1, n_out)
+            out, after = T.fold_gate(w, bias, gate, pending)
+            assert out.shape == (groups, n_out, n_in) and after.shape == (groups, 1, n_out)
             assert torch.equal(out, w.unsqueeze(0) * gate.unsqueeze(2))
-            strided = torch.randn(groups, 3 * n_out)[:, :n_out]  # a chunk of the adaLN output: not contiguous
-            assert torch.equal(T.scale_rows(w, strided), w.unsqueeze(0) * strided.unsqueeze(2))
+            expected = pending + (gate * bias).unsqueeze(1) if has_bias else pending
+            torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-6)
         try:
-            T.scale_rows(torch.zeros(4, 4), torch.zeros(2, 5))
+            T.fold_gate(torch.zeros(4, 4), None, torch.zeros(2, 5), torch.zeros(2, 1, 5))
         except ValueError as exc:
             assert "rows" in str(exc)
         else:
@@ -88,7 +92,7 @@ def test_fused_flow_through_the_kernels_equals_the_plain_blocks():
             for p in model.parameters():
                 p.add_(0.2 * torch.randn_like(p))
         calls = []
-        for name in ("add_layer_norm_modulate", "scale_rows"):
+        for name in ("add_layer_norm_modulate", "fold_gate"):
             fn = getattr(triton_ops, name)
             setattr(triton_ops, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
         x, t = torch.randn(6, 8, 4), torch.tensor(0.37)
@@ -97,7 +101,7 @@ def test_fused_flow_through_the_kernels_equals_the_plain_blocks():
             model.enable_fused_inference(min_rows=0)
             out = model.forward_grouped(x, t, (0, 1))
         depth = model.config.depth
-        assert calls.count("add_layer_norm_modulate") == 2 * depth + 1 and calls.count("scale_rows") == 2 * depth
+        assert calls.count("add_layer_norm_modulate") == 2 * depth + 1 and calls.count("fold_gate") == 2 * depth
         assert ref.abs().max() > 0.5
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         print("OK")

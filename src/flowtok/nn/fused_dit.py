@@ -80,13 +80,15 @@ def gelu_epilogue_is_tanh(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _modulated_layer_norm_eager(x: torch.Tensor, pending: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                 eps: float) -> torch.Tensor:
+    groups, _, d = x.shape
+    shift, scale = shift.reshape(groups, 1, d), scale.reshape(groups, 1, d)
     return F.layer_norm(x + pending, x.shape[-1:], eps=eps) * (1 + scale) + shift
 
 
 def modulated_layer_norm(x: torch.Tensor, pending: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                          eps: float) -> torch.Tensor:
-    """``LayerNorm(x + pending) * (1 + scale) + shift`` without LayerNorm affine; x ``[G, R, D]``, the others
-    ``[G, 1, D]``. One pass: the Triton kernel where Triton runs (:func:`flowtok.nn.triton_ops.available`);
+    """``LayerNorm(x + pending) * (1 + scale) + shift`` without LayerNorm affine; x ``[G, R, D]``, pending
+    ``[G, 1, D]``, shift and scale ``[G, D]`` (rows of the adaLN output: any row stride). One pass: the Triton kernel where Triton runs (:func:`flowtok.nn.triton_ops.available`);
     else, on CUDA, one compiled kernel; elsewhere, or if compiling fails, eager passes."""
     if triton_ops.available(x):
         return triton_ops.add_layer_norm_modulate(x, pending, shift, scale, eps)
@@ -113,15 +115,14 @@ def _linear(module: nn.Module) -> nn.Linear:
     return cast(nn.Linear, module)
 
 
-def _fold_out(linear: nn.Linear, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W''_g [G, out, in], gate_g * b [G, out]): the gate folded into the output rows."""
-    w = linear.weight
+def _fold_out(linear: nn.Linear, gate: torch.Tensor, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W''_g [G, out, in], pending + gate_g * b [G, 1, out]): the gate folded into the output rows, and the
+    gated bias moved into the pending vector."""
+    w, bias = linear.weight, linear.bias
     if triton_ops.available(w):
-        folded = triton_ops.scale_rows(w, gate)
-    else:
-        folded = w.unsqueeze(0) * gate.unsqueeze(2)
-    bias = gate * linear.bias if linear.bias is not None else torch.zeros_like(gate)
-    return folded, bias
+        return triton_ops.fold_gate(w, bias, gate, pending)
+    folded = w.unsqueeze(0) * gate.unsqueeze(2)
+    return folded, (pending + (gate * bias).unsqueeze(1) if bias is not None else pending)
 
 
 def _gemm(a: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> None:
@@ -144,13 +145,14 @@ def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, out: torch.Tensor, epilogue: 
 
 def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
            epilogue: bool) -> torch.Tensor:
-    """One block on the stream ``x [G, R, D]`` (updated in place); returns the new pending bias [G, 1, D]."""
+    """One block on the stream ``x [G, R, D]`` (updated in place) with its adaLN output ``mod [G, 6 D]``; returns the
+    new pending bias [G, 1, D]."""
     groups, rows, d = x.shape
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(6, dim=2)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp
     qkv_l, proj_l, fc1_l, fc2_l = (_linear(m) for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2))
-    w_proj, b_proj = _fold_out(proj_l, gate_msa.squeeze(1))
-    w_fc2, b_fc2 = _fold_out(fc2_l, gate_mlp.squeeze(1))
+    w_proj, after_attn = _fold_out(proj_l, gate_msa, pending)
+    w_fc2, after_mlp = _fold_out(fc2_l, gate_mlp, after_attn)
 
     h = modulated_layer_norm(x, pending, shift_msa, scale_msa, block.norm1.eps).view(groups * rows, d)
     qkv = x.new_empty(groups * rows, qkv_l.out_features)
@@ -160,21 +162,27 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups, rows, d)
     for g in range(groups):
         x[g].addmm_(o[g], w_proj[g].t())
-    pending = pending + b_proj.unsqueeze(1)
 
-    h = modulated_layer_norm(x, pending, shift_mlp, scale_mlp, block.norm2.eps).view(groups * rows, d)
+    h = modulated_layer_norm(x, after_attn, shift_mlp, scale_mlp, block.norm2.eps).view(groups * rows, d)
     hidden = x.new_empty(groups * rows, fc1_l.out_features)
     _gemm_gelu(h, fc1_l, hidden, epilogue)
     hidden = hidden.view(groups, rows, -1)
     for g in range(groups):
         x[g].addmm_(hidden[g], w_fc2[g].t())
-    return pending + b_fc2.unsqueeze(1)
+    return after_mlp
+
+
+def _modulation(module: nn.Module, silu_cond: torch.Tensor) -> torch.Tensor:
+    """An ``adaLN_modulation`` (SiLU then Linear) applied to the condition after its SiLU, which all share."""
+    linear = _linear(cast(nn.Sequential, module)[1])
+    return F.linear(silu_cond, linear.weight, linear.bias)
 
 
 def fused_block_supported(block: DiTBlock) -> bool:
     """Plain Linears (not FP8 or other replacements) and the tanh-GELU MLP: what the fold assumes."""
-    linears = (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)
+    linears = (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2, block.adaLN_modulation[1])
     return all(type(m) is nn.Linear for m in linears) and block.mlp.approximate == "tanh" \
+        and isinstance(block.adaLN_modulation[0], nn.SiLU) and len(block.adaLN_modulation) == 2 \
         and isinstance(block.attn.q_norm, nn.Identity) and isinstance(block.attn.k_norm, nn.Identity)
 
 
@@ -191,12 +199,13 @@ def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torc
     x = h.reshape(groups, batch * n, d).clone()
     pending = x.new_zeros(groups, 1, d)
     epilogue = gelu_epilogue_is_tanh(x.device, x.dtype)
+    silu_cond = F.silu(cond)
     for block in blocks:
         blk = cast(DiTBlock, block)
         if not fused_block_supported(blk):
             raise ValueError("the fused path needs plain Linears and the tanh-GELU MLP (not an FP8 or other block)")
-        pending = _block(blk, x, pending, blk.adaLN_modulation(cond), batch, epilogue)
-    shift, scale = final_layer.adaLN_modulation(cond).unsqueeze(1).chunk(2, dim=2)
+        pending = _block(blk, x, pending, _modulation(blk.adaLN_modulation, silu_cond), batch, epilogue)
+    shift, scale = _modulation(final_layer.adaLN_modulation, silu_cond).chunk(2, dim=1)
     y = modulated_layer_norm(x, pending, shift, scale, final_layer.norm_final.eps).view(groups * batch * n, d)
     out = x.new_empty(groups * batch * n, final_layer.linear.out_features)
     _gemm(y, final_layer.linear, out)
