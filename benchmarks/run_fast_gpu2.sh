@@ -31,10 +31,12 @@ left() { echo $(( start + $1 - $(date +%s) )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
 echo "model $MODEL, minilm $MINILM" | tee -a "$LOG"
 
-# (a) The profile, alone on the machine.
-BENCH_DEADLINE=$((start + 135)) timeout "$(left 150)" python3 benchmarks/fast_inference.py --profile \
-  --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
-echo "profile done at $(( $(date +%s) - start )) s" | tee -a "$LOG"
+# (a) The profile, alone on the machine (PROFILE=0: skipped, the evaluations start at once).
+if [ "${PROFILE:-1}" != 0 ]; then
+  BENCH_DEADLINE=$((start + 135)) timeout "$(left 150)" python3 benchmarks/fast_inference.py --profile \
+    --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
+  echo "profile done at $(( $(date +%s) - start )) s" | tee -a "$LOG"
+fi
 
 # (b) The four accuracy runs side by side (CPU-bound judge, small GPU part).
 run_eval() {  # name nice args...

@@ -18,8 +18,10 @@ left() { echo $(( start + $1 - $(date +%s) )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
 timeout "$(left 60)" python3 benchmarks/triton_ops_bench.py --out "$OUT/triton_ops.json" 2>&1 | tee -a "$LOG"
 BENCH_DEADLINE=$((start + 310)) timeout "$(left 330)" python3 benchmarks/fast_inference.py --profile \
-  --variants "${VARIANTS:-no-triton,fold-in,sdpa-flash,sdpa-efficient}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
+  --variants "${VARIANTS:-sdpa,no-triton,fold-in}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
 echo "profile done at $(( $(date +%s) - start )) s" | tee -a "$LOG"
 BENCH_DEADLINE=$((start + 570)) timeout "$(left 585)" python3 benchmarks/fast_inference.py --out "$OUT/fast.json" \
   2>&1 | tee -a "$LOG"
+# KEEP=DIR: copy that folder to /tmp/keep/ for a later call on this warm machine (the 64 MiB carry limit).
+if [ -n "$KEEP" ]; then mkdir -p /tmp/keep && cp -r "$KEEP" /tmp/keep/ && echo "kept $KEEP in /tmp/keep" | tee -a "$LOG"; fi
 echo "total $(( $(date +%s) - start )) s" | tee -a "$LOG"
