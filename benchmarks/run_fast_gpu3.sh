@@ -18,7 +18,7 @@ left() { echo $(( start + $1 - $(date +%s) )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
 timeout "$(left 60)" python3 benchmarks/triton_ops_bench.py --out "$OUT/triton_ops.json" 2>&1 | tee -a "$LOG"
 BENCH_DEADLINE=$((start + 310)) timeout "$(left 330)" python3 benchmarks/fast_inference.py --profile \
-  --variants "${VARIANTS:-sdpa,no-triton,fold-in}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
+  --variants "${VARIANTS:-no-triton,fold-in}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
 echo "profile done at $(( $(date +%s) - start )) s" | tee -a "$LOG"
 BENCH_DEADLINE=$((start + 570)) timeout "$(left 585)" python3 benchmarks/fast_inference.py --out "$OUT/fast.json" \
   2>&1 | tee -a "$LOG"

@@ -6,9 +6,7 @@ against the same function compiled by inductor and in eager PyTorch. For the gat
 fc2 (``W [1152, 4608]``, two groups, the gated bias added to the pending vector): the Triton kernel against
 PyTorch's ops, ten folds in a CUDA graph as the sampler runs them. Each is timed as the median of CUDA-event
 timings of 50 calls after warm-up, and reported as GB/s (bytes read + written, the
-least each pass must move) beside the device-to-device copy rate measured the same way. Last, attention over
-77 tokens (16 heads of 72, 512 sequences) from the qkv GEMM's output: SDPA against flowtok's Triton kernel at its
-default tiles and a small grid of others.
+least each pass must move) beside the device-to-device copy rate measured the same way.
 
     python benchmarks/triton_ops_bench.py --out results/triton_ops.json
 """
@@ -114,37 +112,6 @@ def main(argv: list[str] | None = None) -> dict:
         items[f"gate fold {name} (graph)"] = {"ms": ms, "gb_s": gbs(ms, fold_bytes)}
     items["gate fold triton (graph)"]["equal_to_torch"] = same
 
-    # Attention over 77 tokens, 16 heads of 72, 2 x 256 sequences, from the qkv GEMM's output to proj's input.
-    heads, n = 16, 77
-    seqs = g * r // n
-    qkv = torch.randn(seqs * n, 3 * d, device=device, dtype=dtype)
-    attn_bytes = 4 * seqs * n * d * 2  # q, k, v read, o written
-
-    def sdpa() -> torch.Tensor:
-        q, k, v = qkv.view(seqs, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(seqs * n, d)
-
-    ref_o = sdpa()
-    ms = cuda_ms(sdpa)
-    items["attention sdpa"] = {"ms": ms, "gb_s": gbs(ms, attn_bytes)}
-    out_o = triton_ops.short_attention(qkv, seqs, heads)
-    ms = cuda_ms(lambda: triton_ops.short_attention(qkv, seqs, heads))
-    items["attention triton (default)"] = {"ms": ms, "gb_s": gbs(ms, attn_bytes),
-                                           "max_abs_diff_vs_sdpa": float((out_o.float() - ref_o.float()).abs().max())}
-    o_buf = torch.empty(seqs * n, d, device=device, dtype=dtype)
-    for block_m in (32, 64, 128):
-        for warps in (2, 4, 8):
-            def launch_attention(block_m: int = block_m, warps: int = warps) -> None:
-                grid = (triton_ops.triton.cdiv(n, block_m), seqs * heads)
-                triton_ops._short_attention_kernel[grid](qkv, o_buf, n, d, heads, d // heads, (d // heads) ** -0.5,
-                                                         BLOCK_M=block_m, BLOCK_N=128, DMAIN=64, DTAIL=16,
-                                                         PRECISION="tf32", num_warps=warps)
-            try:
-                ms = cuda_ms(launch_attention, iters=20)
-            except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is recorded, not fatal
-                items[f"attention triton block_m{block_m} warps{warps}"] = {"error": str(exc)[:200]}
-                continue
-            items[f"attention triton block_m{block_m} warps{warps}"] = {"ms": ms, "gb_s": gbs(ms, attn_bytes)}
     for name, item in items.items():
         log(f"{name:<45} " + (f"{item['ms'] * 1e3:8.1f} us {item['gb_s']:7.0f} GB/s" if "ms" in item
                               else item["error"]))

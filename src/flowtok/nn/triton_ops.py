@@ -1,6 +1,6 @@
 """Triton kernels of the fused DiT inference path (:mod:`flowtok.nn.fused_dit`).
 
-Three kernels that PyTorch's own run below the GPU's bandwidth, or in more passes than needed:
+Two kernels that PyTorch's own run below the GPU's bandwidth, or in more passes than needed:
 
 * :func:`add_layer_norm_modulate`: ``LayerNorm(x + pending) * (1 + scale) + shift`` with no LayerNorm affine,
   ``x [G, R, D]`` and one ``pending`` / ``shift`` / ``scale`` row per group ``g``: one read of ``x`` and one
@@ -8,9 +8,6 @@ Three kernels that PyTorch's own run below the GPU's bandwidth, or in more passe
   inductor kernel for ``LayerNorm(x + pending)`` alone moved about 1 TB/s at FlowTok-XL's D = 1152.)
 * :func:`fold_gate`: ``diag(gate[g]) @ w``, the adaLN gate folded into an output Linear's rows for every group
   at once (``w`` read once, written ``G`` times), and the gated bias added to the groups' pending vectors.
-* :func:`short_attention`: softmax attention over a short sequence (FlowTok's 77 tokens) read in place from the
-  qkv GEMM's output and written in the proj GEMM's input layout, one pass, with tiles cut to the sequence
-  length and the head width (72 = 64 + 16) instead of padded to 128.
 
 They run where Triton runs: on a CUDA device, or on a CPU under Triton's interpreter (``TRITON_INTERPRET=1``
 set before this module is imported; the tests do this). :func:`available` says whether a tensor can take
@@ -31,8 +28,6 @@ except ImportError:  # the CPU wheel of torch brings no Triton: the callers' PyT
     triton = None
 
 ENABLED = os.environ.get("FLOWTOK_TRITON", "1") != "0"
-# The fused path's attention through :func:`short_attention` (else PyTorch's SDPA); FLOWTOK_TRITON_ATTENTION=0: off.
-ATTENTION = os.environ.get("FLOWTOK_TRITON_ATTENTION", "1") != "0"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -108,46 +103,6 @@ if triton is not None:
                 pending += gate * bias
             tl.store(pending_out_ptr + g * n_out + rows, pending.to(pending_out_ptr.dtype.element_ty), mask=first)
 
-    @triton.jit
-    def _short_attention_kernel(qkv_ptr, o_ptr, n, d, heads, head_dim, scale, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, DMAIN: tl.constexpr, DTAIL: tl.constexpr,
-                                PRECISION: tl.constexpr):
-        # One program: BLOCK_M queries of one (sequence, head) against all n <= BLOCK_N keys, in one softmax (no
-        # online rescaling). q, k, v are read in place from the qkv GEMM's output [B * n, 3 d] and the output is
-        # written as [B * n, d], the proj GEMM's input: no transposes. The head dimension is a power-of-two DMAIN
-        # part and a DTAIL part (72 = 64 + 8 read as 16), so tensor-core tiles are not padded to 128.
-        seq_head = tl.program_id(1)
-        seq, head = seq_head // heads, seq_head % heads
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        keys = tl.arange(0, BLOCK_N)
-        row_ok = (rows < n)[:, None]
-        key_ok = (keys < n)[:, None]
-        stride = 3 * d
-        q_base = qkv_ptr + (seq * n).to(tl.int64) * stride + head * head_dim
-        q_rows = q_base + rows.to(tl.int64)[:, None] * stride
-        k_rows = q_base + d + keys.to(tl.int64)[:, None] * stride
-        v_rows = k_rows + d
-        c0 = tl.arange(0, DMAIN)[None, :]
-        q0 = tl.load(q_rows + c0, mask=row_ok, other=0.0)
-        k0 = tl.load(k_rows + c0, mask=key_ok, other=0.0)
-        scores = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-        if DTAIL > 0:
-            c1 = DMAIN + tl.arange(0, DTAIL)[None, :]
-            tail_ok = c1 < head_dim
-            q1 = tl.load(q_rows + c1, mask=row_ok & tail_ok, other=0.0)
-            k1 = tl.load(k_rows + c1, mask=key_ok & tail_ok, other=0.0)
-            scores += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-        scores = tl.where((keys < n)[None, :], scores * scale, float("-inf"))
-        weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-        inv = 1.0 / tl.sum(weights, axis=1)[:, None]
-        weights = weights.to(q0.dtype)
-        o_rows = o_ptr + (seq * n + rows).to(tl.int64)[:, None] * d + head * head_dim
-        v0 = tl.load(v_rows + c0, mask=key_ok, other=0.0)
-        tl.store(o_rows + c0, (tl.dot(weights, v0, input_precision=PRECISION) * inv).to(o_ptr.dtype.element_ty), mask=row_ok)
-        if DTAIL > 0:
-            v1 = tl.load(v_rows + c1, mask=key_ok & tail_ok, other=0.0)
-            tl.store(o_rows + c1, (tl.dot(weights, v1, input_precision=PRECISION) * inv).to(o_ptr.dtype.element_ty), mask=row_ok & tail_ok)
-
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
     """(MAIN, TAIL, rows per program, warps) of the LayerNorm kernel for width ``d``: MAIN the largest power of two
@@ -218,36 +173,3 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
                             BLOCK_I=block_i, num_warps=4)
     return out, pending_out
 
-
-# Longest sequence the one-pass attention kernel takes (its scores tile is BLOCK_M x next_power_of_2(n)).
-SHORT_ATTENTION_MAX_TOKENS = 256
-
-
-def short_attention_supported(n: int, head_dim: int) -> bool:
-    """Whether :func:`short_attention` takes ``n`` tokens of ``head_dim`` channels a head."""
-    return 1 <= n <= SHORT_ATTENTION_MAX_TOKENS and 16 <= head_dim <= 256
-
-
-def short_attention(qkv: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
-    """Softmax attention without mask over short sequences, straight from a fused qkv projection: ``qkv
-    [batch * n, 3 d]`` (each row ``q | k | v``, heads contiguous within each) -> ``[batch * n, d]`` with the
-    heads side by side, what ``scaled_dot_product_attention`` of the ``[batch, heads, n, d / heads]`` views
-    followed by the transpose back gives, up to rounding. Needs :func:`available` and
-    :func:`short_attention_supported`."""
-    rows, three_d = qkv.shape
-    d, n = three_d // 3, rows // batch
-    head_dim = d // heads
-    if three_d != 3 * d or d != heads * head_dim or rows != batch * n or not short_attention_supported(n, head_dim):
-        raise ValueError(f"short_attention takes [batch * n, 3 * heads * head_dim] with n <= "
-                         f"{SHORT_ATTENTION_MAX_TOKENS}; got {tuple(qkv.shape)} for batch {batch}, {heads} heads")
-    qkv = qkv.contiguous()
-    out = torch.empty(rows, d, dtype=qkv.dtype, device=qkv.device)
-    main = 1 << (head_dim.bit_length() - 1)
-    tail = 0 if head_dim == main else max(16, triton.next_power_of_2(head_dim - main))
-    block_n = max(16, triton.next_power_of_2(n))
-    block_m = min(64, block_n)
-    grid = (triton.cdiv(n, block_m), batch * heads)
-    _short_attention_kernel[grid](qkv, out, n, d, heads, head_dim, head_dim ** -0.5, BLOCK_M=block_m,
-                                  BLOCK_N=block_n, DMAIN=main, DTAIL=tail,
-                                  PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=4)
-    return out
