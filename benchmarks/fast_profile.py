@@ -218,7 +218,9 @@ def kernel_table(prof: Any, device: torch.device, top: int = 15) -> dict[str, An
     fold_us: dict[str, float] = defaultdict(float)
     if device.type == "cuda":
         for e in prof.key_averages():
-            if e.device_type == DeviceType.CUDA and e.key != "Command Buffer Full" and e.self_device_time_total > 0:
+            # the fold's record_function range shows up on the GPU too: its kernels are already counted
+            if e.device_type == DeviceType.CUDA and e.key not in ("Command Buffer Full", FOLD_RANGE) \
+                    and e.self_device_time_total > 0:
                 by_name[e.key][0] += e.count
                 by_name[e.key][1] += e.self_device_time_total
         for evt in events:

@@ -188,11 +188,12 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         return self.requires_grad_(False)
 
     def enable_fused_inference(self, min_rows: int = 4096) -> FlowTransformer:
-        """Sample through :func:`flowtok.nn.fused_dit.fused_blocks_forward`: adaLN shift / scale / gate folded
-        into the Linears once per step and distinct condition, residual adds inside the GEMMs, bias + GELU in
-        the GEMM epilogue. Used by the samplers (:meth:`forward_grouped`) when each group of samples that share
-        the condition has at least ``min_rows`` tokens (batch x num_tokens); below that, folding the weights
-        costs more than it saves and the plain (or compiled) blocks run. Training and :meth:`forward` are
+        """Sample through :func:`flowtok.nn.fused_dit.fused_blocks_forward`: LayerNorm and the adaLN shift /
+        scale in one pass (a Triton kernel on a GPU), the gates folded into the output Linears once per step and
+        distinct condition, residual adds inside the GEMMs, bias + GELU in the GEMM epilogue. Used by the
+        samplers (:meth:`forward_grouped`) when each group of samples that share the condition has at least
+        ``min_rows`` tokens (batch x num_tokens); below that, folding the gates costs more than it saves and the
+        plain (or compiled) blocks run. Training and :meth:`forward` are
         unchanged. Not with FP8 blocks. Returns self."""
         from ..nn.fused_dit import fused_block_supported
 
