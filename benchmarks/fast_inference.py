@@ -53,7 +53,6 @@ from sampling import (  # noqa: E402
     to_uint8,
 )
 
-from flowtok.nn import triton_ops  # noqa: E402
 from flowtok.nn.fused_dit import gelu_epilogue_is_tanh  # noqa: E402
 from flowtok.pipelines import FlowTokPipeline, SamplingDefaults  # noqa: E402
 from flowtok.sampling import GraphedSampler  # noqa: E402
@@ -140,18 +139,6 @@ def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budg
     flow.enable_fused_inference(min_rows=args.min_rows)
     results.run(f"flow fused+graph b{args.batch}", lambda: measure("fused+graph", args.batch), device, budget,
                 args.reserve, part="flow", variant="fused+graph", batch=args.batch)
-    results.data["gelu_gemm_choice"] = {str(k[:2]): v for k, v in triton_ops._GEMM_GELU_CHOICE.items()}
-
-    def cublas_epilogue() -> dict[str, Any]:
-        saved, triton_ops.GEMM = triton_ops.GEMM, False
-        try:
-            return measure("fused cublas-gelu+graph", args.batch)
-        finally:
-            triton_ops.GEMM = saved
-
-    if any(v is not None for v in results.data["gelu_gemm_choice"].values()):
-        results.run(f"flow fused cublas-gelu+graph b{args.batch}", cublas_epilogue, device, budget, args.reserve,
-                    part="flow", variant="fused cublas-gelu+graph", batch=args.batch)
     return measure
 
 

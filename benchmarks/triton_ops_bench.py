@@ -6,9 +6,7 @@ against the same function compiled by inductor and in eager PyTorch. For the gat
 fc2 (``W [1152, 4608]``, two groups, the gated bias added to the pending vector): the Triton kernel against
 PyTorch's ops, ten folds in a CUDA graph as the sampler runs them. Each is timed as the median of CUDA-event
 timings of 50 calls after warm-up, and reported as GB/s (bytes read + written, the
-least each pass must move) beside the device-to-device copy rate measured the same way. Last, fc1 with its bias
-and tanh-GELU (``[39,424, 1152] x [1152, 4608]``): cuBLASLt's GELU epilogue against flowtok's Triton GEMM in each
-of its configurations (``--gemm-only``: this part alone).
+least each pass must move) beside the device-to-device copy rate measured the same way.
 
     python benchmarks/triton_ops_bench.py --out results/triton_ops.json
 """
@@ -49,7 +47,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=1152)
     p.add_argument("--hidden", type=int, default=4608)
     p.add_argument("--out", default=None)
-    p.add_argument("--gemm-only", action="store_true", help="only the fc1 GEMM comparison")
     args = p.parse_args(argv)
     device = torch.device("cuda")
     if not torch.cuda.is_available() or not triton_ops.available(torch.zeros(1, device=device)):
@@ -63,80 +60,61 @@ def main(argv: list[str] | None = None) -> dict:
         return nbytes / ms / 1e6
 
     items: dict[str, dict] = {}
-    if not args.gemm_only:
-        src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
-        dst = torch.empty_like(src)
-        ms = cuda_ms(lambda: dst.copy_(src))
-        items["device copy"] = {"ms": ms, "gb_s": gbs(ms, moved)}
+    src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = cuda_ms(lambda: dst.copy_(src))
+    items["device copy"] = {"ms": ms, "gb_s": gbs(ms, moved)}
 
-        ref = fused_dit._modulated_layer_norm_eager(x, pending, shift, scale, 1e-6)
-        ms = cuda_ms(lambda: fused_dit._modulated_layer_norm_eager(x, pending, shift, scale, 1e-6))
-        items["layernorm+modulate eager"] = {"ms": ms, "gb_s": gbs(ms, moved)}
-        compiled = torch.compile(fused_dit._modulated_layer_norm_eager, dynamic=False, fullgraph=True)
-        ms = cuda_ms(lambda: compiled(x, pending, shift, scale, 1e-6))
-        items["layernorm+modulate inductor"] = {"ms": ms, "gb_s": gbs(ms, moved)}
-        out = triton_ops.add_layer_norm_modulate(x, pending, shift, scale, 1e-6)
-        err = float((out.float() - ref.float()).abs().max())
-        ms = cuda_ms(lambda: triton_ops.add_layer_norm_modulate(x, pending, shift, scale, 1e-6))
-        main_d, tail, rows_default, warps_default = triton_ops._launch_shape(d)
-        items["layernorm+modulate triton (default)"] = {"ms": ms, "gb_s": gbs(ms, moved), "max_abs_diff_vs_eager": err,
-                                                        "main_tail_rows_warps": [main_d, tail, rows_default,
-                                                                                 warps_default]}
-        y = torch.empty_like(x)
-        ps, shs, scs = pending.reshape(g, d), shift.reshape(g, d), scale.reshape(g, d)
-        for rows_per in (1, 2, 4):
-            for warps in (1, 2, 4, 8):
-                def launch(rows_per: int = rows_per, warps: int = warps) -> None:
-                    grid = ((g * r + rows_per - 1) // rows_per,)
-                    triton_ops._add_layer_norm_modulate_kernel[grid](x, ps, d, shs, scs, d, y, g * r, r, d, 1e-6,
-                                                                     MAIN=main_d, TAIL=tail, ROWS=rows_per,
-                                                                     MODULATE=True, num_warps=warps)
-                try:
-                    ms = cuda_ms(launch, iters=20)
-                except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is recorded, not fatal
-                    items[f"layernorm+modulate triton rows{rows_per} warps{warps}"] = {"error": str(exc)[:200]}
-                    continue
-                items[f"layernorm+modulate triton rows{rows_per} warps{warps}"] = {"ms": ms, "gb_s": gbs(ms, moved)}
+    ref = fused_dit._modulated_layer_norm_eager(x, pending, shift, scale, 1e-6)
+    ms = cuda_ms(lambda: fused_dit._modulated_layer_norm_eager(x, pending, shift, scale, 1e-6))
+    items["layernorm+modulate eager"] = {"ms": ms, "gb_s": gbs(ms, moved)}
+    compiled = torch.compile(fused_dit._modulated_layer_norm_eager, dynamic=False, fullgraph=True)
+    ms = cuda_ms(lambda: compiled(x, pending, shift, scale, 1e-6))
+    items["layernorm+modulate inductor"] = {"ms": ms, "gb_s": gbs(ms, moved)}
+    out = triton_ops.add_layer_norm_modulate(x, pending, shift, scale, 1e-6)
+    err = float((out.float() - ref.float()).abs().max())
+    ms = cuda_ms(lambda: triton_ops.add_layer_norm_modulate(x, pending, shift, scale, 1e-6))
+    main_d, tail, rows_default, warps_default = triton_ops._launch_shape(d)
+    items["layernorm+modulate triton (default)"] = {"ms": ms, "gb_s": gbs(ms, moved), "max_abs_diff_vs_eager": err,
+                                                    "main_tail_rows_warps": [main_d, tail, rows_default,
+                                                                             warps_default]}
+    y = torch.empty_like(x)
+    ps, shs, scs = pending.reshape(g, d), shift.reshape(g, d), scale.reshape(g, d)
+    for rows_per in (1, 2, 4):
+        for warps in (1, 2, 4, 8):
+            def launch(rows_per: int = rows_per, warps: int = warps) -> None:
+                grid = ((g * r + rows_per - 1) // rows_per,)
+                triton_ops._add_layer_norm_modulate_kernel[grid](x, ps, d, shs, scs, d, y, g * r, r, d, 1e-6,
+                                                                 MAIN=main_d, TAIL=tail, ROWS=rows_per,
+                                                                 MODULATE=True, num_warps=warps)
+            try:
+                ms = cuda_ms(launch, iters=20)
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is recorded, not fatal
+                items[f"layernorm+modulate triton rows{rows_per} warps{warps}"] = {"error": str(exc)[:200]}
+                continue
+            items[f"layernorm+modulate triton rows{rows_per} warps{warps}"] = {"ms": ms, "gb_s": gbs(ms, moved)}
 
-        # The fold inside a CUDA graph, as the sampler runs it (a lone launch is mostly the host's launch time).
-        w = torch.randn(d, args.hidden, device=device, dtype=dtype)
-        bias = torch.randn(d, device=device, dtype=dtype)
-        gate = torch.randn(g, d, device=device, dtype=dtype)
-        fold_bytes = w.numel() * w.element_size() * (1 + g)
-        folds = {"torch": lambda: (w.unsqueeze(0) * gate.unsqueeze(2), pending + (gate * bias).unsqueeze(1)),
-                 "triton": lambda: triton_ops.fold_gate(w, bias, gate, pending)}
-        same = bool(torch.equal(folds["triton"]()[0], folds["torch"]()[0]))
-        for name, fold in folds.items():
-            fold()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(10):
-                    fold()
-            ms = cuda_ms(graph.replay) / 10
-            items[f"gate fold {name} (graph)"] = {"ms": ms, "gb_s": gbs(ms, fold_bytes)}
-        items["gate fold triton (graph)"]["equal_to_torch"] = same
+    # The fold inside a CUDA graph, as the sampler runs it (a lone launch is mostly the host's launch time).
+    w = torch.randn(d, args.hidden, device=device, dtype=dtype)
+    bias = torch.randn(d, device=device, dtype=dtype)
+    gate = torch.randn(g, d, device=device, dtype=dtype)
+    fold_bytes = w.numel() * w.element_size() * (1 + g)
+    folds = {"torch": lambda: (w.unsqueeze(0) * gate.unsqueeze(2), pending + (gate * bias).unsqueeze(1)),
+             "triton": lambda: triton_ops.fold_gate(w, bias, gate, pending)}
+    same = bool(torch.equal(folds["triton"]()[0], folds["torch"]()[0]))
+    for name, fold in folds.items():
+        fold()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                fold()
+        ms = cuda_ms(graph.replay) / 10
+        items[f"gate fold {name} (graph)"] = {"ms": ms, "gb_s": gbs(ms, fold_bytes)}
+    items["gate fold triton (graph)"]["equal_to_torch"] = same
 
-    # fc1 at batch 256 with CFG: [39,424, 1152] x [1152, 4608] + bias, tanh-GELU; TFLOP/s of the GEMM.
-    h = torch.randn(g * r, d, device=device, dtype=dtype)
-    w1 = torch.randn(args.hidden, d, device=device, dtype=dtype) * d ** -0.5
-    b1 = torch.randn(args.hidden, device=device, dtype=dtype)
-    out1 = torch.empty(g * r, args.hidden, device=device, dtype=dtype)
-    flops = 2 * g * r * d * args.hidden
-    ref1 = torch._addmm_activation(b1, h, w1.t(), use_gelu=True)
-    ms = cuda_ms(lambda: torch._addmm_activation(b1, h, w1.t(), use_gelu=True, out=out1))
-    items["fc1 cublaslt gelu epilogue"] = {"ms": ms, "tflops": flops / ms / 1e9}
-    for config in triton_ops.GEMM_GELU_CONFIGS:
-        try:
-            triton_ops.gemm_bias_gelu(h, w1, b1, out1, config)
-            diff = float((out1.float() - ref1.float()).abs().max())
-            ms = cuda_ms(lambda config=config: triton_ops.gemm_bias_gelu(h, w1, b1, out1, config))
-        except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is recorded, not fatal
-            items[f"fc1 triton {config}"] = {"error": str(exc)[:200]}
-            continue
-        items[f"fc1 triton {config}"] = {"ms": ms, "tflops": flops / ms / 1e9, "max_abs_diff_vs_cublas": diff}
     for name, item in items.items():
-        rate = f"{item['gb_s']:7.0f} GB/s" if "gb_s" in item else f"{item.get('tflops', 0):7.1f} TFLOP/s"
-        log(f"{name:<45} " + (f"{item['ms'] * 1e3:8.1f} us {rate}" if "ms" in item else item["error"]))
+        log(f"{name:<45} " + (f"{item['ms'] * 1e3:8.1f} us {item['gb_s']:7.0f} GB/s" if "ms" in item
+                              else item["error"]))
     data = {"env": env_info(device), "shapes": {"groups": g, "rows": r, "width": d, "hidden": args.hidden},
             "items": items}
     if args.out:

@@ -135,23 +135,14 @@ def _gemm(a: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> None:
 
 
 def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, out: torch.Tensor, epilogue: bool) -> None:
-    """``out = tanh-GELU(a @ W^T + b)``: in cuBLASLt's epilogue if ``epilogue``, else a GEMM then a GELU pass; or
-    flowtok's Triton GEMM with the GELU epilogue where it was timed faster on this GPU (on a GPU only)."""
+    """``out = tanh-GELU(a @ W^T + b)``: in cuBLASLt's epilogue if ``epilogue``, else a GEMM then a GELU pass."""
     w, bias = linear.weight, linear.bias
-
-    def library() -> None:
-        if epilogue:
-            torch._addmm_activation(bias if bias is not None else w.new_zeros(w.shape[0]), a, w.t(), use_gelu=True,
-                                    out=out)
-        else:
-            _gemm(a, linear, out)
-            torch.ops.aten.gelu_(out, approximate="tanh")
-
-    config = triton_ops.gemm_gelu_choice(a, w, bias, out, library) if triton_ops.available(a) else None
-    if config is None:
-        library()
+    if epilogue:
+        torch._addmm_activation(bias if bias is not None else w.new_zeros(w.shape[0]), a, w.t(), use_gelu=True,
+                                out=out)
     else:
-        triton_ops.gemm_bias_gelu(a, w, bias, out, config)
+        _gemm(a, linear, out)
+        torch.ops.aten.gelu_(out, approximate="tanh")
 
 
 def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,

@@ -1,6 +1,6 @@
 """Triton kernels of the fused DiT inference path (:mod:`flowtok.nn.fused_dit`).
 
-Kernels for what PyTorch runs below the GPU's bandwidth, in more passes than needed, or slower than it could:
+Two kernels that PyTorch's own run below the GPU's bandwidth, or in more passes than needed:
 
 * :func:`add_layer_norm_modulate`: ``LayerNorm(x + pending) * (1 + scale) + shift`` with no LayerNorm affine,
   ``x [G, R, D]`` and one ``pending`` / ``shift`` / ``scale`` row per group ``g``: one read of ``x`` and one
@@ -8,8 +8,6 @@ Kernels for what PyTorch runs below the GPU's bandwidth, in more passes than nee
   inductor kernel for ``LayerNorm(x + pending)`` alone moved about 1 TB/s at FlowTok-XL's D = 1152.)
 * :func:`fold_gate`: ``diag(gate[g]) @ w``, the adaLN gate folded into an output Linear's rows for every group
   at once (``w`` read once, written ``G`` times), and the gated bias added to the groups' pending vectors.
-* :func:`gemm_bias_gelu`: fc1 with its bias and tanh-GELU in the epilogue, used where :func:`gemm_gelu_choice`
-  timed it faster than cuBLASLt's GELU epilogue for the shape at hand.
 
 They run where Triton runs: on a CUDA device, or on a CPU under Triton's interpreter (``TRITON_INTERPRET=1``
 set before this module is imported; the tests do this). :func:`available` says whether a tensor can take
@@ -19,9 +17,7 @@ them; callers keep a PyTorch path for everything else. ``FLOWTOK_TRITON=0`` in t
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Callable
 
 import torch
 
@@ -31,11 +27,7 @@ try:
 except ImportError:  # the CPU wheel of torch brings no Triton: the callers' PyTorch path runs
     triton = None
 
-log = logging.getLogger(__name__)
-
 ENABLED = os.environ.get("FLOWTOK_TRITON", "1") != "0"
-# Whether :func:`gemm_gelu_choice` may pick the Triton GEMM (FLOWTOK_TRITON_GEMM=0: cuBLAS always).
-GEMM = os.environ.get("FLOWTOK_TRITON_GEMM", "1") != "0"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -111,41 +103,6 @@ if triton is not None:
                 pending += gate * bias
             tl.store(pending_out_ptr + g * n_out + rows, pending.to(pending_out_ptr.dtype.element_ty), mask=first)
 
-    @triton.jit
-    def _gemm_bias_gelu_kernel(a_ptr, w_ptr, bias_ptr, c_ptr, m, n, stride_a, stride_w, stride_c,
-                               K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # c = tanh-GELU(a @ w^T + bias): a [m, K], w [n, K] (a Linear's weight), both with unit column stride.
-        # Tiles are visited GROUP_M row-blocks at a time so that the tiles of a wave share their operands in L2.
-        pid = tl.program_id(0)
-        blocks_m, blocks_n = tl.cdiv(m, BLOCK_M), tl.cdiv(n, BLOCK_N)
-        per_group = GROUP_M * blocks_n
-        first_m = (pid // per_group) * GROUP_M
-        size_m = min(blocks_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % size_m
-        pid_n = (pid % per_group) // size_m
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        inner = tl.arange(0, BLOCK_K)
-        a_tile = a_ptr + rows.to(tl.int64)[:, None] * stride_a + inner[None, :]
-        w_tile = w_ptr + cols.to(tl.int64)[None, :] * stride_w + inner[:, None]
-        row_ok, col_ok = rows < m, cols < n
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(0, tl.cdiv(K, BLOCK_K)):
-            k_ok = inner < K - step * BLOCK_K
-            a = tl.load(a_tile, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_tile, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a, w, acc)
-            a_tile += BLOCK_K
-            w_tile += BLOCK_K
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # tanh(u) = 1 - 2 / (exp(2 u) + 1): exact at both ends (exp overflowing to inf gives 1, underflowing -1)
-        u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-        y = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
-        c_tile = c_ptr + rows.to(tl.int64)[:, None] * stride_c + cols[None, :]
-        tl.store(c_tile, y.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
     """(MAIN, TAIL, rows per program, warps) of the LayerNorm kernel for width ``d``: MAIN the largest power of two
@@ -216,55 +173,3 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
                             BLOCK_I=block_i, num_warps=4)
     return out, pending_out
 
-
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) tried for :func:`gemm_bias_gelu`; the first is the default.
-GEMM_GELU_CONFIGS = ((128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3),
-                     (128, 256, 64, 8, 8, 4))
-
-
-def gemm_bias_gelu(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                   config: tuple[int, ...] = GEMM_GELU_CONFIGS[0]) -> torch.Tensor:
-    """``out = tanh-GELU(a @ w.T + bias)`` for ``a [M, K]``, a Linear's weight ``w [N, K]`` and ``out [M, N]``, in
-    one Triton GEMM with the bias and GELU in its epilogue (fp32 accumulation, one rounding). ``config``: one of
-    :data:`GEMM_GELU_CONFIGS`. Needs :func:`available`."""
-    m, k = a.shape
-    n = w.shape[0]
-    if w.shape[1] != k or out.shape != (m, n) or a.stride(1) != 1 or w.stride(1) != 1 or out.stride(1) != 1:
-        raise ValueError(f"gemm_bias_gelu takes a [M, K], w [N, K], out [M, N] with unit column strides; got "
-                         f"{tuple(a.shape)}, {tuple(w.shape)}, {tuple(out.shape)}")
-    block_m, block_n, block_k, group_m, warps, stages = config
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _gemm_bias_gelu_kernel[grid](a, w, bias if bias is not None else w, out, m, n, a.stride(0), w.stride(0),
-                                 out.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                                 BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages)
-    return out
-
-
-_GEMM_GELU_CHOICE: dict[tuple, tuple[int, ...] | None] = {}
-
-
-def gemm_gelu_choice(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                     library: Callable[[], object]) -> tuple[int, ...] | None:
-    """Which computes ``out = tanh-GELU(a @ w.T + bias)`` faster on this GPU for these shapes: a config of
-    :func:`gemm_bias_gelu`, or None for ``library`` (the caller's cuBLAS path, which writes ``out``). Timed once
-    per shape, device and dtype with :func:`triton.testing.do_bench` and remembered; while a CUDA graph is being
-    captured nothing can be timed, so an unseen shape then takes the library. Only for bf16 / fp16 on CUDA (in
-    fp32 Triton's dot would round through tf32). :data:`GEMM` False: always the library."""
-    if not GEMM or not a.is_cuda or a.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    key = (tuple(a.shape), tuple(w.shape), bias is not None, a.dtype, str(a.device))
-    if key not in _GEMM_GELU_CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        from triton.testing import do_bench  # type: ignore[import-untyped]
-
-        timings: dict[tuple[int, ...] | None, float] = {None: do_bench(library)}
-        for config in GEMM_GELU_CONFIGS:
-            try:
-                timings[config] = do_bench(lambda config=config: gemm_bias_gelu(a, w, bias, out, config))
-            except Exception as exc:  # noqa: BLE001 - a config this GPU cannot run (shared memory) is skipped
-                log.debug("gemm_bias_gelu config %s skipped: %s", config, exc)
-        _GEMM_GELU_CHOICE[key] = min(timings, key=lambda c: timings[c])
-        log.info("tanh-GELU GEMM %s: %s", key[:2], {str(c): round(t * 1e3, 1) for c, t in timings.items()})
-    return _GEMM_GELU_CHOICE[key]
