@@ -91,7 +91,7 @@ if triton is not None:
         offsets = rows.to(tl.int64)[:, None] * n_in + cols[None, :]
         w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         # the first column of programs also moves the gated bias into the pending vector
-        first = row_ok & (tl.program_id(1) == 0)
+        first = row_ok & ((rows * 0 + tl.program_id(1)) == 0)
         if HAS_BIAS:
             bias = tl.load(bias_ptr + rows, mask=first, other=0.0).to(tl.float32)
         for g in tl.static_range(GROUPS):
