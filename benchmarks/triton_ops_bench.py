@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,22 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import env_info, log  # noqa: E402
+from fp8_gemm import timer  # noqa: E402
 
 from flowtok.nn import fused_dit, triton_ops  # noqa: E402
 
 
 def cuda_ms(fn, iters: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of ``iters`` CUDA-event-timed calls after 5 warm-up calls."""
+    return 1e3 * timer(torch.device("cuda"), 5, iters)(fn)
 
 
 def main(argv: list[str] | None = None) -> dict:
