@@ -107,7 +107,7 @@ if triton is not None:
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
     """(MAIN, TAIL, rows per program, warps) of the LayerNorm kernel for width ``d``: MAIN the largest power of two
     <= d, TAIL the next power of two >= the rest (0 if none); one row a program, a warp per 2,048 elements. (On an
-    H200 at d = 1152, over 2 x 19,712 rows: 2.5 TB/s with one row and one warp; 1.7-1.9 TB/s with 2 or 4 rows or
+    H200 at d = 1152, over 2 x 19,712 rows: 2.5 TB/s with one row and one warp; 1.2-1.9 TB/s with 2 or 4 rows or
     more warps; 2.1 TB/s at best for one masked 2,048-wide block.)"""
     main = 1 << (d.bit_length() - 1)
     tail = 0 if d == main else triton.next_power_of_2(d - main)
