@@ -46,7 +46,7 @@ from .dit import DiTBlock, FinalLayer
 log = logging.getLogger(__name__)
 
 _GELU_EPILOGUE: dict[tuple[str, torch.dtype], bool] = {}
-_ADD_LN: dict[str, Callable[..., torch.Tensor] | None] = {}
+_MODULATED_LN: dict[str, Callable[..., torch.Tensor] | None] = {}
 
 
 @torch.no_grad()
@@ -95,21 +95,21 @@ def modulated_layer_norm(x: torch.Tensor, pending: torch.Tensor, shift: torch.Te
     if triton_ops.available(x):
         return triton_ops.add_layer_norm_modulate(x, pending, shift, scale, eps)
     kind = x.device.type
-    if kind not in _ADD_LN:
-        _ADD_LN[kind] = None
+    if kind not in _MODULATED_LN:
+        _MODULATED_LN[kind] = None
         if kind == "cuda":
             try:
-                _ADD_LN[kind] = torch.compile(_modulated_layer_norm_eager, dynamic=False, fullgraph=True)
+                _MODULATED_LN[kind] = torch.compile(_modulated_layer_norm_eager, dynamic=False, fullgraph=True)
             except Exception as exc:  # noqa: BLE001 - no inductor here: the eager passes are still right
                 log.warning("LayerNorm + modulate not compiled (%s); using eager passes", exc)
-    fn = _ADD_LN[kind]
+    fn = _MODULATED_LN[kind]
     if fn is not None:
         try:
             return fn(x, pending, shift, scale, eps)
         except Exception as exc:  # noqa: BLE001 - a compile failure must not break sampling
             log.warning("compiled LayerNorm + modulate failed (%s: %s); using eager passes",
                         type(exc).__name__, exc)
-            _ADD_LN[kind] = None
+            _MODULATED_LN[kind] = None
     return _modulated_layer_norm_eager(x, pending, shift, scale, eps)
 
 
@@ -127,22 +127,13 @@ def _fold_out(linear: nn.Linear, gate: torch.Tensor, pending: torch.Tensor) -> t
     return folded, (pending + (gate * bias).unsqueeze(1) if bias is not None else pending)
 
 
-def _gemm(a: torch.Tensor, linear: nn.Linear, out: torch.Tensor) -> None:
-    if linear.bias is None:
-        torch.mm(a, linear.weight.t(), out=out)
-    else:
-        torch.addmm(linear.bias, a, linear.weight.t(), out=out)
-
-
-def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, out: torch.Tensor, epilogue: bool) -> None:
-    """``out = tanh-GELU(a @ W^T + b)``: in cuBLASLt's epilogue if ``epilogue``, else a GEMM then a GELU pass."""
+def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool) -> torch.Tensor:
+    """``tanh-GELU(a @ W^T + b)``: in cuBLASLt's epilogue if ``epilogue``, else a GEMM then an in-place GELU."""
     w, bias = linear.weight, linear.bias
     if epilogue:
-        torch._addmm_activation(bias if bias is not None else w.new_zeros(w.shape[0]), a, w.t(), use_gelu=True,
-                                out=out)
-    else:
-        _gemm(a, linear, out)
-        torch.ops.aten.gelu_(out, approximate="tanh")
+        return torch._addmm_activation(bias if bias is not None else w.new_zeros(w.shape[0]), a, w.t(),
+                                       use_gelu=True)
+    return torch.ops.aten.gelu_(linear(a), approximate="tanh")
 
 
 def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
@@ -157,8 +148,7 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
     w_fc2, after_mlp = _fold_out(fc2_l, gate_mlp, after_attn)
 
     h = modulated_layer_norm(x, pending, shift_msa, scale_msa, block.norm1.eps).view(groups * rows, d)
-    qkv = x.new_empty(groups * rows, qkv_l.out_features)
-    _gemm(h, qkv_l, qkv)
+    qkv = qkv_l(h)
     heads = attn.num_heads
     q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups, rows, d)
@@ -166,9 +156,7 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
         x[g].addmm_(o[g], w_proj[g].t())
 
     h = modulated_layer_norm(x, after_attn, shift_mlp, scale_mlp, block.norm2.eps).view(groups * rows, d)
-    hidden = x.new_empty(groups * rows, fc1_l.out_features)
-    _gemm_gelu(h, fc1_l, hidden, epilogue)
-    hidden = hidden.view(groups, rows, -1)
+    hidden = _gemm_gelu(h, fc1_l, epilogue).view(groups, rows, -1)
     for g in range(groups):
         x[g].addmm_(hidden[g], w_fc2[g].t())
     return after_mlp
@@ -209,6 +197,5 @@ def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torc
         pending = _block(blk, x, pending, _modulation(blk.adaLN_modulation, silu_cond), batch, epilogue)
     shift, scale = _modulation(final_layer.adaLN_modulation, silu_cond).chunk(2, dim=1)
     y = modulated_layer_norm(x, pending, shift, scale, final_layer.norm_final.eps).view(groups * batch * n, d)
-    out = x.new_empty(groups * batch * n, final_layer.linear.out_features)
-    _gemm(y, final_layer.linear, out)
+    out = final_layer.linear(y)
     return out.view(groups * batch, n, -1)
