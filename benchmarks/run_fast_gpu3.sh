@@ -16,12 +16,22 @@ mkdir -p "$OUT"
 LOG=$OUT/fast3.log
 left() { echo $(( start + $1 - $(date +%s) )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
+# the SM clock, power and temperature once a second through the whole call (power-capped clocks move GEMM rates)
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 1000 > "$OUT/smi.csv" 2>&1 &
+smi=$!
 timeout "$(left 60)" python3 benchmarks/triton_ops_bench.py --out "$OUT/triton_ops.json" 2>&1 | tee -a "$LOG"
+# The main run attends through flowtok's Triton kernel only where the bench above found it faster than SDPA.
+if ! python3 -c "import json, sys; i = json.load(open(sys.argv[1]))['items']
+sys.exit(0 if i['attention triton (picked)']['ms'] < i['attention sdpa']['ms'] else 1)" "$OUT/triton_ops.json"; then
+  export FLOWTOK_TRITON_ATTENTION=0
+fi
+echo "FLOWTOK_TRITON_ATTENTION=${FLOWTOK_TRITON_ATTENTION:-1}" | tee -a "$LOG"
 BENCH_DEADLINE=$((start + 310)) timeout "$(left 330)" python3 benchmarks/fast_inference.py --profile \
-  --variants "${VARIANTS:-no-triton,fold-in}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
+  --variants "${VARIANTS:-sdpa,no-triton,fold-in}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
 echo "profile done at $(( $(date +%s) - start )) s" | tee -a "$LOG"
 BENCH_DEADLINE=$((start + 570)) timeout "$(left 585)" python3 benchmarks/fast_inference.py --out "$OUT/fast.json" \
   2>&1 | tee -a "$LOG"
 # KEEP=DIR: copy that folder to /tmp/keep/ for a later call on this warm machine (the 64 MiB carry limit).
 if [ -n "$KEEP" ]; then mkdir -p /tmp/keep && cp -r "$KEEP" /tmp/keep/ && echo "kept $KEEP in /tmp/keep" | tee -a "$LOG"; fi
+kill $smi 2>/dev/null
 echo "total $(( $(date +%s) - start )) s" | tee -a "$LOG"
