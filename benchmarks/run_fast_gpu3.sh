@@ -3,7 +3,7 @@
 #   device run, carry [".whl"], timeout_s 600, command "bash benchmarks/run_fast_gpu3.sh"
 # .whl/ holds the diffusers wheel (docs/benchmarks.md says how to get it). Every part writes its JSON as it
 # goes and ends by its own deadline (the parts end by 60, 330 and 585 s after start), so a slow compile costs
-# the last items, never the measured ones. Files under $OUT: triton_ops.json, profile.json, fast.json, fast3.log.
+# the last items, never the measured ones. Files under $OUT: triton_ops.json, profile.json, fast.json, fast3.log, smi.csv.
 set -o pipefail
 start=$(date +%s)
 if ls .whl/*.whl >/dev/null 2>&1; then
