@@ -132,6 +132,35 @@ def matmul_tflops(device: torch.device, n: int = 8192, iters: int = 10, dtype: t
     return 2 * n**3 / dt / 1e12
 
 
+def sustained_matmul_tflops(device: torch.device, n: int = 8192, seconds: float = 3.0,
+                            dtype: torch.dtype = torch.bfloat16) -> float:
+    """The ``mm`` rate once the GPU has run ``mm`` back to back for ``seconds``, the last third timed: the rate at
+    the clock its power limit allows under a long load (:func:`matmul_tflops` times a burst of 10 calls, which
+    a GPU runs at its boost clock)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    calls = 0
+    while time.perf_counter() - t0 < 2 * seconds / 3:
+        for _ in range(10):
+            a @ b
+        sync(device)
+        calls += 10
+    t1 = time.perf_counter()
+    timed = 0
+    while time.perf_counter() - t1 < seconds / 3:
+        for _ in range(10):
+            a @ b
+        sync(device)
+        timed += 10
+    dt = (time.perf_counter() - t1) / timed
+    del a, b
+    free_memory(device)
+    return 2 * n**3 / dt / 1e12
+
+
 class Budget:
     """Wall-clock budget: items are skipped (and say so) once less than ``reserve_s`` is left.
 

@@ -11,7 +11,8 @@ graph (a replayed graph is one opaque launch to the profiler), of
 * each variant of ``--variants``, a change to the fused path tried beside it:
   ``no-epilogue`` (fc1 as ``addmm`` then an in-place tanh-GELU: is cuBLASLt's GELU epilogue slower than
   the pass it saves?), ``sdpa`` (attention through PyTorch's SDPA, cuDNN's kernel on an H100 / H200, instead of
-  flowtok's Triton kernel), ``no-triton`` (no flowtok Triton kernel: the LayerNorm pass compiled by inductor, the
+  flowtok's Triton kernel), ``per-group`` (proj and fc2 as one GEMM per condition group, as before 2026-12-04's
+  last change, instead of one batched GEMM over both), ``no-triton`` (no flowtok Triton kernel: the LayerNorm pass compiled by inductor, the
   gate fold as PyTorch's broadcast multiply, attention through SDPA), ``fold-in`` (the fused path of 2026-12-02, before
   this one: the modulation folded into qkv's and fc1's weights too, those GEMMs split per group, the LayerNorm
   pass compiled by inductor), ``sdpa-flash`` and ``sdpa-efficient`` (attention forced onto PyTorch's
@@ -49,7 +50,7 @@ from flowtok.sampling import GraphedSampler, euler_sample
 
 CATEGORIES = ("GEMM", "attention", "layernorm/elementwise", "fold", "other")
 FOLD_RANGE = "flowtok::fold"
-VARIANTS = ("no-epilogue", "sdpa", "no-triton", "fold-in", "sdpa-flash", "sdpa-efficient")
+VARIANTS = ("no-epilogue", "sdpa", "per-group", "no-triton", "fold-in", "sdpa-flash", "sdpa-efficient")
 
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_mha|mha_")
 _GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|cublas|splitk|matmul|triton_tem"
@@ -123,6 +124,11 @@ def _add_layer_norm(x: torch.Tensor, pending: torch.Tensor, eps: float) -> torch
     return _ADD_LN_COMPILED["fn"](x, pending, eps)
 
 
+def _accumulate_per_group(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+    for g in range(x.shape[0]):
+        x[g].addmm_(a[g], w[g].t())
+
+
 def _block_fold_in(block, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
                    epilogue: bool) -> torch.Tensor:
     """The fused block as of 2026-12-02: every adaLN vector folded into the weights, per-group GEMMs."""
@@ -162,7 +168,7 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; one of {', '.join(VARIANTS)}")
     key = (str(torch.empty(0, device=device).device), dtype)  # "cuda:0", as fused_blocks_forward asks
-    saved_epilogue, saved_block = fd._GELU_EPILOGUE.get(key), fd._block
+    saved_epilogue, saved_block, saved_accumulate = fd._GELU_EPILOGUE.get(key), fd._block, fd._accumulate
     saved_triton, saved_attention = triton_ops.ENABLED, triton_ops.ATTENTION
     backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
     attention = sdpa_kernel([backends[name]]) if name in backends else contextlib.nullcontext()
@@ -170,6 +176,8 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
         fd._GELU_EPILOGUE[key] = False
     elif name == "no-triton":
         triton_ops.ENABLED = False
+    elif name == "per-group":
+        fd._accumulate = _accumulate_per_group  # type: ignore[assignment]
     elif name == "sdpa" or name in backends:
         triton_ops.ATTENTION = False
     elif name == "fold-in":
@@ -178,7 +186,7 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
         with attention:
             yield
     finally:
-        fd._block = saved_block  # type: ignore[assignment]
+        fd._block, fd._accumulate = saved_block, saved_accumulate  # type: ignore[assignment]
         triton_ops.ENABLED, triton_ops.ATTENTION = saved_triton, saved_attention
         if saved_epilogue is None:
             fd._GELU_EPILOGUE.pop(key, None)
@@ -325,8 +333,10 @@ def run(flow, args, device: torch.device, dtype: torch.dtype, results, budget, m
         elif timed_out:
             check = {"rel_diff_vs_fused": float((out - timed_out[0]).norm() / timed_out[0].norm())}
         tflops = per_sample * 2 * batch * args.steps / t["median_s"] / 1e12
+        sustained = results.data["env"].get("bf16_mm_tflops_sustained")
         return {**t, **check, "images_per_s": batch / t["median_s"], "tflops": tflops,
-                "frac_of_mm": tflops / mm_rate if mm_rate else None}
+                "frac_of_mm": tflops / mm_rate if mm_rate else None,
+                "frac_of_sustained_mm": tflops / sustained if sustained else None}
 
     # The timed comparison before the variants' profiles: if the budget runs short, the profiles go first.
     graph = "plain" if args.tiny else "graph"

@@ -10,9 +10,9 @@ sub-block is one memory-bound pass and GEMMs:
     qkv / fc1 = h @ W^T + b                            one GEMM over every group's rows (fc1: + tanh-GELU)
     a = attention(qkv)                                 one pass (a Triton kernel on a GPU, else SDPA)
     x += a @ W''_g^T,  W''_g = diag(gate_g) W           proj and fc2: the gate folded into the weight's rows,
-                                                       one GEMM per group with x as its accumulator
+                                                       one batched GEMM over the groups, x its accumulator
 
-The output GEMMs take the residual stream as their accumulator (``addmm_`` with beta = 1), so the residual add
+The output GEMMs take the residual stream as their accumulator (``baddbmm_`` with beta = 1), so the residual add
 costs nothing; their gated biases ``gate_g * b``, constant per group, are not added to the stream at all: they
 are summed into a per-group vector ``P_g`` that the next LayerNorm adds as it reads, and the final layer adds
 once. fc1's bias and the tanh-GELU run in cuBLASLt's epilogue (``torch._addmm_activation(..., use_gelu=True)``)
@@ -137,6 +137,12 @@ def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool) -> torch.Tens
     return torch.ops.aten.gelu_(linear(a), approximate="tanh")
 
 
+def _accumulate(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+    """``x[g] += a[g] @ w[g]^T`` for every group ``g`` as one batched GEMM with ``x`` its accumulator: the groups'
+    tiles share the GPU's waves (per-group GEMMs of a few thousand rows each leave a mostly empty last wave)."""
+    x.baddbmm_(a, w.transpose(1, 2))
+
+
 def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
            epilogue: bool) -> torch.Tensor:
     """One block on the stream ``x [G, R, D]`` (updated in place) with its adaLN output ``mod [G, 6 D]``; returns the
@@ -151,13 +157,11 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
     h = modulated_layer_norm(x, pending, shift_msa, scale_msa, block.norm1.eps).view(groups * rows, d)
     qkv = qkv_l(h)
     o = _attention(qkv, groups * batch, attn.num_heads).view(groups, rows, d)
-    for g in range(groups):
-        x[g].addmm_(o[g], w_proj[g].t())
+    _accumulate(x, o, w_proj)
 
     h = modulated_layer_norm(x, after_attn, shift_mlp, scale_mlp, block.norm2.eps).view(groups * rows, d)
     hidden = _gemm_gelu(h, fc1_l, epilogue).view(groups, rows, -1)
-    for g in range(groups):
-        x[g].addmm_(hidden[g], w_fc2[g].t())
+    _accumulate(x, hidden, w_fc2)
     return after_mlp
 
 
