@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
                                           "max_abs_diff_vs_sdpa": float((out_o.float() - ref_o.float()).abs().max())}
     o_buf = torch.empty(seqs * n, d, device=device, dtype=dtype)
     for config in triton_ops.ATTENTION_CONFIGS:
-        name = f"attention triton block_m{config[0]} warps{config[1]}"
+        if heads % config[2]:
+            continue
+        name = "attention triton block_m{} warps{} heads{} stages{}".format(*config)
         try:
             ms = cuda_ms(lambda config=config: triton_ops._launch_attention(qkv, o_buf, seqs, n, heads, d // heads,
                                                                             config), iters=20)

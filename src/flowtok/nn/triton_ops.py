@@ -112,74 +112,80 @@ if triton is not None:
     @triton.jit
     def _short_attention_kernel(qkv_ptr, o_ptr, n, scale_log2, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                 BLOCK_M: tl.constexpr, KMAIN: tl.constexpr, KTAIL: tl.constexpr,
-                                DMAIN: tl.constexpr, DTAIL: tl.constexpr, PRECISION: tl.constexpr):
-        # One program: BLOCK_M queries of one (sequence, head) against all n <= KMAIN + KTAIL keys in one softmax
+                                DMAIN: tl.constexpr, DTAIL: tl.constexpr, PRECISION: tl.constexpr,
+                                HEADS_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr):
+        # One program: BLOCK_M queries of one sequence against all its n <= KMAIN + KTAIL keys in one softmax
         # (no online rescaling). Keys are a KMAIN block and a KTAIL block, channels a DMAIN and a DTAIL part, all
         # powers of two (77 keys: 64 + 16; 72 channels: 64 + 16, the last 8 masked), so the dots are not padded
         # to 128. q, k, v are read in place from the qkv GEMM's output [B * n, 3 D] and the output is written as
         # [B * n, D]. HEADS and HEAD_DIM are compile-time so that the loads' alignment is known (16 bytes).
+        # The program's HEADS_PER_PROGRAM heads are taken in turn.
         D: tl.constexpr = HEADS * HEAD_DIM
         STRIDE: tl.constexpr = 3 * D
-        seq_head = tl.program_id(1)
-        seq = seq_head // HEADS
-        head = seq_head % HEADS
-        q_base = qkv_ptr + (seq * n).to(tl.int64) * STRIDE + head * HEAD_DIM
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n
-        q_rows = q_base + rows.to(tl.int64)[:, None] * STRIDE
         c0 = tl.arange(0, DMAIN)
         c0_ok = (c0 < HEAD_DIM)[None, :]
         # (with DTAIL = 0 the tail's offsets are never used: one dummy column keeps arange's bounds valid)
         c1 = DMAIN + tl.arange(0, max(DTAIL, 1))
         c1_ok = (c1 < HEAD_DIM)[None, :]
         keys_a = tl.arange(0, KMAIN)
-        k_rows_a = q_base + D + keys_a.to(tl.int64)[:, None] * STRIDE
         ka_ok = (keys_a < n)[:, None]
-        q0 = tl.load(q_rows + c0[None, :], mask=row_ok[:, None] & c0_ok, other=0.0)
-        s_a = tl.dot(q0, tl.trans(tl.load(k_rows_a + c0[None, :], mask=ka_ok & c0_ok, other=0.0)),
-                     input_precision=PRECISION)
-        if DTAIL > 0:
-            q1 = tl.load(q_rows + c1[None, :], mask=row_ok[:, None] & c1_ok, other=0.0)
-            s_a += tl.dot(q1, tl.trans(tl.load(k_rows_a + c1[None, :], mask=ka_ok & c1_ok, other=0.0)),
-                          input_precision=PRECISION)
-        s_a = tl.where((keys_a < n)[None, :], s_a, float("-inf"))
-        top = tl.max(s_a, axis=1)
-        if KTAIL > 0:
-            keys_b = KMAIN + tl.arange(0, KTAIL)
-            k_rows_b = q_base + D + keys_b.to(tl.int64)[:, None] * STRIDE
-            kb_ok = (keys_b < n)[:, None]
-            s_b = tl.dot(q0, tl.trans(tl.load(k_rows_b + c0[None, :], mask=kb_ok & c0_ok, other=0.0)),
+        program = tl.program_id(1)
+        seq = program // (HEADS // HEADS_PER_PROGRAM)
+        first_head = (program % (HEADS // HEADS_PER_PROGRAM)) * HEADS_PER_PROGRAM
+        # a program takes HEADS_PER_PROGRAM heads in turn: the loop lets the compiler load the next head's tiles
+        # while this one's are in the tensor cores (STAGES > 1)
+        for head_offset in tl.range(0, HEADS_PER_PROGRAM, num_stages=STAGES):
+            head = first_head + head_offset
+            q_base = qkv_ptr + (seq * n).to(tl.int64) * STRIDE + head * HEAD_DIM
+            q_rows = q_base + rows.to(tl.int64)[:, None] * STRIDE
+            k_rows_a = q_base + D + keys_a.to(tl.int64)[:, None] * STRIDE
+            q0 = tl.load(q_rows + c0[None, :], mask=row_ok[:, None] & c0_ok, other=0.0)
+            s_a = tl.dot(q0, tl.trans(tl.load(k_rows_a + c0[None, :], mask=ka_ok & c0_ok, other=0.0)),
                          input_precision=PRECISION)
             if DTAIL > 0:
-                s_b += tl.dot(q1, tl.trans(tl.load(k_rows_b + c1[None, :], mask=kb_ok & c1_ok, other=0.0)),
+                q1 = tl.load(q_rows + c1[None, :], mask=row_ok[:, None] & c1_ok, other=0.0)
+                s_a += tl.dot(q1, tl.trans(tl.load(k_rows_a + c1[None, :], mask=ka_ok & c1_ok, other=0.0)),
                               input_precision=PRECISION)
-            s_b = tl.where((keys_b < n)[None, :], s_b, float("-inf"))
-            top = tl.maximum(top, tl.max(s_b, axis=1))
-        # softmax(scale * s) with exp2: scale_log2 = scale * log2(e)
-        p_a = tl.exp2((s_a - top[:, None]) * scale_log2)
-        total = tl.sum(p_a, axis=1)
-        p_a = p_a.to(q0.dtype)
-        v_rows_a = k_rows_a + D
-        o0 = tl.dot(p_a, tl.load(v_rows_a + c0[None, :], mask=ka_ok & c0_ok, other=0.0),
-                    input_precision=PRECISION)
-        if DTAIL > 0:
-            o1 = tl.dot(p_a, tl.load(v_rows_a + c1[None, :], mask=ka_ok & c1_ok, other=0.0),
-                        input_precision=PRECISION)
-        if KTAIL > 0:
-            p_b = tl.exp2((s_b - top[:, None]) * scale_log2)
-            total += tl.sum(p_b, axis=1)
-            p_b = p_b.to(q0.dtype)
-            v_rows_b = k_rows_b + D
-            o0 += tl.dot(p_b, tl.load(v_rows_b + c0[None, :], mask=kb_ok & c0_ok, other=0.0),
-                         input_precision=PRECISION)
-            if DTAIL > 0:
-                o1 += tl.dot(p_b, tl.load(v_rows_b + c1[None, :], mask=kb_ok & c1_ok, other=0.0),
+            s_a = tl.where((keys_a < n)[None, :], s_a, float("-inf"))
+            top = tl.max(s_a, axis=1)
+            if KTAIL > 0:
+                keys_b = KMAIN + tl.arange(0, KTAIL)
+                k_rows_b = q_base + D + keys_b.to(tl.int64)[:, None] * STRIDE
+                kb_ok = (keys_b < n)[:, None]
+                s_b = tl.dot(q0, tl.trans(tl.load(k_rows_b + c0[None, :], mask=kb_ok & c0_ok, other=0.0)),
                              input_precision=PRECISION)
-        inv = (1.0 / total)[:, None]
-        o_rows = o_ptr + (seq * n + rows).to(tl.int64)[:, None] * D + head * HEAD_DIM
-        tl.store(o_rows + c0[None, :], (o0 * inv).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & c0_ok)
-        if DTAIL > 0:
-            tl.store(o_rows + c1[None, :], (o1 * inv).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & c1_ok)
+                if DTAIL > 0:
+                    s_b += tl.dot(q1, tl.trans(tl.load(k_rows_b + c1[None, :], mask=kb_ok & c1_ok, other=0.0)),
+                                  input_precision=PRECISION)
+                s_b = tl.where((keys_b < n)[None, :], s_b, float("-inf"))
+                top = tl.maximum(top, tl.max(s_b, axis=1))
+            # softmax(scale * s) with exp2: scale_log2 = scale * log2(e)
+            p_a = tl.exp2((s_a - top[:, None]) * scale_log2)
+            total = tl.sum(p_a, axis=1)
+            p_a = p_a.to(q0.dtype)
+            v_rows_a = k_rows_a + D
+            o0 = tl.dot(p_a, tl.load(v_rows_a + c0[None, :], mask=ka_ok & c0_ok, other=0.0),
+                        input_precision=PRECISION)
+            if DTAIL > 0:
+                o1 = tl.dot(p_a, tl.load(v_rows_a + c1[None, :], mask=ka_ok & c1_ok, other=0.0),
+                            input_precision=PRECISION)
+            if KTAIL > 0:
+                p_b = tl.exp2((s_b - top[:, None]) * scale_log2)
+                total += tl.sum(p_b, axis=1)
+                p_b = p_b.to(q0.dtype)
+                v_rows_b = k_rows_b + D
+                o0 += tl.dot(p_b, tl.load(v_rows_b + c0[None, :], mask=kb_ok & c0_ok, other=0.0),
+                             input_precision=PRECISION)
+                if DTAIL > 0:
+                    o1 += tl.dot(p_b, tl.load(v_rows_b + c1[None, :], mask=kb_ok & c1_ok, other=0.0),
+                                 input_precision=PRECISION)
+            inv = (1.0 / total)[:, None]
+            o_rows = o_ptr + (seq * n + rows).to(tl.int64)[:, None] * D + head * HEAD_DIM
+            tl.store(o_rows + c0[None, :], (o0 * inv).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & c0_ok)
+            if DTAIL > 0:
+                tl.store(o_rows + c1[None, :], (o1 * inv).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & c1_ok)
 
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
@@ -255,10 +261,13 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
 
 # Longest sequence and widest head that :func:`short_attention` takes: its score tiles hold every key at once.
 SHORT_ATTENTION_MAX_TOKENS = 256
-# (BLOCK_M, warps) tried on a GPU the first time a shape is seen; the first is used until then (and under the
-# interpreter, and during a CUDA-graph capture, where nothing can be timed).
-ATTENTION_CONFIGS = ((64, 4), (128, 8), (128, 4), (32, 2), (64, 2), (16, 1))
-_ATTENTION_CHOICE: dict[tuple, tuple[int, int]] = {}
+# (BLOCK_M, warps, heads a program, pipeline stages) tried on a GPU the first time a shape is seen (those whose
+# heads a program divide the heads); the first is used until then (and under the interpreter, and during a
+# CUDA-graph capture, where nothing can be timed).
+ATTENTION_CONFIGS = ((64, 4, 1, 1), (128, 8, 1, 1), (64, 4, 2, 2), (64, 4, 4, 2), (64, 4, 4, 3), (128, 8, 4, 2),
+                     (128, 4, 2, 2), (32, 2, 4, 2), (16, 1, 1, 1))
+AttentionConfig = tuple[int, int, int, int]
+_ATTENTION_CHOICE: dict[tuple, AttentionConfig] = {}
 
 
 def _split(size: int) -> tuple[int, int]:
@@ -274,19 +283,21 @@ def short_attention_supported(n: int, head_dim: int) -> bool:
 
 
 def _launch_attention(qkv: torch.Tensor, out: torch.Tensor, batch: int, n: int, heads: int, head_dim: int,
-                      config: tuple[int, int]) -> None:
-    block_m, warps = config
+                      config: AttentionConfig) -> None:
+    block_m, warps, per_program, stages = config
+    if heads % per_program:
+        raise ValueError(f"{per_program} heads a program do not divide {heads} heads")
     kmain, ktail = _split(n)
     dmain, dtail = _split(head_dim)
-    grid = (triton.cdiv(n, block_m), batch * heads)
+    grid = (triton.cdiv(n, block_m), batch * heads // per_program)
     _short_attention_kernel[grid](qkv, out, n, head_dim ** -0.5 * 1.4426950408889634, HEADS=heads,
                                   HEAD_DIM=head_dim, BLOCK_M=block_m, KMAIN=kmain, KTAIL=ktail, DMAIN=dmain,
                                   DTAIL=dtail, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-                                  num_warps=warps)
+                                  HEADS_PER_PROGRAM=per_program, STAGES=stages, num_warps=warps)
 
 
 def _pick_attention_config(qkv: torch.Tensor, out: torch.Tensor, batch: int, n: int, heads: int,
-                           head_dim: int) -> tuple[int, int]:
+                           head_dim: int) -> AttentionConfig:
     """The fastest of :data:`ATTENTION_CONFIGS` for this shape on this GPU, timed once (CUDA events, 5 calls
     each after one warm-up) and cached; the first config where nothing can be timed."""
     key = (str(qkv.device), qkv.dtype, batch, n, heads, head_dim)
@@ -294,9 +305,9 @@ def _pick_attention_config(qkv: torch.Tensor, out: torch.Tensor, batch: int, n: 
         return _ATTENTION_CHOICE[key]
     if not qkv.is_cuda or torch.cuda.is_current_stream_capturing():
         return ATTENTION_CONFIGS[0]
-    best: tuple[float, tuple[int, int]] | None = None
+    best: tuple[float, AttentionConfig] | None = None
     for config in ATTENTION_CONFIGS:
-        if config[0] > max(16, triton.next_power_of_2(n)):
+        if config[0] > max(16, triton.next_power_of_2(n)) or heads % config[2]:
             continue
         try:
             _launch_attention(qkv, out, batch, n, heads, head_dim, config)
