@@ -285,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="instead: the kernel profile and variants (fast_profile.py)")
     p.add_argument("--profile-steps", type=int, default=5, help="Euler steps per profiled call")
     p.add_argument("--profile-calls", type=int, default=2, help="profiled calls (after one warm-up call)")
-    p.add_argument("--variants", default="no-epilogue,sdpa,no-triton,fold-in",
+    p.add_argument("--variants", default="no-epilogue,per-group,no-triton,fold-in",
                    help="fused-path variants to profile and time ('' none; fast_profile.VARIANTS lists them)")
     args = p.parse_args(argv)
     args.batch = args.batch or (3 if args.tiny else 256)

@@ -10,10 +10,9 @@ graph (a replayed graph is one opaque launch to the profiler), of
   output Linears, residual in the GEMM accumulator, GELU epilogue);
 * each variant of ``--variants``, a change to the fused path tried beside it:
   ``no-epilogue`` (fc1 as ``addmm`` then an in-place tanh-GELU: is cuBLASLt's GELU epilogue slower than
-  the pass it saves?), ``sdpa`` (attention through PyTorch's SDPA, cuDNN's kernel on an H100 / H200, instead of
-  flowtok's Triton kernel), ``per-group`` (proj and fc2 as one GEMM per condition group, as before 2026-12-04's
+  the pass it saves?), ``per-group`` (proj and fc2 as one GEMM per condition group, as before 2026-12-04's
   last change, instead of one batched GEMM over both), ``no-triton`` (no flowtok Triton kernel: the LayerNorm pass compiled by inductor, the
-  gate fold as PyTorch's broadcast multiply, attention through SDPA), ``fold-in`` (the fused path of 2026-12-02, before
+  gate fold as PyTorch's broadcast multiply), ``fold-in`` (the fused path of 2026-12-02, before
   this one: the modulation folded into qkv's and fc1's weights too, those GEMMs split per group, the LayerNorm
   pass compiled by inductor), ``sdpa-flash`` and ``sdpa-efficient`` (attention forced onto PyTorch's
   FlashAttention or memory-efficient kernel instead of the backend SDPA picks, cuDNN's on an H100 / H200).
@@ -50,7 +49,7 @@ from flowtok.sampling import GraphedSampler, euler_sample
 
 CATEGORIES = ("GEMM", "attention", "layernorm/elementwise", "fold", "other")
 FOLD_RANGE = "flowtok::fold"
-VARIANTS = ("no-epilogue", "sdpa", "per-group", "no-triton", "fold-in", "sdpa-flash", "sdpa-efficient")
+VARIANTS = ("no-epilogue", "per-group", "no-triton", "fold-in", "sdpa-flash", "sdpa-efficient")
 
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_mha|mha_")
 _GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|cublas|splitk|matmul|triton_tem"
@@ -169,7 +168,7 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
         raise ValueError(f"unknown variant {name!r}; one of {', '.join(VARIANTS)}")
     key = (str(torch.empty(0, device=device).device), dtype)  # "cuda:0", as fused_blocks_forward asks
     saved_epilogue, saved_block, saved_accumulate = fd._GELU_EPILOGUE.get(key), fd._block, fd._accumulate
-    saved_triton, saved_attention = triton_ops.ENABLED, triton_ops.ATTENTION
+    saved_triton = triton_ops.ENABLED
     backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
     attention = sdpa_kernel([backends[name]]) if name in backends else contextlib.nullcontext()
     if name == "no-epilogue":
@@ -178,8 +177,6 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
         triton_ops.ENABLED = False
     elif name == "per-group":
         fd._accumulate = _accumulate_per_group  # type: ignore[assignment]
-    elif name == "sdpa" or name in backends:
-        triton_ops.ATTENTION = False
     elif name == "fold-in":
         fd._block = _block_fold_in  # type: ignore[assignment]
     try:
@@ -187,7 +184,7 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
             yield
     finally:
         fd._block, fd._accumulate = saved_block, saved_accumulate  # type: ignore[assignment]
-        triton_ops.ENABLED, triton_ops.ATTENTION = saved_triton, saved_attention
+        triton_ops.ENABLED = saved_triton
         if saved_epilogue is None:
             fd._GELU_EPILOGUE.pop(key, None)
         else:

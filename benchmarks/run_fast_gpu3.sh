@@ -3,9 +3,9 @@
 # PixArt-shaped baseline.
 #   device run, carry [".whl"], timeout_s 600, command "bash benchmarks/run_fast_gpu3.sh"
 # .whl/ holds the diffusers wheel (docs/benchmarks.md says how to get it). Every part writes its JSON as it
-# goes and ends by its own deadline (the parts end by 50, 90, 295, 345 and 585 s after start), so a slow compile
-# costs the last items, never the measured ones. Files under $OUT: triton_ops.json, attention_check.json,
-# profile.json, profile64.json, fast.json, fast3.log, smi.csv.
+# goes and ends by its own deadline (the parts end by 50, 295, 345 and 585 s after start), so a slow compile
+# costs the last items, never the measured ones. Files under $OUT: triton_ops.json, profile.json, profile64.json,
+# fast.json, fast3.log, smi.csv.
 set -o pipefail
 start=$(date +%s)
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -22,18 +22,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 1000 > "$OUT/smi.csv" 2>&1 &
 smi=$!
 timeout "$(left 50)" python3 benchmarks/triton_ops_bench.py --out "$OUT/triton_ops.json" 2>&1 | tee -a "$LOG"
-timeout "$(left 90)" python3 benchmarks/attention_check.py --out "$OUT/attention_check.json" 2>&1 | tee -a "$LOG"
-# The main run attends through flowtok's Triton kernel only where the bench above found it faster than SDPA and
-# the check found no fault.
-if ! python3 -c "import json, sys; i = json.load(open(sys.argv[1]))['items']
-c = json.load(open(sys.argv[2]))
-sys.exit(0 if i['attention triton (picked)']['ms'] < i['attention sdpa']['ms'] and not any('fault' in r for r in c)
-         else 1)" "$OUT/triton_ops.json" "$OUT/attention_check.json"; then
-  export FLOWTOK_TRITON_ATTENTION=0
-fi
-echo "FLOWTOK_TRITON_ATTENTION=${FLOWTOK_TRITON_ATTENTION:-1}" | tee -a "$LOG"
 BENCH_DEADLINE=$((start + 280)) timeout "$(left 295)" python3 benchmarks/fast_inference.py --profile \
-  --variants "${VARIANTS:-per-group,sdpa}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
+  --variants "${VARIANTS:-per-group,no-triton,fold-in}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"
 BENCH_DEADLINE=$((start + 335)) timeout "$(left 345)" python3 benchmarks/fast_inference.py --profile --batch 64 \
   --variants "${VARIANTS64:-per-group}" --out "$OUT/profile64.json" 2>&1 | tee -a "$LOG"
 echo "profiles done at $(( $(date +%s) - start )) s" | tee -a "$LOG"

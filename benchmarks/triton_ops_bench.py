@@ -6,9 +6,7 @@ against the same function compiled by inductor and in eager PyTorch. For the gat
 fc2 (``W [1152, 4608]``, two groups, the gated bias added to the pending vector): the Triton kernel against
 PyTorch's ops, ten folds in a CUDA graph as the sampler runs them. Each is timed as the median of CUDA-event
 timings of 50 calls after warm-up, and reported as GB/s (bytes read + written, the
-least each pass must move) beside the device-to-device copy rate measured the same way. Last, attention over
-77 tokens (16 heads of 72, 512 sequences) from the qkv GEMM's output: SDPA (cuDNN's kernel here) against
-flowtok's Triton kernel at the launch shape it picks and at each of the others it tries.
+least each pass must move) beside the device-to-device copy rate measured the same way.
 
     python benchmarks/triton_ops_bench.py --out results/triton_ops.json
 """
@@ -104,39 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
         ms = cuda_ms(graph.replay) / 10
         items[f"gate fold {name} (graph)"] = {"ms": ms, "gb_s": gbs(ms, fold_bytes)}
     items["gate fold triton (graph)"]["equal_to_torch"] = same
-
-    # Attention over 77 tokens, 16 heads of 72, 2 x 256 sequences, from the qkv GEMM's output to proj's input.
-    heads, n = 16, 77
-    seqs = g * r // n
-    qkv = torch.randn(seqs * n, 3 * d, device=device, dtype=dtype)
-    attn_bytes = 4 * seqs * n * d * qkv.element_size()  # q, k, v read, o written
-
-    def sdpa() -> torch.Tensor:
-        q, k, v = qkv.view(seqs, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(seqs * n, d)
-
-    ref_o = sdpa()
-    ms = cuda_ms(sdpa)
-    items["attention sdpa"] = {"ms": ms, "gb_s": gbs(ms, attn_bytes)}
-    out_o = triton_ops.short_attention(qkv, seqs, heads)
-    ms = cuda_ms(lambda: triton_ops.short_attention(qkv, seqs, heads))
-    picked = triton_ops._ATTENTION_CHOICE.get((str(qkv.device), dtype, seqs, n, heads, d // heads))
-    items["attention triton (picked)"] = {"ms": ms, "gb_s": gbs(ms, attn_bytes), "block_m_warps": picked,
-                                          "finite": bool(torch.isfinite(out_o).all()),
-                                          "max_abs_diff_vs_sdpa": float((out_o.float() - ref_o.float()).abs().max())}
-    o_buf = torch.empty(seqs * n, d, device=device, dtype=dtype)
-    for config in triton_ops.ATTENTION_CONFIGS:
-        if heads % config[2]:
-            continue
-        name = "attention triton block_m{} warps{} heads{} stages{}".format(*config)
-        try:
-            ms = cuda_ms(lambda config=config: triton_ops._launch_attention(qkv, o_buf, seqs, n, heads, d // heads,
-                                                                            config), iters=20)
-        except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is recorded, not fatal
-            items[name] = {"error": str(exc)[:200]}
-            continue
-        items[name] = {"ms": ms, "gb_s": gbs(ms, attn_bytes),
-                       "max_abs_diff_vs_sdpa": float((o_buf.float() - ref_o.float()).abs().max())}
 
     for name, item in items.items():
         log(f"{name:<45} " + (f"{item['ms'] * 1e3:8.1f} us {item['gb_s']:7.0f} GB/s" if "ms" in item

@@ -325,7 +325,7 @@ def test_fast_inference_profile_mode_tiny(tmp_path):
     data = module.main(["--tiny", "--device", "cpu", "--profile", "--profile-steps", "1", "--warmup", "0",
                         "--iters", "1", "--out", str(tmp_path / "p.json")])
     items = {i["name"]: i for i in data["items"]}
-    variants = ("no-epilogue", "sdpa", "no-triton", "fold-in")  # the default --variants
+    variants = ("no-epilogue", "per-group", "no-triton", "fold-in")  # the default --variants
     assert len(items) == 2 + 2 * len(variants) + 1
     assert [i["status"] for i in items.values()] == ["ok"] * len(items), items
     plain, fused = items["profile plain compile b3"], items["profile fused b3"]

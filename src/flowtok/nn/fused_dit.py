@@ -8,7 +8,7 @@ sub-block is one memory-bound pass and GEMMs:
 
     h = LN(x + P_g) * (1 + scale_g) + shift_g          one pass (a Triton kernel on a GPU)
     qkv / fc1 = h @ W^T + b                            one GEMM over every group's rows (fc1: + tanh-GELU)
-    a = attention(qkv)                                 one pass (a Triton kernel on a GPU, else SDPA)
+    a = attention(qkv)                                 SDPA (cuDNN's kernel on an H100 / H200)
     x += a @ W''_g^T,  W''_g = diag(gate_g) W           proj and fc2: the gate folded into the weight's rows,
                                                        one batched GEMM over the groups, x its accumulator
 
@@ -23,9 +23,8 @@ Folding the gates reads proj's and fc2's weights once per step and writes a copy
 when each group has many rows: :func:`fused_blocks_forward` is for large batches, and the caller
 (:meth:`flowtok.flow.FlowTransformer.forward_grouped`) falls back to the plain blocks below ``min_rows``.
 
-The LayerNorm pass, the attention and the fold run as the kernels of :mod:`flowtok.nn.triton_ops` where Triton
-can run them; otherwise the LayerNorm pass is one ``torch.compile``-d function on a GPU and plain PyTorch on a
-CPU, and attention goes through ``scaled_dot_product_attention``. (An
+The LayerNorm pass and the fold run as the kernels of :mod:`flowtok.nn.triton_ops` where Triton can run them;
+otherwise the LayerNorm pass is one ``torch.compile``-d function on a GPU and plain PyTorch on a CPU. (An
 earlier version also folded the modulation into qkv's and fc1's weights, ``W'_g = W diag(1 + scale_g)``: that
 moved three times the weight bytes per step and split those GEMMs per group; the modulation now rides in the
 LayerNorm pass, which writes its output anyway.)
@@ -156,24 +155,15 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
 
     h = modulated_layer_norm(x, pending, shift_msa, scale_msa, block.norm1.eps).view(groups * rows, d)
     qkv = qkv_l(h)
-    o = _attention(qkv, groups * batch, attn.num_heads).view(groups, rows, d)
+    heads = attn.num_heads
+    q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups, rows, d)
     _accumulate(x, o, w_proj)
 
     h = modulated_layer_norm(x, after_attn, shift_mlp, scale_mlp, block.norm2.eps).view(groups * rows, d)
     hidden = _gemm_gelu(h, fc1_l, epilogue).view(groups, rows, -1)
     _accumulate(x, hidden, w_fc2)
     return after_mlp
-
-
-def _attention(qkv: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
-    """Attention from the qkv GEMM's output ``[batch * n, 3 d]`` -> ``[batch * n, d]``: flowtok's one-pass kernel
-    for short sequences where Triton runs (:func:`flowtok.nn.triton_ops.short_attention`), else SDPA."""
-    rows, d = qkv.shape[0], qkv.shape[1] // 3
-    n = rows // batch
-    if triton_ops.ATTENTION and triton_ops.available(qkv) and triton_ops.short_attention_supported(n, d // heads):
-        return triton_ops.short_attention(qkv, batch, heads)
-    q, k, v = qkv.view(batch, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(rows, d)
 
 
 def _modulation(module: nn.Module, silu_cond: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Triton kernels of the fused DiT inference path (:mod:`flowtok.nn.fused_dit`).
 
-Three kernels that PyTorch's own run below the GPU's bandwidth, or in more passes or more work than needed:
+Two kernels that PyTorch's own run below the GPU's bandwidth, or in more passes than needed:
 
 * :func:`add_layer_norm_modulate`: ``LayerNorm(x + pending) * (1 + scale) + shift`` with no LayerNorm affine,
   ``x [G, R, D]`` and one ``pending`` / ``shift`` / ``scale`` row per group ``g``: one read of ``x`` and one
@@ -8,10 +8,6 @@ Three kernels that PyTorch's own run below the GPU's bandwidth, or in more passe
   inductor kernel for ``LayerNorm(x + pending)`` alone moved about 1 TB/s at FlowTok-XL's D = 1152.)
 * :func:`fold_gate`: ``diag(gate[g]) @ w``, the adaLN gate folded into an output Linear's rows for every group
   at once (``w`` read once, written ``G`` times), and the gated bias added to the groups' pending vectors.
-* :func:`short_attention`: softmax attention over short sequences (FlowTok's 77 tokens), read in place from the
-  qkv GEMM's output and written in the proj GEMM's input layout, one program a (sequence, head). Its tiles are cut
-  to the sequence and the head width (77 keys = 64 + 16, 72 channels = 64 + 16) where SDPA's kernels pad both to
-  128, which is most of the tensor-core work at this size.
 
 They run where Triton runs: on a CUDA device, or on a CPU under Triton's interpreter (``TRITON_INTERPRET=1``
 set before this module is imported; the tests do this). :func:`available` says whether a tensor can take
@@ -32,8 +28,6 @@ except ImportError:  # the CPU wheel of torch brings no Triton: the callers' PyT
     triton = None
 
 ENABLED = os.environ.get("FLOWTOK_TRITON", "1") != "0"
-# The fused path's attention through :func:`short_attention` (else PyTorch's SDPA); FLOWTOK_TRITON_ATTENTION=0: off.
-ATTENTION = os.environ.get("FLOWTOK_TRITON_ATTENTION", "1") != "0"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -109,84 +103,6 @@ if triton is not None:
                 pending += gate * bias
             tl.store(pending_out_ptr + g * n_out + rows, pending.to(pending_out_ptr.dtype.element_ty), mask=first)
 
-    @triton.jit
-    def _short_attention_kernel(qkv_ptr, o_ptr, n, scale_log2, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                BLOCK_M: tl.constexpr, KMAIN: tl.constexpr, KTAIL: tl.constexpr,
-                                DMAIN: tl.constexpr, DTAIL: tl.constexpr, PRECISION: tl.constexpr,
-                                HEADS_PER_PROGRAM: tl.constexpr, STAGES: tl.constexpr):
-        # One program: BLOCK_M queries of one sequence against all its n <= KMAIN + KTAIL keys in one softmax
-        # (no online rescaling). Keys are a KMAIN block and a KTAIL block, channels a DMAIN and a DTAIL part, all
-        # powers of two (77 keys: 64 + 16; 72 channels: 64 + 16, the last 8 masked), so the dots are not padded
-        # to 128. q, k, v are read in place from the qkv GEMM's output [B * n, 3 D] and the output is written as
-        # [B * n, D]. HEADS and HEAD_DIM are compile-time so that the loads' alignment is known (16 bytes).
-        # The program's HEADS_PER_PROGRAM heads are taken in turn.
-        D: tl.constexpr = HEADS * HEAD_DIM
-        STRIDE: tl.constexpr = 3 * D
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < n
-        c0 = tl.arange(0, DMAIN)
-        c0_ok = (c0 < HEAD_DIM)[None, :]
-        # (with DTAIL = 0 the tail's offsets are never used: one dummy column keeps arange's bounds valid)
-        c1 = DMAIN + tl.arange(0, max(DTAIL, 1))
-        c1_ok = (c1 < HEAD_DIM)[None, :]
-        keys_a = tl.arange(0, KMAIN)
-        ka_ok = (keys_a < n)[:, None]
-        program = tl.program_id(1)
-        seq = program // (HEADS // HEADS_PER_PROGRAM)
-        first_head = (program % (HEADS // HEADS_PER_PROGRAM)) * HEADS_PER_PROGRAM
-        # a program takes HEADS_PER_PROGRAM heads in turn: the loop lets the compiler load the next head's tiles
-        # while this one's are in the tensor cores (STAGES > 1)
-        for head_offset in tl.range(0, HEADS_PER_PROGRAM, num_stages=STAGES):
-            head = first_head + head_offset
-            q_base = qkv_ptr + (seq * n).to(tl.int64) * STRIDE + head * HEAD_DIM
-            q_rows = q_base + rows.to(tl.int64)[:, None] * STRIDE
-            k_rows_a = q_base + D + keys_a.to(tl.int64)[:, None] * STRIDE
-            q0 = tl.load(q_rows + c0[None, :], mask=row_ok[:, None] & c0_ok, other=0.0)
-            s_a = tl.dot(q0, tl.trans(tl.load(k_rows_a + c0[None, :], mask=ka_ok & c0_ok, other=0.0)),
-                         input_precision=PRECISION)
-            if DTAIL > 0:
-                q1 = tl.load(q_rows + c1[None, :], mask=row_ok[:, None] & c1_ok, other=0.0)
-                s_a += tl.dot(q1, tl.trans(tl.load(k_rows_a + c1[None, :], mask=ka_ok & c1_ok, other=0.0)),
-                              input_precision=PRECISION)
-            s_a = tl.where((keys_a < n)[None, :], s_a, float("-inf"))
-            top = tl.max(s_a, axis=1)
-            if KTAIL > 0:
-                keys_b = KMAIN + tl.arange(0, KTAIL)
-                k_rows_b = q_base + D + keys_b.to(tl.int64)[:, None] * STRIDE
-                kb_ok = (keys_b < n)[:, None]
-                s_b = tl.dot(q0, tl.trans(tl.load(k_rows_b + c0[None, :], mask=kb_ok & c0_ok, other=0.0)),
-                             input_precision=PRECISION)
-                if DTAIL > 0:
-                    s_b += tl.dot(q1, tl.trans(tl.load(k_rows_b + c1[None, :], mask=kb_ok & c1_ok, other=0.0)),
-                                  input_precision=PRECISION)
-                s_b = tl.where((keys_b < n)[None, :], s_b, float("-inf"))
-                top = tl.maximum(top, tl.max(s_b, axis=1))
-            # softmax(scale * s) with exp2: scale_log2 = scale * log2(e)
-            p_a = tl.exp2((s_a - top[:, None]) * scale_log2)
-            total = tl.sum(p_a, axis=1)
-            p_a = p_a.to(q0.dtype)
-            v_rows_a = k_rows_a + D
-            o0 = tl.dot(p_a, tl.load(v_rows_a + c0[None, :], mask=ka_ok & c0_ok, other=0.0),
-                        input_precision=PRECISION)
-            if DTAIL > 0:
-                o1 = tl.dot(p_a, tl.load(v_rows_a + c1[None, :], mask=ka_ok & c1_ok, other=0.0),
-                            input_precision=PRECISION)
-            if KTAIL > 0:
-                p_b = tl.exp2((s_b - top[:, None]) * scale_log2)
-                total += tl.sum(p_b, axis=1)
-                p_b = p_b.to(q0.dtype)
-                v_rows_b = k_rows_b + D
-                o0 += tl.dot(p_b, tl.load(v_rows_b + c0[None, :], mask=kb_ok & c0_ok, other=0.0),
-                             input_precision=PRECISION)
-                if DTAIL > 0:
-                    o1 += tl.dot(p_b, tl.load(v_rows_b + c1[None, :], mask=kb_ok & c1_ok, other=0.0),
-                                 input_precision=PRECISION)
-            inv = (1.0 / total)[:, None]
-            o_rows = o_ptr + (seq * n + rows).to(tl.int64)[:, None] * D + head * HEAD_DIM
-            tl.store(o_rows + c0[None, :], (o0 * inv).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & c0_ok)
-            if DTAIL > 0:
-                tl.store(o_rows + c1[None, :], (o1 * inv).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & c1_ok)
-
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
     """(MAIN, TAIL, rows per program, warps) of the LayerNorm kernel for width ``d``: MAIN the largest power of two
@@ -257,91 +173,3 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
                             BLOCK_I=block_i, num_warps=4)
     return out, pending_out
 
-
-
-# Longest sequence and widest head that :func:`short_attention` takes: its score tiles hold every key at once.
-SHORT_ATTENTION_MAX_TOKENS = 256
-# (BLOCK_M, warps, heads a program, pipeline stages) tried on a GPU the first time a shape is seen (those whose
-# heads a program divide the heads); the first is used until then (and under the interpreter, and during a
-# CUDA-graph capture, where nothing can be timed).
-ATTENTION_CONFIGS = ((64, 4, 1, 1), (128, 8, 1, 1), (64, 4, 2, 2), (64, 4, 4, 2), (64, 4, 4, 3), (128, 8, 4, 2),
-                     (128, 4, 2, 2), (32, 2, 4, 2), (16, 1, 1, 1))
-AttentionConfig = tuple[int, int, int, int]
-_ATTENTION_CHOICE: dict[tuple, AttentionConfig] = {}
-
-
-def _split(size: int) -> tuple[int, int]:
-    """``size`` as a power-of-two main part (at least 16) and a power-of-two tail (0, or at least 16)."""
-    main = max(16, 1 << (size.bit_length() - 1))
-    rest = size - main
-    return main, 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
-
-
-def short_attention_supported(n: int, head_dim: int) -> bool:
-    """Whether :func:`short_attention` takes ``n`` tokens of ``head_dim`` channels a head."""
-    return 1 <= n <= SHORT_ATTENTION_MAX_TOKENS and 16 <= head_dim <= 256
-
-
-def _launch_attention(qkv: torch.Tensor, out: torch.Tensor, batch: int, n: int, heads: int, head_dim: int,
-                      config: AttentionConfig) -> None:
-    block_m, warps, per_program, stages = config
-    if heads % per_program:
-        raise ValueError(f"{per_program} heads a program do not divide {heads} heads")
-    kmain, ktail = _split(n)
-    dmain, dtail = _split(head_dim)
-    grid = (triton.cdiv(n, block_m), batch * heads // per_program)
-    _short_attention_kernel[grid](qkv, out, n, head_dim ** -0.5 * 1.4426950408889634, HEADS=heads,
-                                  HEAD_DIM=head_dim, BLOCK_M=block_m, KMAIN=kmain, KTAIL=ktail, DMAIN=dmain,
-                                  DTAIL=dtail, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-                                  HEADS_PER_PROGRAM=per_program, STAGES=stages, num_warps=warps)
-
-
-def _pick_attention_config(qkv: torch.Tensor, out: torch.Tensor, batch: int, n: int, heads: int,
-                           head_dim: int) -> AttentionConfig:
-    """The fastest of :data:`ATTENTION_CONFIGS` for this shape on this GPU, timed once (CUDA events, 5 calls
-    each after one warm-up) and cached; the first config where nothing can be timed."""
-    key = (str(qkv.device), qkv.dtype, batch, n, heads, head_dim)
-    if key in _ATTENTION_CHOICE:
-        return _ATTENTION_CHOICE[key]
-    if not qkv.is_cuda or torch.cuda.is_current_stream_capturing():
-        return ATTENTION_CONFIGS[0]
-    best: tuple[float, AttentionConfig] | None = None
-    for config in ATTENTION_CONFIGS:
-        if config[0] > max(16, triton.next_power_of_2(n)) or heads % config[2]:
-            continue
-        try:
-            _launch_attention(qkv, out, batch, n, heads, head_dim, config)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(5):
-                _launch_attention(qkv, out, batch, n, heads, head_dim, config)
-            end.record()
-            end.synchronize()
-        except Exception:  # noqa: BLE001 - a config that does not fit this GPU (registers, shared memory)
-            continue
-        ms = start.elapsed_time(end)
-        if best is None or ms < best[0]:
-            best = (ms, config)
-    choice = best[1] if best is not None else ATTENTION_CONFIGS[0]
-    _ATTENTION_CHOICE[key] = choice
-    return choice
-
-
-def short_attention(qkv: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
-    """Softmax attention without mask over short sequences, straight from a fused qkv projection: ``qkv
-    [batch * n, 3 d]`` (each row ``q | k | v``, heads contiguous within each) -> ``[batch * n, d]`` with the
-    heads side by side, what ``scaled_dot_product_attention`` of the ``[batch, heads, n, d / heads]`` views
-    followed by the transpose back gives, up to rounding. The softmax weights are rounded to ``qkv``'s dtype
-    before they meet v, as flash attention's are. Needs :func:`available` and :func:`short_attention_supported`."""
-    rows, three_d = qkv.shape
-    d, n = three_d // 3, rows // max(batch, 1)
-    head_dim = d // heads
-    if three_d != 3 * d or d != heads * head_dim or rows != batch * n or not short_attention_supported(n, head_dim):
-        raise ValueError(f"short_attention takes [batch * n, 3 * heads * head_dim] with n <= "
-                         f"{SHORT_ATTENTION_MAX_TOKENS} and 16 <= head_dim <= 256; got {tuple(qkv.shape)} for batch "
-                         f"{batch}, {heads} heads")
-    qkv = qkv.contiguous()
-    out = torch.empty(rows, d, dtype=qkv.dtype, device=qkv.device)
-    config = _pick_attention_config(qkv, out, batch, n, heads, head_dim)
-    _launch_attention(qkv, out, batch, n, heads, head_dim, config)
-    return out
