@@ -142,12 +142,10 @@ def sustained_matmul_tflops(device: torch.device, n: int = 8192, seconds: float 
     a @ b
     sync(device)
     t0 = time.perf_counter()
-    calls = 0
     while time.perf_counter() - t0 < 2 * seconds / 3:
         for _ in range(10):
             a @ b
         sync(device)
-        calls += 10
     t1 = time.perf_counter()
     timed = 0
     while time.perf_counter() - t1 < seconds / 3:

@@ -10,10 +10,10 @@ graph (a replayed graph is one opaque launch to the profiler), of
   output Linears, residual in the GEMM accumulator, GELU epilogue);
 * each variant of ``--variants``, a change to the fused path tried beside it:
   ``no-epilogue`` (fc1 as ``addmm`` then an in-place tanh-GELU: is cuBLASLt's GELU epilogue slower than
-  the pass it saves?), ``per-group`` (proj and fc2 as one GEMM per condition group, as before 2026-12-04's
-  last change, instead of one batched GEMM over both), ``no-triton`` (no flowtok Triton kernel: the LayerNorm pass compiled by inductor, the
-  gate fold as PyTorch's broadcast multiply), ``fold-in`` (the fused path of 2026-12-02, before
-  this one: the modulation folded into qkv's and fc1's weights too, those GEMMs split per group, the LayerNorm
+  the pass it saves?), ``per-group`` (proj and fc2 as one GEMM per condition group, as the second 2026-12-04
+  path ran them, instead of one batched GEMM over both), ``no-triton`` (no flowtok Triton kernel: the LayerNorm
+  pass compiled by inductor, the gate fold as PyTorch's broadcast multiply), ``fold-in`` (the fused path of
+  2026-12-02: the modulation folded into qkv's and fc1's weights too, those GEMMs split per group, the LayerNorm
   pass compiled by inductor), ``sdpa-flash`` and ``sdpa-efficient`` (attention forced onto PyTorch's
   FlashAttention or memory-efficient kernel instead of the backend SDPA picks, cuDNN's on an H100 / H200).
 

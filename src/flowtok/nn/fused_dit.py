@@ -137,8 +137,9 @@ def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool) -> torch.Tens
 
 
 def _accumulate(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
-    """``x[g] += a[g] @ w[g]^T`` for every group ``g`` as one batched GEMM with ``x`` its accumulator: the groups'
-    tiles share the GPU's waves (per-group GEMMs of a few thousand rows each leave a mostly empty last wave)."""
+    """``x[g] += a[g] @ w[g]^T`` for every group ``g`` as one batched GEMM with ``x`` its accumulator, one launch
+    whose tiles cover both groups. (On an H200 the flow at batch 256 ran 1.4-1.7 points of ``mm`` faster this way
+    than with one GEMM per group, cuBLAS picking other tiles for it; same numbers, no change at batch 64.)"""
     x.baddbmm_(a, w.transpose(1, 2))
 
 
