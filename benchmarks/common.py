@@ -159,6 +159,14 @@ def sustained_matmul_tflops(device: torch.device, n: int = 8192, seconds: float 
     return 2 * n**3 / dt / 1e12
 
 
+def mm_fractions(tflops: float, env: dict) -> dict[str, float | None]:
+    """``tflops`` as fractions of the ``mm`` rates recorded in ``env``: the burst (``bf16_mm_tflops``,
+    :func:`matmul_tflops`) and, where measured, the sustained (``bf16_mm_tflops_sustained``)."""
+    burst, sustained = env.get("bf16_mm_tflops"), env.get("bf16_mm_tflops_sustained")
+    return {"frac_of_mm": tflops / burst if burst else None,
+            "frac_of_sustained_mm": tflops / sustained if sustained else None}
+
+
 class Budget:
     """Wall-clock budget: items are skipped (and say so) once less than ``reserve_s`` is left.
 

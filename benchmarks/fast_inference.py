@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     free_memory,
     log,
     matmul_tflops,
+    mm_fractions,
     pick_device,
     sustained_matmul_tflops,
     sync,
@@ -125,7 +126,7 @@ def check_numerics(flow, args, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budget: Budget, mm_rate):
+def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budget: Budget):
     """Items 3; returns the measuring function for the extra at the end."""
     cfg = flow.config
     gen = torch.Generator().manual_seed(0)
@@ -138,10 +139,8 @@ def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budg
         sampler = GraphedSampler(flow, num_steps=args.steps, guidance_scale=args.guidance, warmup=1)
         t = time_call(lambda: sampler(x0), device, args.warmup, args.iters, args.item_seconds)
         tflops = per_sample * 2 * batch * args.steps / t["median_s"] / 1e12
-        sustained = results.data["env"].get("bf16_mm_tflops_sustained")
         return {**t, "images_per_s": batch / t["median_s"], "tflops": tflops,
-                "frac_of_mm": tflops / mm_rate if mm_rate else None,
-                "frac_of_sustained_mm": tflops / sustained if sustained else None}
+                **mm_fractions(tflops, results.data["env"])}
 
     plain = "plain" if args.tiny else "compile+graph"
     if not args.tiny:
@@ -322,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return finish(results)
     results.run("fused numerics FlowTok-XL", lambda: check_numerics(flow, args, device), device, budget,
                 args.reserve, part="numerics")
-    measure_flow = flow_items(flow, args, shapes, device, dtype, results, budget, mm_rate)
+    measure_flow = flow_items(flow, args, shapes, device, dtype, results, budget)
 
     with tempfile.TemporaryDirectory() as folder:
         encoder = clip_encoder(shapes, device, dtype, Path(folder))

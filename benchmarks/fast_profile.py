@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import log, sync, time_call
+from common import log, mm_fractions, sync, time_call
 from sampling import count_forward_flops
 from torch.autograd import DeviceType
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -145,8 +145,7 @@ def _block_fold_in(block, x: torch.Tensor, pending: torch.Tensor, mod: torch.Ten
     heads = attn.num_heads
     q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups, rows, d)
-    for g in range(groups):
-        x[g].addmm_(o[g], w_proj[g].t())
+    _accumulate_per_group(x, o, w_proj)
     pending = pending + b_proj.unsqueeze(1)
     h = _add_layer_norm(x, pending, block.norm2.eps)
     hidden = x.new_empty(groups, rows, w_fc1.shape[1])
@@ -156,8 +155,7 @@ def _block_fold_in(block, x: torch.Tensor, pending: torch.Tensor, mod: torch.Ten
         else:
             torch.addmm(b_fc1[g], h[g], w_fc1[g].t(), out=hidden[g])
             torch.ops.aten.gelu_(hidden[g], approximate="tanh")
-    for g in range(groups):
-        x[g].addmm_(hidden[g], w_fc2[g].t())
+    _accumulate_per_group(x, hidden, w_fc2)
     return pending + b_fc2.unsqueeze(1)
 
 
@@ -330,10 +328,8 @@ def run(flow, args, device: torch.device, dtype: torch.dtype, results, budget, m
         elif timed_out:
             check = {"rel_diff_vs_fused": float((out - timed_out[0]).norm() / timed_out[0].norm())}
         tflops = per_sample * 2 * batch * args.steps / t["median_s"] / 1e12
-        sustained = results.data["env"].get("bf16_mm_tflops_sustained")
         return {**t, **check, "images_per_s": batch / t["median_s"], "tflops": tflops,
-                "frac_of_mm": tflops / mm_rate if mm_rate else None,
-                "frac_of_sustained_mm": tflops / sustained if sustained else None}
+                **mm_fractions(tflops, results.data["env"])}
 
     # The timed comparison before the variants' profiles: if the budget runs short, the profiles go first.
     graph = "plain" if args.tiny else "graph"
