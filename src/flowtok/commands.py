@@ -63,6 +63,10 @@ def _pipeline(args: argparse.Namespace):
         prompts = [args.prompt] if getattr(args, "prompt", None) else None
         images = list(args.images) if getattr(args, "images", None) else None
         pipe.quantize_fp8(calibration_prompts=prompts, calibration_images=images)
+    decoder_mode = getattr(args, "fp8_decoder", None)
+    if decoder_mode is not None:  # static: calibrated on this run's prompt (one extra pass); else per-token
+        prompt = getattr(args, "prompt", None)
+        pipe.quantize_decoder_fp8(calibration_prompts=[prompt] if decoder_mode == "static" and prompt else None)
     return pipe
 
 
@@ -346,6 +350,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ODE solver (default: the model's); euler-upstream: the FlowTok release's grid, "
                         "to reproduce its samples")
     p.add_argument("--fast", action="store_true", help=FAST_HELP)
+    p.add_argument("--fp8-decoder", nargs="?", const="static", choices=["static", "dynamic"], default=None,
+                   help="the image decoder's blocks in FP8 (needs a Hopper / Ada GPU; combines with --fast); "
+                        "static (default): scales calibrated on this run's prompt, one extra pass; dynamic: "
+                        "per-token scales")
     _add_model_args(p)
     p.set_defaults(func=_generate)
 

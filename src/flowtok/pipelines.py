@@ -277,6 +277,22 @@ class FlowTokPipeline:
             self.i2t_flow.quantize_fp8(emulate=emulate, calibrate=run)
         return self
 
+    def quantize_decoder_fp8(self, calibration_prompts: str | list[str] | None = None,
+                             emulate: bool = False) -> FlowTokPipeline:
+        """Run the image decoder's transformer blocks in FP8 on a Hopper / Ada GPU
+        (:meth:`flowtok.tokenizer.ImageTokenizer.quantize_decoder_fp8`): at one sampling step the decoder is
+        most of a text-to-image call. Static scales measured while generating ``calibration_prompts`` (else
+        per-token scales on the fly). Call it before :meth:`enable_fast_inference`. Inference only; raises on a
+        device without FP8 matmuls. ``emulate=True``: the same quantised numbers with float matmuls, anywhere.
+        Returns self."""
+        if self.fast is not None:
+            raise InvalidInputError("quantize the decoder before enable_fast_inference(): the fast path has "
+                                    "compiled and captured the bf16 decoder")
+        prompts = check_prompts(calibration_prompts) if calibration_prompts is not None else None
+        run = None if prompts is None else (lambda: self.text_to_image(prompts, output_type="pt"))
+        self.image_tokenizer.quantize_decoder_fp8(emulate=emulate, calibrate=run)
+        return self
+
     # ------------------------------------------------------------------------- the steps of a call
     def _text_latents(self, prompts: list[str], generator: torch.Generator | None,
                       sample: bool) -> tuple[torch.Tensor, torch.Tensor]:

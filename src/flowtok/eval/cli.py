@@ -28,8 +28,12 @@ def load_pipeline(model: str | None, device: str | None):
     return FlowTokPipeline.from_pretrained(model, device=device)
 
 
-def load_reconstructor(model: str | None, device: str | None):
-    """``(reconstruct_fn, image_size, description)`` from a pipeline or a bare tokenizer folder."""
+def load_reconstructor(model: str | None, device: str | None, dtype: str | None = None,
+                       fp8: str | None = None, calibrate_seed: int = 0, world: str = "v2"):
+    """``(reconstruct_fn, image_size, description)`` from a pipeline or a bare tokenizer folder; ``dtype``
+    ("fp32" / "bf16", None: as stored) casts the tokenizer; ``fp8`` ("static" / "dynamic") quantises its decoder
+    (:meth:`~flowtok.tokenizer.ImageTokenizer.quantize_decoder_fp8`; static scales from reconstructing 32 shapes
+    renders of stream seed ``calibrate_seed``; emulated where the device has no FP8 matmuls)."""
     import torch
 
     from ..pipelines import PIPELINE_FILE
@@ -42,7 +46,21 @@ def load_reconstructor(model: str | None, device: str | None):
     else:
         pipe = load_pipeline(model, device)
         tok, where = pipe.image_tokenizer, str(pipe.model_path)
+    if dtype is not None:
+        tok.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     param = next(tok.parameters())
+    if fp8 is not None:
+        from ..nn.fp8 import fp8_supported
+        from ..shapes.benchmark import shapes_image_batches
+
+        size = int(tok.config.image_size)
+
+        def calibrate() -> None:
+            for batch in shapes_image_batches(32, calibrate_seed, size, 32, world):
+                tok.reconstruct(batch.to(param.device, param.dtype))
+
+        tok.quantize_decoder_fp8(emulate=not fp8_supported(param.device),
+                                 calibrate=calibrate if fp8 == "static" else None)
 
     def reconstruct(images: torch.Tensor) -> torch.Tensor:
         # No captions for plain images: the decoder's "no text" input.
@@ -169,6 +187,9 @@ def cmd_t2i(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.device)
     if args.fp8:
         _quantize_fp8(pipe, args.fp8, args.seed)
+    if args.fp8_decoder:
+        pipe.quantize_decoder_fp8(calibration_prompts=_calibration_captions(args.seed, 9)
+                                  if args.fp8_decoder == "static" else None)
     if args.fast:
         enable_fast(pipe, args.batch_size)
 
@@ -286,7 +307,8 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
     if args.n < 2:
         raise InvalidInputError(f"--n must be >= 2, got {args.n}")
-    reconstruct, size, where = load_reconstructor(args.model, args.device)
+    reconstruct, size, where = load_reconstructor(args.model, args.device, args.dtype, args.fp8,
+                                                  calibrate_seed=args.seed + 1, world=args.world)
     images, source = None, None
     if args.data:
         images = fidlib.iter_folder(args.data, size, args.batch_size, args.n)
@@ -306,15 +328,20 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
 def _quantize_fp8(pipe, mode: str, seed: int) -> None:
     """FP8 flows; static scales calibrated on training-split captions drawn apart from the test prompts."""
+    if mode == "dynamic":
+        pipe.quantize_fp8()
+        return
+    pipe.quantize_fp8(calibration_prompts=_calibration_captions(seed, 8))
+
+
+def _calibration_captions(seed: int, stream: int, n: int = 32) -> list[str]:
+    """``n`` training-split shapes captions drawn apart from the test prompts (rng stream ``[seed, stream]``)."""
     import numpy as np
 
     from ..shapes import caption, sample_scene
 
-    if mode == "dynamic":
-        pipe.quantize_fp8()
-        return
-    rng = np.random.default_rng([seed, 8])
-    pipe.quantize_fp8(calibration_prompts=[caption(sample_scene(rng, split="train"), rng) for _ in range(32)])
+    rng = np.random.default_rng([seed, stream])
+    return [caption(sample_scene(rng, split="train"), rng) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------ argparse
@@ -364,6 +391,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="generate through the fast path (pipe.enable_fast_inference; one CUDA graph per --batch-size "
                         "on a GPU; on a CPU only the fused flow path, from large batches); the JSON's 'fast' block "
                         "says what ran")
+    p.add_argument("--fp8-decoder", nargs="?", const="static", choices=["static", "dynamic"], default=None,
+                   help="the image decoder's blocks in FP8 (needs a Hopper / Ada GPU; combines with --fast); static "
+                        "(default): scales calibrated on 32 training-split captions' images; dynamic: per-token")
     p.set_defaults(func=cmd_t2i)
 
     p = sub.add_parser("i2t", help="image -> text: exact-scene accuracy, BLEU/METEOR/ROUGE-L/CIDEr/SPICE")
@@ -390,4 +420,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(p, 64, "results_recon.json")
     p.add_argument("--data", default=None, help="folder of images (default: rendered shapes scenes)")
     p.add_argument("--no-fid", action="store_true", help="skip rFID")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="tokenizer dtype (default: as stored)")
+    p.add_argument("--fp8", nargs="?", const="static", choices=["static", "dynamic"], default=None,
+                   help="the decoder's blocks in FP8 (emulated without a Hopper / Ada GPU); static (default): scales "
+                        "calibrated on 32 shapes renders of stream seed --seed + 1 (the test images use --seed); "
+                        "dynamic: per-token scales")
     p.set_defaults(func=cmd_recon)

@@ -173,18 +173,12 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         :meth:`compile_blocks`. ``emulate=True`` computes the same quantised numbers with float matmuls on
         any device, to check the numerics. Returns self.
         """
-        from ..nn.fp8 import calibrate_input_amax, fp8_supported, quantize_linears
-
-        device = next(self.parameters()).device
-        if not emulate and not fp8_supported(device):
-            raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "
-                                    f"this model sits on {device}")
+        from ..nn.fp8 import quantize_blocks_fp8
 
         def keep(name: str, _layer: nn.Module) -> bool:
             return "adaLN_modulation" in name
 
-        amax = calibrate_input_amax(self.blocks, calibrate, keep) if calibrate is not None else None
-        quantize_linears(self.blocks, keep=keep, emulate=emulate, input_amax=amax)
+        quantize_blocks_fp8(self.blocks, emulate=emulate, calibrate=calibrate, keep=keep)
         return self.requires_grad_(False)
 
     def enable_fused_inference(self, min_rows: int = 4096) -> FlowTransformer:

@@ -200,3 +200,16 @@ def quantize_linears(root: nn.Module, keep: Callable[[str, nn.Linear], bool] | N
                                                   input_amax=amax))
             done.append(full)
     return done
+
+
+def quantize_blocks_fp8(blocks: nn.Module, emulate: bool = False, calibrate: Callable[[], Any] | None = None,
+                        keep: Callable[[str, nn.Linear], bool] | None = None) -> list[str]:
+    """What a model's ``quantize_fp8`` does to its transformer blocks: refuse a device without FP8 matmuls
+    (unless ``emulate``), record each eligible Linear's largest input while ``calibrate()`` runs (if given: static
+    per-tensor scales; else dynamic per-row ones), then :func:`quantize_linears` in place. Returns the names."""
+    device = next(blocks.parameters()).device
+    if not emulate and not fp8_supported(device):
+        raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "
+                                f"this model sits on {device}")
+    amax = calibrate_input_amax(blocks, calibrate, keep) if calibrate is not None else None
+    return quantize_linears(blocks, keep=keep, emulate=emulate, input_amax=amax)

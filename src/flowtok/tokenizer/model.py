@@ -68,8 +68,9 @@ the two 1x1 convs, whose ``[out, in, 1, 1]`` weights become ``[out, in]``):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -346,6 +347,30 @@ class ImageTokenizer(nn.Module, PretrainedMixin):
     @property
     def latent_shape(self) -> tuple[int, int]:
         return self.config.latent_shape
+
+    def quantize_decoder_fp8(self, emulate: bool = False,
+                             calibrate: Callable[[], Any] | None = None) -> ImageTokenizer:
+        """FP8 inference for the image decoder on Hopper / Ada GPUs: the Linears of its transformer blocks
+        (attention qkv and output, the MLP's input: 78% of the paper decoder's block FLOPs) become
+        :class:`flowtok.nn.fp8.FP8Linear`. The MLP's output Linear keeps its dtype: its input, the SwiGLU
+        product, has the widest range (on the bundled shapes decoder, world v1, quantising it too cost 0.09 dB
+        of reconstruction PSNR against bf16 instead of 0.03), as do the embeddings, the pixel head, the norms
+        and the whole encoder.
+
+        Without ``calibrate``: per-channel weight scales and per-token input scales computed on the fly. With
+        ``calibrate``, a callable that decodes representative latents (reconstructing or generating a few
+        images): each layer's largest input becomes a static per-tensor scale, so quantising an input is a cast
+        that fuses into the kernel before it and the GEMMs take cuBLAS's fast tensorwise FP8 path. Check the
+        reconstruction PSNR on your data (``flowtok eval recon --fp8``). In place, inference only (no backward,
+        no ``save_pretrained`` afterwards); call it before ``torch.compile`` or the pipeline's fast path.
+        ``emulate=True`` computes the same quantised numbers with float matmuls on any device. Returns self."""
+        from ..nn.fp8 import quantize_blocks_fp8
+
+        def keep(name: str, _layer: nn.Module) -> bool:
+            return name.endswith((".mlp.w3", ".mlp.fc2"))
+
+        quantize_blocks_fp8(self.decoder.blocks, emulate=emulate, calibrate=calibrate, keep=keep)
+        return self.requires_grad_(False)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute block activations in backward: needed to train the ViT-L decoder at large batch."""
