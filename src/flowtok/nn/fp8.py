@@ -129,18 +129,18 @@ class FP8Linear(nn.Module):
             q = to_e4m3(x2, scale)
         else:
             q, scale = quantize_rows(x2)
+        # the bias is added before the result is rounded to bf16: in the GEMM's epilogue on a GPU
         if self.emulate:
             w = self.weight_fp8.float() * (self.weight_scale if self.static else self.weight_scale.t())
-            y = ((q.float() * scale) @ w.t()).to(torch.bfloat16)
+            y = (q.float() * scale) @ w.t()
+            y = (y if self.bias is None else y + self.bias).to(torch.bfloat16)
         else:
-            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
                                  out_dtype=torch.bfloat16, use_fast_accum=self.static)
         if pad:
             y = y[:rows]
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y.reshape(*lead, self.out_features)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
 
 
 @torch.no_grad()
@@ -204,9 +204,13 @@ def quantize_linears(root: nn.Module, keep: Callable[[str, nn.Linear], bool] | N
 
 def quantize_blocks_fp8(blocks: nn.Module, emulate: bool = False, calibrate: Callable[[], Any] | None = None,
                         keep: Callable[[str, nn.Linear], bool] | None = None) -> list[str]:
-    """What a model's ``quantize_fp8`` does to its transformer blocks: refuse a device without FP8 matmuls
-    (unless ``emulate``), record each eligible Linear's largest input while ``calibrate()`` runs (if given: static
-    per-tensor scales; else dynamic per-row ones), then :func:`quantize_linears` in place. Returns the names."""
+    """What a model's ``quantize_fp8`` does to its transformer blocks: refuse compiled blocks and a device without
+    FP8 matmuls (unless ``emulate``), record each eligible Linear's largest input while ``calibrate()`` runs (if
+    given: static per-tensor scales; else dynamic per-row ones), then :func:`quantize_linears` in place. Returns
+    the names."""
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in blocks.modules()):
+        # a compiled module keeps running the Linears it traced: the swap below would silently do nothing
+        raise InvalidInputError("quantise to FP8 before compiling: these blocks are already compiled")
     device = next(blocks.parameters()).device
     if not emulate and not fp8_supported(device):
         raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "
