@@ -399,3 +399,18 @@ def test_cli_eval_recon(tiny_pipeline, tmp_path, capsys):
                  "--no-fid", "--out", str(out2)]) == 0
     res2 = json.loads(out2.read_text())
     assert res2["protocol"]["n"] == 3 and "rfid" not in res2 and res2["model"] == str(tok)
+
+
+def test_cli_eval_recon_bf16_and_fp8_decoder(tiny_pipeline, tmp_path, capsys):
+    """--dtype bf16 against --fp8 (emulated on a CPU: the same quantised numbers): close PSNRs, both recorded."""
+    args = ["eval", "recon", "--model", str(tiny_pipeline), "--device", "cpu", "--n", "6", "--no-fid",
+            "--dtype", "bf16"]
+    results = {}
+    for name, extra in (("bf16", []), ("fp8", ["--fp8"]), ("dyn", ["--fp8", "dynamic"])):
+        assert main([*args, *extra, "--out", str(tmp_path / f"{name}.json")]) == 0
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["fp8"]["options"]["fp8"] == "static" and results["bf16"]["options"]["dtype"] == "bf16"
+    for name in ("fp8", "dyn"):
+        assert results[name]["psnr"] != results["bf16"]["psnr"]  # quantised: not the same numbers ...
+        assert abs(results[name]["psnr"] - results["bf16"]["psnr"]) < 1.0  # ... but close
+

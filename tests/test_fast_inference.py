@@ -339,3 +339,30 @@ def test_fast_inference_profile_mode_tiny(tmp_path):
         assert items[f"profile fused {v} b3"]["rel_diff_vs_fused"] < tol
         assert items[f"flow fused {v}+plain b3"]["rel_diff_vs_fused"] < tol
     assert "profile fused b3" in data["summary"]
+
+
+def test_fp8_decoder_goes_before_the_fast_path_and_keeps_the_images_close():
+    pipe = _pipeline()
+    ref = _images(pipe)
+    pipe.enable_fast_inference()
+    with pytest.raises(InvalidInputError, match="before enable_fast_inference"):
+        pipe.quantize_decoder_fp8(emulate=True)
+    pipe.disable_fast_inference()
+    pipe.quantize_decoder_fp8(calibration_prompts=["yellow triangle", "red square"], emulate=True)
+    layers = [m for m in pipe.image_tokenizer.decoder.blocks.modules() if type(m).__name__ == "FP8Linear"]
+    assert layers and all(m.static for m in layers)
+    pipe.enable_fast_inference(batch_size=2)
+    out = _images(pipe)
+    assert 0 < float((out - ref).abs().max()) < 0.1
+
+
+def test_cli_fp8_decoder_needs_an_fp8_gpu(saved_pipe, tmp_path, capsys):
+    from flowtok.cli import main
+    from flowtok.nn.fp8 import fp8_supported
+
+    if fp8_supported():
+        pytest.skip("this machine has FP8 matmuls: the refusal is for those without")
+    assert main(["generate", "x", "--fast", "--fp8-decoder", "--model", str(saved_pipe), "--device", "cpu",
+                 "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "compute capability" in err[0] and not (tmp_path / "x.png").exists()

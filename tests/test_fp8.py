@@ -94,3 +94,46 @@ def test_calibrated_static_scales():
         assert torch.isfinite(flow(x * 50, t, null)).all()  # beyond the calibrated range: saturates, no inf
     with pytest.raises(InvalidInputError, match="input_amax"):
         FP8Linear(nn.Linear(16, 16), emulate=True, input_amax=float("nan"))
+
+
+# ------------------------------------------------------------------------------------ the image decoder
+def _tiny_tokenizer():
+    from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
+
+    torch.manual_seed(0)
+    tok = ImageTokenizer(TOKENIZER_PRESETS["tiny"]).eval()
+    with torch.no_grad():  # the zero-initialised pixel head would hide every difference
+        tok.decoder.to_pixels.weight.normal_(0, 0.5)
+    k, c = tok.latent_shape
+    return tok, torch.randn(6, k, c)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_decoder_fp8_quantises_the_decoder_blocks_but_the_mlp_output(static):
+    tok, lat = _tiny_tokenizer()
+    with torch.no_grad():
+        ref = tok.decode(lat)
+        tok.quantize_decoder_fp8(emulate=True, calibrate=(lambda: tok.decode(lat[:3])) if static else None)
+        out = tok.decode(lat)
+    block = tok.decoder.blocks[0]
+    for layer in (block.attn.qkv, block.attn.proj, block.mlp.w12):
+        assert isinstance(layer, FP8Linear) and layer.static == static
+    assert type(block.mlp.w3) is nn.Linear  # its SwiGLU input has the widest range: kept
+    assert not any(isinstance(m, FP8Linear) for m in tok.encoder.modules())
+    assert type(tok.decoder.to_pixels) is nn.Linear and not any(p.requires_grad for p in tok.parameters())
+    assert 1e-4 < _rel(out, ref) < 0.05
+    with pytest.raises(InvalidInputError, match="FP8-quantised"):
+        tok.save_pretrained("unused")
+
+
+def test_decoder_fp8_is_refused_on_compiled_blocks_and_without_fp8_matmuls():
+    from flowtok.nn.regions import compile_regions
+
+    tok, _ = _tiny_tokenizer()
+    if not fp8_supported(next(tok.parameters()).device):
+        with pytest.raises(InvalidInputError, match="compute capability"):
+            tok.quantize_decoder_fp8()
+    compile_regions(tok.decoder.blocks)  # lazy: nothing is compiled until a call
+    with pytest.raises(InvalidInputError, match="before compiling"):
+        tok.quantize_decoder_fp8(emulate=True)
+    assert not any(isinstance(m, FP8Linear) for m in tok.modules())
