@@ -7,16 +7,10 @@
 # costs the last items, never the measured ones. Files under $OUT: triton_ops.json, profile.json, profile64.json,
 # fast.json, fast3.log, smi.csv.
 set -o pipefail
-start=$(date +%s)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-export PYTHONPATH=$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+. benchmarks/gpu_env.sh
 OUT=${OUT:-results/gpu3}
 mkdir -p "$OUT"
 LOG=$OUT/fast3.log
-left() { echo $(( start + $1 - $(date +%s) )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
 # the SM clock, power and temperature once a second through the whole call (power-capped clocks move GEMM rates)
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 1000 > "$OUT/smi.csv" 2>&1 &

@@ -7,17 +7,11 @@
 # bundled model's tokenizer/ (its text-to-image part, run_fast_gpu2.sh says why). The benchmark ends by 470 s,
 # the PSNR runs by 585 s. Files under $OUT: fast.json, recon_{v1,v2}_{bf16,fp8,fp8dyn}.json, fast4.log, smi.csv.
 set -o pipefail
-start=$(date +%s)
 : "${MODEL:?set MODEL to a pipeline folder with the bundled tokenizer}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
-export PYTHONPATH=$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+. benchmarks/gpu_env.sh
 OUT=${OUT:-results/gpu4}
 mkdir -p "$OUT"
 LOG=$OUT/fast4.log
-left() { echo $(( start + $1 - $(date +%s) )); }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 1000 > "$OUT/smi.csv" 2>&1 &
 smi=$!
