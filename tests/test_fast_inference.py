@@ -274,7 +274,7 @@ def test_cli_eval_t2i_fast_records_what_ran(saved_pipe, tmp_path, monkeypatch, c
     assert main([*args, "--out", str(tmp_path / "big.json"), "--fast"]) == 0  # default threshold: not fused
     big = json.loads((tmp_path / "big.json").read_text())["fast"]
     assert big["fused_flow"] and not big["fused_flow_used"] and big["fused_min_batch"] == 4096 // 4
-    assert not big["compile"] and not big["cuda_graph"] and big["batch_size"] == 2
+    assert not big["compile"] and not big["cuda_graph"] and big["batch_size"] == 2 and not big["fp8_decoder"]
     monkeypatch.setattr(fastlib, "DEFAULT_FUSED_MIN_ROWS", 0)
     assert main([*args, "--out", str(tmp_path / "fast.json"), "--fast"]) == 0
     plain, fast = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "fast"))
@@ -352,6 +352,7 @@ def test_fp8_decoder_goes_before_the_fast_path_and_keeps_the_images_close():
     layers = [m for m in pipe.image_tokenizer.decoder.blocks.modules() if type(m).__name__ == "FP8Linear"]
     assert layers and all(m.static for m in layers)
     pipe.enable_fast_inference(batch_size=2)
+    assert pipe.fast is not None and pipe.fast.describe()["fp8_decoder"]
     out = _images(pipe)
     assert 0 < float((out - ref).abs().max()) < 0.1
 

@@ -91,7 +91,11 @@ class FastTextToImage:
 
     def describe(self) -> dict[str, Any]:
         """What this engine turned on, for a results record."""
+        from .nn.fp8 import FP8Linear
+
+        fp8_decoder = any(isinstance(m, FP8Linear) for m in self.pipe.image_tokenizer.decoder.blocks.modules())
         return {"compile": self.compile, "cuda_graph": self.cuda_graph, "fused_flow": self._fused,
+                "fp8_decoder": fp8_decoder,
                 "fused_min_rows": self.fused_min_rows if self._fused else None,
                 "fused_min_batch": self.fused_min_batch(), "batch_size": self.batch_size,
                 "text_encoder_in_graph": self.text_encoder_in_graph if self.cuda_graph else None}
