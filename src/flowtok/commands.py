@@ -352,8 +352,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fast", action="store_true", help=FAST_HELP)
     p.add_argument("--fp8-decoder", nargs="?", const="static", choices=["static", "dynamic"], default=None,
                    help="the image decoder's blocks in FP8 (needs a Hopper / Ada GPU; combines with --fast); "
-                        "static (default): scales calibrated on this run's prompt, one extra pass; dynamic: "
-                        "per-token scales")
+                        "static (default): scales calibrated on this run's prompt, one extra pass (with "
+                        "--prompts-file: per-token scales); dynamic: per-token scales")
     _add_model_args(p)
     p.set_defaults(func=_generate)
 
