@@ -137,3 +137,14 @@ def test_decoder_fp8_is_refused_on_compiled_blocks_and_without_fp8_matmuls():
     with pytest.raises(InvalidInputError, match="before compiling"):
         tok.quantize_decoder_fp8(emulate=True)
     assert not any(isinstance(m, FP8Linear) for m in tok.modules())
+
+
+def test_decoder_fp8_with_no_aligned_linear_is_refused():
+    from dataclasses import replace
+
+    from flowtok.tokenizer import TOKENIZER_PRESETS, ImageTokenizer
+
+    tok = ImageTokenizer(replace(TOKENIZER_PRESETS["tiny"], decoder_width=24))  # 24 -> 72, 24 -> 128: unaligned
+    with pytest.raises(InvalidInputError, match="nothing to run in FP8"):
+        tok.quantize_decoder_fp8(emulate=True)
+

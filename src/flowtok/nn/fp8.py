@@ -207,7 +207,7 @@ def quantize_blocks_fp8(blocks: nn.Module, emulate: bool = False, calibrate: Cal
     """What a model's ``quantize_fp8`` does to its transformer blocks: refuse compiled blocks and a device without
     FP8 matmuls (unless ``emulate``), record each eligible Linear's largest input while ``calibrate()`` runs (if
     given: static per-tensor scales; else dynamic per-row ones), then :func:`quantize_linears` in place. Returns
-    the names."""
+    the names; raises if there were none (every width unaligned: the model would silently stay as it was)."""
     if any(getattr(m, "_compiled_call_impl", None) is not None for m in blocks.modules()):
         # a compiled module keeps running the Linears it traced: the swap below would silently do nothing
         raise InvalidInputError("quantise to FP8 before compiling: these blocks are already compiled")
@@ -216,4 +216,8 @@ def quantize_blocks_fp8(blocks: nn.Module, emulate: bool = False, calibrate: Cal
         raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "
                                 f"this model sits on {device}")
     amax = calibrate_input_amax(blocks, calibrate, keep) if calibrate is not None else None
-    return quantize_linears(blocks, keep=keep, emulate=emulate, input_amax=amax)
+    done = quantize_linears(blocks, keep=keep, emulate=emulate, input_amax=amax)
+    if not done:
+        raise InvalidInputError(f"nothing to run in FP8: no Linear of these blocks has widths that are multiples of "
+                                f"{_ALIGN}{' and was reached during calibration' if amax is not None else ''}")
+    return done
