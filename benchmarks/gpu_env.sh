@@ -8,3 +8,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD/src:$PYTHONPATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 left() { echo $(( start + $1 - $(date +%s) )); }
+# gpu_log NAME: $OUT created, $LOG=$OUT/NAME started with the GPU's name, driver, memory and top clock, and the SM
+# clock, power and temperature logged once a second to $OUT/smi.csv in the background ($smi: its pid; power-capped
+# clocks move GEMM rates).
+gpu_log() {
+  mkdir -p "$OUT"
+  LOG=$OUT/$1
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 1000 > "$OUT/smi.csv" 2>&1 &
+  smi=$!
+}

@@ -9,12 +9,7 @@
 set -o pipefail
 . benchmarks/gpu_env.sh
 OUT=${OUT:-results/gpu3}
-mkdir -p "$OUT"
-LOG=$OUT/fast3.log
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
-# the SM clock, power and temperature once a second through the whole call (power-capped clocks move GEMM rates)
-nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 1000 > "$OUT/smi.csv" 2>&1 &
-smi=$!
+gpu_log fast3.log
 timeout "$(left 50)" python3 benchmarks/triton_ops_bench.py --out "$OUT/triton_ops.json" 2>&1 | tee -a "$LOG"
 BENCH_DEADLINE=$((start + 280)) timeout "$(left 295)" python3 benchmarks/fast_inference.py --profile \
   --variants "${VARIANTS:-per-group,no-triton,fold-in}" --out "$OUT/profile.json" 2>&1 | tee -a "$LOG"

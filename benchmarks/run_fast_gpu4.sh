@@ -10,11 +10,7 @@ set -o pipefail
 : "${MODEL:?set MODEL to a pipeline folder with the bundled tokenizer}"
 . benchmarks/gpu_env.sh
 OUT=${OUT:-results/gpu4}
-mkdir -p "$OUT"
-LOG=$OUT/fast4.log
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$LOG"
-nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 1000 > "$OUT/smi.csv" 2>&1 &
-smi=$!
+gpu_log fast4.log
 BENCH_DEADLINE=$((start + 455)) timeout "$(left 470)" python3 benchmarks/fast_inference.py --out "$OUT/fast.json" \
   2>&1 | tee -a "$LOG"
 kill $smi 2>/dev/null
