@@ -180,3 +180,26 @@ def test_fp8_gemm_benchmark_tiny(tmp_path):
     for i in items:  # every form computes the same product, within FP8's precision
         assert i["bf16_rel_err"] < 0.01 and 0 < i["fp8_rowwise_rel_err"] < 0.06 and i["fp8_tensorwise_rel_err"] < 0.08
     assert (tmp_path / "f.json").is_file()
+
+
+def test_decoder_profile_benchmark_tiny(tmp_path):
+    bench = _bench("decoder_profile")
+    data = bench.main(["--tiny", "--device", "cpu", "--calls", "1", "--out", str(tmp_path / "d.json")])
+    items = {i["name"]: i for i in data["items"]}
+    assert set(items) == {"decoder bf16 b2", "decoder fp8 b2"} and all(i["status"] == "ok" for i in items.values())
+    for item in items.values():
+        shares = sum(c["share"] for c in item["categories"].values())
+        assert item["images_per_s"] > 0 and item["top"] and abs(shares - 1) < 1e-6
+    # the FP8 row ran the emulated FP8 layers (a float mm on the dequantised operands), the bf16 row nn.Linear's
+    ops = {name: {r["kernel"] for r in items[f"decoder {name} b2"]["top"]} for name in ("bf16", "fp8")}
+    assert "aten::mm" in ops["fp8"] and "aten::mm" not in ops["bf16"] and "aten::addmm" in ops["bf16"]
+
+
+def test_attention_variants_benchmark_on_a_cpu(tmp_path):
+    bench = _bench("attention_variants")
+    data = bench.main(["--device", "cpu", "--batch", "2", "--calls", "1", "--out", str(tmp_path / "a.json")])
+    ok = {i["name"]: i for i in data["items"] if i["status"] == "ok"}
+    # the CPU has only SDPA's default choice and the flash kernel of these; both match the fp32 reference
+    assert {"sdpa default, strided views", "sdpa flash, contiguous"} <= set(ok)
+    assert all(i["rel_err"] < 1e-5 and i["us"] > 0 for i in ok.values())
+    assert data["env"]["floor_bytes"] == 2 * 77 * 4 * (3 * 16 * 72 + 16 * 72)

@@ -1,0 +1,123 @@
+"""The flow's attention alone, in the ways PyTorch can run it: which is fastest over FlowTok-XL's 77 tokens?
+
+The fused DiT path (:mod:`flowtok.nn.fused_dit`) calls SDPA on strided q / k / v views of the qkv GEMM's output
+``[B * 77, 3 * 1152]`` (16 heads x 72). On one H200 that is about 10% of the flow's time and about 2.5x the
+memory floor (read q, k, v once, write the output once). Timed here with CUDA events, each variant against the
+same inputs, its output checked against the math reference:
+
+* ``sdpa cudnn, strided views``: what the fused path runs;
+* ``sdpa cudnn / flash / efficient, contiguous``: the same on [B, H, L, D] copies (the copy not timed);
+* ``sdpa cudnn, head dim padded to 80 / 128``: zero-padded channels (same result: zeros add nothing to q.k
+  and their output columns are dropped), in case a kernel shape fits better;
+* ``flex_attention``: PyTorch's compiled Triton template, if it takes this head width.
+
+    python benchmarks/attention_variants.py --out results/attention.json     # one GPU, about a minute
+    python benchmarks/attention_variants.py --device cpu --batch 2          # checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import Budget, Results, env_info, log, pick_device, sync  # noqa: E402
+
+
+def event_time_us(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Mean microseconds a call over ``calls`` back-to-back calls after two warm-ups (CUDA events; on a CPU the
+    host clock)."""
+    import time
+
+    for _ in range(2):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return 1e3 * start.elapsed_time(end) / calls
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return 1e6 * (time.perf_counter() - t0) / calls
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch", type=int, default=512, help="sequences (FlowTok-XL at batch 256 with CFG: 512)")
+    p.add_argument("--tokens", type=int, default=77)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=72)
+    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    b, n, h, d = args.batch, args.tokens, args.heads, args.head_dim
+    results = Results(args.out, env_info(device), vars(args))
+    budget = Budget(None)
+    qkv = torch.randn(b * n, 3 * h * d, device=device, dtype=dtype)
+    q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)  # each [b, h, n, d], strided
+    with torch.no_grad():
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    floor_bytes = qkv.numel() * qkv.element_size() + ref.numel() * qkv.element_size()
+    results.data["env"]["floor_bytes"] = floor_bytes
+
+    def item(name: str, fn: Callable[[], torch.Tensor], backend: SDPBackend | None = None) -> None:
+        def measure() -> dict[str, Any]:
+            def call() -> torch.Tensor:
+                if backend is None:
+                    return fn()
+                with sdpa_kernel(backend):
+                    return fn()
+
+            with torch.no_grad():
+                out = call()
+                err = float((out.float()[..., :d] - ref).norm() / ref.norm())
+                us = event_time_us(call, device, args.calls)
+            return {"us": us, "rel_err": err, "gb_s_at_floor": floor_bytes / us / 1e3}
+
+        results.run(name, measure, device, budget)
+
+    item("sdpa cudnn, strided views", lambda: F.scaled_dot_product_attention(q, k, v), SDPBackend.CUDNN_ATTENTION)
+    item("sdpa default, strided views", lambda: F.scaled_dot_product_attention(q, k, v))
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        item(f"sdpa {name}, contiguous", lambda: F.scaled_dot_product_attention(qc, kc, vc), backend)
+    for width in (80, 128):
+        if width <= d:
+            continue
+        qp, kp, vp = (F.pad(t, (0, width - d)) for t in (qc, kc, vc))
+        item(f"sdpa cudnn, head dim padded to {width}",
+             lambda qp=qp, kp=kp, vp=vp: F.scaled_dot_product_attention(qp, kp, vp, scale=d ** -0.5),
+             SDPBackend.CUDNN_ATTENTION)
+    if device.type == "cuda":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        item("flex_attention (compiled), contiguous", lambda: flex(qc, kc, vc))
+    results.save()
+    for it in results.data["items"]:
+        if it.get("status") == "ok":
+            log(f"{it['name']:<42} {it['us']:8.1f} us  {it['gb_s_at_floor']:7.0f} GB/s at the floor  "
+                f"err {it['rel_err']:.2e}")
+        else:
+            log(f"{it['name']:<42} {it.get('status')}: {it.get('error', '')[:200]}")
+    return results.data
+
+
+if __name__ == "__main__":
+    main()
