@@ -2,8 +2,8 @@
 
 The fused DiT path (:mod:`flowtok.nn.fused_dit`) calls SDPA on strided q / k / v views of the qkv GEMM's output
 ``[B * 77, 3 * 1152]`` (16 heads x 72). On one H200 that is about 10% of the flow's time and about 2.5x the
-memory floor (read q, k, v once, write the output once). Timed here with CUDA events, each variant against the
-same inputs, its output checked against the math reference:
+memory floor (read q, k, v once, write the output once). Timed here with CUDA events (the median call, by
+``fp8_gemm.timer``), each variant against the same inputs, its output checked against the math reference:
 
 * ``sdpa cudnn, strided views``: what the fused path runs;
 * ``sdpa cudnn / flash / efficient, contiguous``: the same on [B, H, L, D] copies (the copy not timed);
@@ -28,29 +28,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Budget, Results, env_info, log, pick_device, sync  # noqa: E402
-
-
-def event_time_us(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
-    """Mean microseconds a call over ``calls`` back-to-back calls after two warm-ups (CUDA events; on a CPU the
-    host clock)."""
-    import time
-
-    for _ in range(2):
-        fn()
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return 1e3 * start.elapsed_time(end) / calls
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return 1e6 * (time.perf_counter() - t0) / calls
+from common import Budget, Results, env_info, log, pick_device  # noqa: E402
+from fp8_gemm import timer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -60,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tokens", type=int, default=77)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=72)
-    p.add_argument("--calls", type=int, default=50)
+    p.add_argument("--calls", type=int, default=50, help="timed calls (median; after 2 warm-ups)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = pick_device(args.device)
@@ -86,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with torch.no_grad():
                 out = call()
                 err = float((out.float()[..., :d] - ref).norm() / ref.norm())
-                us = event_time_us(call, device, args.calls)
+                us = 1e6 * timer(device, 2, args.calls)(call)
             return {"us": us, "rel_err": err, "gb_s_at_floor": floor_bytes / us / 1e3}
 
         results.run(name, measure, device, budget)
