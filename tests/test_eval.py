@@ -414,3 +414,15 @@ def test_cli_eval_recon_bf16_and_fp8_decoder(tiny_pipeline, tmp_path, capsys):
         assert results[name]["psnr"] != results["bf16"]["psnr"]  # quantised: not the same numbers ...
         assert abs(results[name]["psnr"] - results["bf16"]["psnr"]) < 1.0  # ... but close
 
+
+
+def test_cli_eval_recon_fp8_on_a_folder_calibrates_on_the_folder(tiny_pipeline, tmp_path, monkeypatch):
+    """With --data the static FP8 scales come from the folder's images, not from shapes renders."""
+    data = shapes.export_shapes(tmp_path / "imgs", n=4, size=96)
+    monkeypatch.setattr(shapes_bench, "shapes_image_batches", lambda *a, **k: pytest.fail("calibrated on shapes"))
+    args = ["eval", "recon", "--model", str(tiny_pipeline), "--device", "cpu", "--data", str(data), "--n", "4",
+            "--no-fid", "--dtype", "bf16"]
+    assert main([*args, "--out", str(tmp_path / "bf16.json")]) == 0
+    assert main([*args, "--fp8", "--out", str(tmp_path / "fp8.json")]) == 0
+    bf16, fp8 = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("bf16", "fp8"))
+    assert fp8["psnr"] != bf16["psnr"] and abs(fp8["psnr"] - bf16["psnr"]) < 1.0

@@ -11,11 +11,15 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import atomic_write_text
 from ..errors import DataError, InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
 
 SPLIT_CHOICES = {"seen": ("train",), "held_out": ("test",), "both": ("train", "test")}
 
@@ -28,12 +32,12 @@ def load_pipeline(model: str | None, device: str | None):
     return FlowTokPipeline.from_pretrained(model, device=device)
 
 
-def load_reconstructor(model: str | None, device: str | None, dtype: str | None = None,
-                       fp8: str | None = None, calibrate_seed: int = 0, world: str = "v2"):
+def load_reconstructor(model: str | None, device: str | None, dtype: str | None = None, fp8: str | None = None,
+                       calibration: Callable[[int], Iterable[torch.Tensor]] | None = None):
     """``(reconstruct_fn, image_size, description)`` from a pipeline or a bare tokenizer folder; ``dtype``
     ("fp32" / "bf16", None: as stored) casts the tokenizer; ``fp8`` ("static" / "dynamic") quantises its decoder
-    (:meth:`~flowtok.tokenizer.ImageTokenizer.quantize_decoder_fp8`; static scales from reconstructing 32 shapes
-    renders of stream seed ``calibrate_seed``; emulated where the device has no FP8 matmuls)."""
+    (:meth:`~flowtok.tokenizer.ImageTokenizer.quantize_decoder_fp8`; emulated where the device has no FP8
+    matmuls), static scales from reconstructing the image batches ``calibration(image_size)`` yields."""
     import torch
 
     from ..pipelines import PIPELINE_FILE
@@ -51,16 +55,14 @@ def load_reconstructor(model: str | None, device: str | None, dtype: str | None 
     param = next(tok.parameters())
     if fp8 is not None:
         from ..nn.fp8 import fp8_supported
-        from ..shapes.benchmark import shapes_image_batches
-
-        size = int(tok.config.image_size)
 
         def calibrate() -> None:
-            for batch in shapes_image_batches(32, calibrate_seed, size, 32, world):
+            assert calibration is not None
+            for batch in calibration(int(tok.config.image_size)):
                 tok.reconstruct(batch.to(param.device, param.dtype))
 
         tok.quantize_decoder_fp8(emulate=not fp8_supported(param.device),
-                                 calibrate=calibrate if fp8 == "static" else None)
+                                 calibrate=calibrate if fp8 == "static" and calibration is not None else None)
 
     def reconstruct(images: torch.Tensor) -> torch.Tensor:
         # No captions for plain images: the decoder's "no text" input.
@@ -307,8 +309,14 @@ def cmd_recon(args: argparse.Namespace) -> int:
 
     if args.n < 2:
         raise InvalidInputError(f"--n must be >= 2, got {args.n}")
-    reconstruct, size, where = load_reconstructor(args.model, args.device, args.dtype, args.fp8,
-                                                  calibrate_seed=args.seed + 1, world=args.world)
+
+    def calibration(size: int) -> Iterable[torch.Tensor]:
+        """FP8 scales from 32 images: the first of --data (the images tested), else other shapes renders."""
+        if args.data:
+            return fidlib.iter_folder(args.data, size, 32, 32)
+        return benchmark.shapes_image_batches(32, args.seed + 1, size, 32, args.world)
+
+    reconstruct, size, where = load_reconstructor(args.model, args.device, args.dtype, args.fp8, calibration)
     images, source = None, None
     if args.data:
         images = fidlib.iter_folder(args.data, size, args.batch_size, args.n)
@@ -423,6 +431,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="tokenizer dtype (default: as stored)")
     p.add_argument("--fp8", nargs="?", const="static", choices=["static", "dynamic"], default=None,
                    help="the decoder's blocks in FP8 (emulated without a Hopper / Ada GPU); static (default): scales "
-                        "calibrated on 32 shapes renders of stream seed --seed + 1 (the test images use --seed); "
-                        "dynamic: per-token scales")
+                        "calibrated on 32 images: the first of --data, else shapes renders of stream seed --seed + 1 "
+                        "(the test images use --seed); dynamic: per-token scales")
     p.set_defaults(func=cmd_recon)
