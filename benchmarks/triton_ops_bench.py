@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
         for warps in (1, 2, 4, 8):
             def launch(rows_per: int = rows_per, warps: int = warps) -> None:
                 grid = ((g * r + rows_per - 1) // rows_per,)
-                triton_ops._add_layer_norm_modulate_kernel[grid](x, ps, d, shs, scs, d, y, g * r, r, d, 1e-6,
+                triton_ops._add_layer_norm_modulate_kernel[grid](x, ps, d, shs, scs, d, y, ps, g * r, r, d, 1e-6,
                                                                  MAIN=main_d, TAIL=tail, ROWS=rows_per,
-                                                                 MODULATE=True, num_warps=warps)
+                                                                 MODULATE=True, QUANT=0, num_warps=warps)
             try:
                 ms = cuda_ms(launch, iters=20)
             except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is recorded, not fatal

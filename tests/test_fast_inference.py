@@ -111,9 +111,43 @@ def test_the_epilogue_branch_computes_the_same_block(monkeypatch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_fp8_blocks_are_refused():
-    model = _flow().quantize_fp8(emulate=True)
-    with pytest.raises(InvalidInputError, match="FP8"):
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "static-inputs-only"])
+def test_fp8_blocks_run_fused_and_match_the_plain_fp8_blocks(mode, monkeypatch):
+    """Emulated FP8 (the quantised numbers, float matmuls): the fused path quantises the same inputs as the plain
+    FP8 blocks do, so it lands far closer to them than FP8 is to the float model."""
+    from flowtok.nn.fp8 import FP8Linear
+
+    model = _flow(3)
+    x, t = torch.randn(6, 8, 4), torch.tensor(0.42)
+    indicator = torch.tensor([0, 0, 0, 1, 1, 1])
+    calib_x = torch.randn(6, 8, 4)
+    with torch.no_grad():
+        ref = model(x, t.expand(6), indicator)
+        model.enable_fused_inference(min_rows=0)  # calibration must still see the Linears' inputs
+        calibrate = None if mode == "dynamic" else (lambda: model.forward_grouped(calib_x, t, (0, 1)))
+        model.quantize_fp8(emulate=True, calibrate=calibrate, output_linears=mode != "static-inputs-only")
+        layers = [m for m in model.blocks.modules() if isinstance(m, FP8Linear)]
+        assert len(layers) == (2 if mode == "static-inputs-only" else 4) * len(model.blocks)
+        assert all(m.static == (mode != "dynamic") for m in layers)
+        plain = model(x, t.expand(6), indicator)
+        calls = []
+        original = FP8Linear.matmul
+        monkeypatch.setattr(FP8Linear, "matmul", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        fused = model.forward_grouped(x, t, (0, 1))
+    assert len(calls) == len(layers)  # every FP8 Linear ran once, inside the fused blocks
+    fp8_error = _rel(plain, ref)
+    assert 1e-3 < fp8_error < 0.3  # FP8 is really on (this tiny flow has large random gates: a large error)
+    assert _rel(fused, plain) < 0.1 * fp8_error, (_rel(fused, plain), fp8_error)
+
+
+def test_blocks_the_fused_path_cannot_run_are_refused():
+    model = _flow()
+    model.blocks[1].attn.q_norm = torch.nn.LayerNorm(16)
+    with pytest.raises(InvalidInputError, match="standard blocks"):
         model.enable_fused_inference()
 
 
@@ -281,8 +315,11 @@ def test_cli_eval_t2i_fast_records_what_ran(saved_pipe, tmp_path, monkeypatch, c
     assert "fast" not in plain and fast["fast"]["fused_flow_used"] and fast["options"]["fast"]
     assert fast["accuracy"] == plain["accuracy"] and fast["protocol"] == plain["protocol"]
     capsys.readouterr()
+    # --fast and --fp8 combine now; on a CPU it is FP8 that is refused, in one line
     assert main([*args, "--fast", "--fp8", "--out", str(tmp_path / "x.json")]) == 2
-    assert "--fast and --fp8" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    err = capsys.readouterr().err
+    assert "FP8 matmuls need a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.json").exists()
     assert main(["generate", "x", "--fast", "--fp8", "--model", str(saved_pipe), "--device", "cpu"]) == 2
 
 
@@ -355,6 +392,34 @@ def test_fp8_decoder_goes_before_the_fast_path_and_keeps_the_images_close():
     assert pipe.fast is not None and pipe.fast.describe()["fp8_decoder"]
     out = _images(pipe)
     assert 0 < float((out - ref).abs().max()) < 0.1
+
+
+def test_fp8_flow_goes_before_the_fast_path_and_samples_fused():
+    from flowtok import fast as fastlib
+    from flowtok.nn.fp8 import FP8Linear
+
+    pipe = _pipeline()
+    pipe.enable_fast_inference()
+    with pytest.raises(InvalidInputError, match="before enable_fast_inference"):
+        pipe.quantize_fp8(emulate=True)
+    pipe.disable_fast_inference()
+    pipe.quantize_fp8(calibration_prompts=["yellow triangle", "red square"], emulate=True)
+    assert all(m.static for m in pipe.t2i_flow.blocks.modules() if isinstance(m, FP8Linear))
+    ref = _images(pipe)  # the plain FP8 blocks
+    calls = []
+    original = fused_dit.fused_blocks_forward
+    fused_dit.fused_blocks_forward = lambda *a: calls.append(1) or original(*a)
+    try:
+        pipe.enable_fast_inference(batch_size=2)
+        pipe.t2i_flow.fused_min_rows = 0
+        assert pipe.fast is not None and pipe.fast.describe()["fp8_flow"]
+        assert fastlib.FastTextToImage.describe(pipe.fast)["fused_flow"]
+        out = _images(pipe)
+    finally:
+        fused_dit.fused_blocks_forward = original
+        pipe.disable_fast_inference()
+    assert len(calls) == 2 * 2  # 2 chunks x 2 steps, all fused
+    assert float((out - ref).abs().max()) < 0.05
 
 
 def test_cli_fp8_decoder_needs_an_fp8_gpu(saved_pipe, tmp_path, capsys):

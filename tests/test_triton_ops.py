@@ -106,3 +106,96 @@ def test_fused_flow_through_the_kernels_equals_the_plain_blocks():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         print("OK")
     """)
+
+
+def test_layer_norm_kernel_writes_the_fp8_input_of_the_next_gemm():
+    """Static and per-row e4m3 output, against the PyTorch quantisers. The kernel rounds to the e4m3 grid itself
+    (the interpreter's own cast truncates), so the bytes are PyTorch's up to the LayerNorm's fp32 rounding: an
+    element may sit one e4m3 step away where y / scale lies within that rounding of a tie."""
+    _interpreted("""
+        import torch
+        import torch.nn.functional as F
+        from flowtok.nn import triton_ops as T
+        from flowtok.nn.fp8 import E4M3_MAX, quantize_rows, to_e4m3
+
+        def check(q, ref):
+            q, ref = q.float(), ref.float()
+            step = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp(min=2 ** -6))) - 3)
+            assert ((q - ref).abs() <= step).all()
+            assert float((q == ref).float().mean()) > 0.999, float((q == ref).float().mean())
+
+        assert T.available_fp8(torch.zeros(1))
+        torch.manual_seed(0)
+        for groups, rows, d in [(2, 37, 96), (1, 5, 40), (3, 11, 1152)]:
+            x = 3 * torch.randn(groups, rows, d) + 1
+            pending = torch.randn(groups, 1, d)
+            shift, scale = torch.randn(groups, 1, 4 * d)[..., d:3 * d].chunk(2, dim=-1)
+            y = F.layer_norm(x + pending, (d,), eps=1e-6) * (1 + scale) + shift
+            static = torch.tensor(float(y.abs().amax()) / 2 / E4M3_MAX)  # half the range: some values saturate
+            q, s = T.add_layer_norm_modulate_fp8(x, pending, shift, scale, 1e-6, static)
+            assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and float(s) == float(static)
+            assert float(q.float().abs().max()) == E4M3_MAX
+            check(q, to_e4m3(y, static))
+            q, s = T.add_layer_norm_modulate_fp8(x, pending, shift, scale, 1e-6, None)
+            ref_q, ref_s = quantize_rows(y.reshape(-1, d))
+            assert s.shape == (groups * rows, 1)
+            torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=0)
+            check(q.reshape(-1, d), ref_q)
+        print("OK")
+    """)
+
+
+def test_fused_fp8_flow_through_the_kernels_is_close_to_the_plain_fp8_blocks():
+    _interpreted("""
+        import torch
+        from flowtok.flow import FLOW_PRESETS, FlowTransformer
+        from flowtok.nn import triton_ops
+
+        torch.manual_seed(0)
+        model = FlowTransformer(FLOW_PRESETS["tiny"]).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        x, t = torch.randn(6, 8, 4), torch.tensor(0.37)
+        rel = lambda a, b: float((a - b).norm() / b.norm())
+        with torch.no_grad():
+            ref = model(x, t.expand(6), torch.tensor([0, 0, 0, 1, 1, 1]))
+            model.quantize_fp8(emulate=True, calibrate=lambda: model(x, t.expand(6), torch.tensor([0] * 6)))
+            plain = model(x, t.expand(6), torch.tensor([0, 0, 0, 1, 1, 1]))
+            calls = []
+            fn = triton_ops.add_layer_norm_modulate_fp8
+            triton_ops.add_layer_norm_modulate_fp8 = lambda *a: calls.append(1) or fn(*a)
+            model.enable_fused_inference(min_rows=0)
+            out = model.forward_grouped(x, t, (0, 1))
+        assert len(calls) == 2 * model.config.depth  # qkv's and fc1's inputs came out of the kernel in e4m3
+        assert rel(out, plain) < 0.1 * rel(plain, ref), (rel(out, plain), rel(plain, ref))
+        print("OK")
+    """)
+
+
+def test_the_e4m3_rounding_matches_pytorchs_cast_on_ties_subnormals_and_the_range_end():
+    _interpreted("""
+        import torch
+        import triton
+        import triton.language as tl
+        from flowtok.nn import triton_ops as T
+
+        @triton.jit
+        def grid_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+            tl.store(y_ptr + offs, T._e4m3_grid(v), mask=offs < n)
+
+        grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        grid = grid[grid.isfinite()].unique()
+        mids = (grid[1:] + grid[:-1]) / 2  # exact ties between neighbours: to even
+        near = torch.cat([mids * (1 + 2 ** -20), mids * (1 - 2 ** -20)])
+        x = torch.cat([grid, mids, near, torch.tensor([0.0, -0.0, 2 ** -10, 2 ** -9 * 0.5]),
+                       torch.empty(10000).uniform_(-448, 448), torch.randn(10000) * 0.01])
+        y = torch.empty_like(x)
+        grid_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+        ref = x.to(torch.float8_e4m3fn).float()
+        bad = y != ref
+        assert not bad.any(), torch.stack([x[bad], y[bad], ref[bad]], 1)[:8]
+        print("OK")
+    """)

@@ -70,13 +70,6 @@ def _pipeline(args: argparse.Namespace):
     return pipe
 
 
-def check_fast(args: argparse.Namespace) -> None:
-    """``--fast`` with ``--fp8``: refused before the model loads (the fused path needs the plain blocks)."""
-    if getattr(args, "fast", False) and getattr(args, "fp8", None):
-        raise InvalidInputError("--fast and --fp8 do not combine: the fused flow path needs the plain "
-                                "bf16/fp32 blocks; use one of them")
-
-
 def enable_fast(pipe, batch_size: int) -> None:
     """``--fast``: :meth:`FlowTokPipeline.enable_fast_inference` with one CUDA graph per ``batch_size``
     (shorter batches are padded). On a CPU (or MPS) nothing is compiled or captured: only the fused flow
@@ -127,7 +120,6 @@ def _generate(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--steps must be at least 1, got {args.steps}")
     if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise InvalidInputError(f"output file must end in .png, .jpg or .webp: {args.output}")
-    check_fast(args)
     pipe = _pipeline(args)
     if args.fast:
         enable_fast(pipe, min(args.n, args.batch_size))
@@ -151,7 +143,6 @@ def _generate_from_file(args: argparse.Namespace) -> int:
     next(iter_prompts(args.prompts_file), None)  # a missing file fails before the model loads
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    check_fast(args)
     pipe = _pipeline(args)
     if args.fast:
         enable_fast(pipe, args.batch_size)
@@ -323,8 +314,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--fp8", nargs="?", const="static", choices=["static", "dynamic"], default=None,
-                   help="FP8 flow transformers (needs a Hopper / Ada GPU); static (default): scales calibrated "
-                        "on this run's inputs, one extra pass; dynamic: per-token scales, slower")
+                   help="FP8 flow transformers (needs a Hopper / Ada GPU; combines with --fast, whose fused flow path "
+                        "then runs FP8); static (default): scales calibrated on this run's inputs, one extra "
+                        "pass; dynamic: per-token scales, slower")
 
 
 FAST_HELP = ("the fast path (pipe.enable_fast_inference): on a CUDA GPU compiled flow and decoder blocks, the fused "

@@ -93,9 +93,12 @@ class FastTextToImage:
         """What this engine turned on, for a results record."""
         from .nn.fp8 import FP8Linear
 
-        fp8_decoder = any(isinstance(m, FP8Linear) for m in self.pipe.image_tokenizer.decoder.blocks.modules())
+        def fp8(root: nn.Module) -> bool:
+            return any(isinstance(m, FP8Linear) for m in root.modules())
+
         return {"compile": self.compile, "cuda_graph": self.cuda_graph, "fused_flow": self._fused,
-                "fp8_decoder": fp8_decoder,
+                "fp8_flow": fp8(cast(nn.Module, cast(nn.Module, self.pipe.t2i_flow).blocks)),
+                "fp8_decoder": fp8(self.pipe.image_tokenizer.decoder.blocks),
                 "fused_min_rows": self.fused_min_rows if self._fused else None,
                 "fused_min_batch": self.fused_min_batch(), "batch_size": self.batch_size,
                 "text_encoder_in_graph": self.text_encoder_in_graph if self.cuda_graph else None}

@@ -255,26 +255,31 @@ class FlowTokPipeline:
 
     def quantize_fp8(self, calibration_prompts: str | list[str] | None = None,
                      calibration_images: ImageInput | list[ImageInput] | None = None,
-                     emulate: bool = False) -> FlowTokPipeline:
+                     emulate: bool = False, output_linears: bool = True) -> FlowTokPipeline:
         """Run both flow transformers in FP8 on a Hopper / Ada GPU (:meth:`FlowTransformer.quantize_fp8`);
         the tokenizer, projector and text decoder keep their dtype. Inference only: the pipeline can no
-        longer be saved. Raises on a device without FP8 matmuls. Returns self.
+        longer be saved. Raises on a device without FP8 matmuls. Call it before :meth:`enable_fast_inference`,
+        which then samples the FP8 flow through the fused path. ``output_linears=False``: only qkv and fc1 in
+        FP8. Returns self.
 
         Static scales: the text-to-image flow's are measured while generating ``calibration_prompts``, the
         image-to-text flow's while captioning ``calibration_images`` (or else the images just generated
         from the prompts). A flow with nothing to calibrate on scales its inputs per token on the fly. ``emulate=True``
         computes the same quantised numbers with float matmuls on any device (a numerics check, slow).
         """
+        if self.fast is not None:
+            raise InvalidInputError("quantize the flows before enable_fast_inference(): the fast path has "
+                                    "compiled and captured the bf16 flow")
         prompts = check_prompts(calibration_prompts) if calibration_prompts is not None else None
         made: dict[str, Any] = {}
         if self.t2i_flow is not None:
             run = None if prompts is None else (
                 lambda: made.setdefault("images", self.text_to_image(prompts, output_type="pt")))
-            self.t2i_flow.quantize_fp8(emulate=emulate, calibrate=run)
+            self.t2i_flow.quantize_fp8(emulate=emulate, calibrate=run, output_linears=output_linears)
         if self.i2t_flow is not None:
             images = calibration_images if calibration_images is not None else made.get("images")
             run = None if images is None or self.text_decoder is None else (lambda: self.image_to_text(images))
-            self.i2t_flow.quantize_fp8(emulate=emulate, calibrate=run)
+            self.i2t_flow.quantize_fp8(emulate=emulate, calibrate=run, output_linears=output_linears)
         return self
 
     def quantize_decoder_fp8(self, calibration_prompts: str | list[str] | None = None,

@@ -177,7 +177,7 @@ def folder_reference(extractor, ref_dir: str, n: int, batch_size: int):
 def cmd_t2i(args: argparse.Namespace) -> int:
     import torch
 
-    from ..commands import check_fast, enable_fast
+    from ..commands import enable_fast
     from ..shapes import benchmark
 
     objects, splits = _groups(args)
@@ -185,7 +185,6 @@ def cmd_t2i(args: argparse.Namespace) -> int:
         raise InvalidInputError("--n and --fid-n must be >= 0")
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    check_fast(args)
     pipe = load_pipeline(args.model, args.device)
     if args.fp8:
         _quantize_fp8(pipe, args.fp8, args.seed)

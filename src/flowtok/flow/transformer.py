@@ -160,25 +160,36 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         compile_regions(self.blocks, **{"fullgraph": True, **compile_kwargs})
         return self
 
-    def quantize_fp8(self, emulate: bool = False, calibrate: Callable[[], Any] | None = None) -> FlowTransformer:
+    def quantize_fp8(self, emulate: bool = False, calibrate: Callable[[], Any] | None = None,
+                     output_linears: bool = True) -> FlowTransformer:
         """FP8 inference on Hopper / Ada GPUs: the blocks' attention and MLP Linears become
         :class:`flowtok.nn.fp8.FP8Linear`. The adaLN modulation, the embedders and the final layer keep
-        their dtype: they are a sliver of the FLOPs and set every scale and gate.
+        their dtype: they are a sliver of the FLOPs and set every scale and gate. ``output_linears=False``
+        keeps the output Linears (attention ``proj``, MLP ``fc2``) in their dtype too: only qkv and fc1, whose
+        inputs the fused path's LayerNorm writes in e4m3 at no cost, are quantised.
 
         Without ``calibrate``: e4m3 weights with per-channel scales, inputs quantised per token on the fly.
         With ``calibrate``, a callable that runs this model on representative inputs (a few sampling calls
         on real prompts, say): each layer's largest input is recorded and becomes a static per-tensor
         scale, which makes input quantisation a fusable cast and the GEMMs cuBLAS's fast tensorwise ones.
         In place, inference only (no backward, no ``save_pretrained`` afterwards); call it before
-        :meth:`compile_blocks`. ``emulate=True`` computes the same quantised numbers with float matmuls on
-        any device, to check the numerics. Returns self.
+        :meth:`compile_blocks`. The fused path (:meth:`enable_fused_inference`) runs FP8 blocks too.
+        ``emulate=True`` computes the same quantised numbers with float matmuls on any device, to check the
+        numerics. Returns self.
         """
         from ..nn.fp8 import quantize_blocks_fp8
 
         def keep(name: str, _layer: nn.Module) -> bool:
+            if not output_linears and name.endswith(("attn.proj", "mlp.fc2")):
+                return True
             return "adaLN_modulation" in name
 
-        quantize_blocks_fp8(self.blocks, emulate=emulate, calibrate=calibrate, keep=keep)
+        min_rows = self.fused_min_rows
+        self.fused_min_rows = None  # calibration hooks see the Linears' inputs only on the plain path
+        try:
+            quantize_blocks_fp8(self.blocks, emulate=emulate, calibrate=calibrate, keep=keep)
+        finally:
+            self.fused_min_rows = min_rows
         return self.requires_grad_(False)
 
     def enable_fused_inference(self, min_rows: int = 4096) -> FlowTransformer:
@@ -188,11 +199,13 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         samplers (:meth:`forward_grouped`) when each group of samples that share the condition has at least
         ``min_rows`` tokens (batch x num_tokens); below that, folding the gates costs more than it saves and the
         plain (or compiled) blocks run. Training and :meth:`forward` are
-        unchanged. Not with FP8 blocks. Returns self."""
+        unchanged. FP8 blocks (:meth:`quantize_fp8`) run fused too: the LayerNorm pass writes qkv's and fc1's
+        input in e4m3 and the gates scale the FP8 output GEMMs' products in the residual add. Returns self."""
         from ..nn.fused_dit import fused_block_supported
 
         if not all(fused_block_supported(cast(DiTBlock, b)) for b in self.blocks):
-            raise InvalidInputError("fused inference needs the plain bf16/fp32 blocks (not FP8-quantised ones)")
+            raise InvalidInputError("fused inference needs the standard blocks: plain or FP8 Linears, tanh-GELU MLP, "
+                                    "no q/k norm")
         if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 0:
             raise InvalidInputError(f"min_rows must be a non-negative integer, got {min_rows!r}")
         self.fused_min_rows = min_rows

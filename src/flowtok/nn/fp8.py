@@ -117,30 +117,37 @@ class FP8Linear(nn.Module):
         mode = "static per-tensor scales" if self.static else "rowwise scales"
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3, {mode}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        rows = x2.shape[0]
+    def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``x [M, in]`` -> (e4m3 ``[M, in]``, float32 scale): the static per-tensor scale, or one per row."""
+        if self.input_scale is not None:
+            return to_e4m3(x, self.input_scale), self.input_scale
+        return quantize_rows(x)
+
+    def matmul(self, q: torch.Tensor, scale: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``(q * scale) @ W^T (+ b)`` in bf16 for an input already quantised (:meth:`quantize_input`, or a fused
+        kernel that writes e4m3 with the same scales): ``q [M, in]`` e4m3, ``scale`` a scalar or ``[M, 1]``.
+        The bias, unless ``bias=False``, is added before the bf16 rounding (in the GEMM's epilogue on a GPU)."""
+        rows = q.shape[0]
         pad = -rows % _ALIGN
         if pad:
-            x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
-        if self.input_scale is not None:  # static per-tensor scales
-            scale = self.input_scale
-            q = to_e4m3(x2, scale)
-        else:
-            q, scale = quantize_rows(x2)
-        # the bias is added before the result is rounded to bf16: in the GEMM's epilogue on a GPU
+            q = torch.nn.functional.pad(q.view(torch.uint8), (0, 0, 0, pad)).view(q.dtype)
+            if scale.dim():
+                scale = torch.nn.functional.pad(scale, (0, 0, 0, pad), value=1.0)
+        b = self.bias if bias else None
         if self.emulate:
             w = self.weight_fp8.float() * (self.weight_scale if self.static else self.weight_scale.t())
             y = (q.float() * scale) @ w.t()
-            y = (y if self.bias is None else y + self.bias).to(torch.bfloat16)
+            y = (y if b is None else y + b).to(torch.bfloat16)
         else:
-            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
-            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale, bias=bias,
-                                 out_dtype=torch.bfloat16, use_fast_accum=self.static)
-        if pad:
-            y = y[:rows]
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+            y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                                 bias=None if b is None else b.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                                 use_fast_accum=self.static)
+        return y[:rows] if pad else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        q, scale = self.quantize_input(x.reshape(-1, self.in_features))
+        return self.matmul(q, scale).to(x.dtype).reshape(*lead, self.out_features)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,12 +42,12 @@ from torch import nn
 
 from . import triton_ops
 from .dit import DiTBlock, FinalLayer
+from .fp8 import FP8Linear, fp8_supported, quantize_rows, to_e4m3
 
 log = logging.getLogger(__name__)
 
 _GELU_EPILOGUE: dict[tuple[str, torch.dtype], bool] = {}
-_MODULATED_LN: dict[str, Callable[..., torch.Tensor] | None] = {}
-
+_COMPILED: dict[tuple[str, str], Callable[..., Any] | None] = {}
 
 @torch.no_grad()
 def gelu_epilogue_is_tanh(device: torch.device, dtype: torch.dtype) -> bool:
@@ -86,6 +86,29 @@ def _modulated_layer_norm_eager(x: torch.Tensor, pending: torch.Tensor, shift: t
     return F.layer_norm(x + pending, x.shape[-1:], eps=eps) * (1 + scale) + shift
 
 
+def _run_compiled(fn: Callable[..., Any], *args: Any, fp8: bool = False) -> Any:
+    """``fn(*args)`` through one ``torch.compile``-d copy of ``fn`` per device type on CUDA (a GPU with FP8 matmuls
+    if ``fp8``: an e4m3 cast is compiled only where the hardware has it); eagerly elsewhere, or once compiling
+    has failed."""
+    x = args[0]
+    key = (fn.__name__, x.device.type)
+    if key not in _COMPILED:
+        _COMPILED[key] = None
+        if x.is_cuda and (not fp8 or fp8_supported(x.device)):
+            try:
+                _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True)
+            except Exception as exc:  # noqa: BLE001 - no inductor here: the eager passes are still right
+                log.warning("%s not compiled (%s); using eager passes", fn.__name__, exc)
+    compiled = _COMPILED[key]
+    if compiled is not None:
+        try:
+            return compiled(*args)
+        except Exception as exc:  # noqa: BLE001 - a compile failure must not break sampling
+            log.warning("compiled %s failed (%s: %s); using eager passes", fn.__name__, type(exc).__name__, exc)
+            _COMPILED[key] = None
+    return fn(*args)
+
+
 def modulated_layer_norm(x: torch.Tensor, pending: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                          eps: float) -> torch.Tensor:
     """``LayerNorm(x + pending) * (1 + scale) + shift`` without LayerNorm affine; x ``[G, R, D]``, pending
@@ -94,23 +117,47 @@ def modulated_layer_norm(x: torch.Tensor, pending: torch.Tensor, shift: torch.Te
     elsewhere, or if compiling fails, eager passes."""
     if triton_ops.available(x):
         return triton_ops.add_layer_norm_modulate(x, pending, shift, scale, eps)
-    kind = x.device.type
-    if kind not in _MODULATED_LN:
-        _MODULATED_LN[kind] = None
-        if kind == "cuda":
-            try:
-                _MODULATED_LN[kind] = torch.compile(_modulated_layer_norm_eager, dynamic=False, fullgraph=True)
-            except Exception as exc:  # noqa: BLE001 - no inductor here: the eager passes are still right
-                log.warning("LayerNorm + modulate not compiled (%s); using eager passes", exc)
-    fn = _MODULATED_LN[kind]
-    if fn is not None:
-        try:
-            return fn(x, pending, shift, scale, eps)
-        except Exception as exc:  # noqa: BLE001 - a compile failure must not break sampling
-            log.warning("compiled LayerNorm + modulate failed (%s: %s); using eager passes",
-                        type(exc).__name__, exc)
-            _MODULATED_LN[kind] = None
-    return _modulated_layer_norm_eager(x, pending, shift, scale, eps)
+    return cast(torch.Tensor, _run_compiled(_modulated_layer_norm_eager, x, pending, shift, scale, eps))
+
+
+# An FP8 Linear's input: e4m3 rows and their scale (a scalar, or one per row), as FP8Linear.matmul takes them.
+Quantized = tuple[torch.Tensor, torch.Tensor]
+
+
+def _quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return to_e4m3(x, scale)
+
+
+def _gelu_quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return to_e4m3(F.gelu(x, approximate="tanh"), scale)
+
+
+def _gelu_quantize_rows(x: torch.Tensor) -> Quantized:
+    return quantize_rows(F.gelu(x, approximate="tanh"))
+
+
+def _quantize_for(layer: FP8Linear, x: torch.Tensor, gelu: bool = False) -> Quantized:
+    """Rows ``x [M, in]`` (after a tanh-GELU if ``gelu``) quantised as ``layer`` quantises its input: one pass."""
+    if layer.input_scale is not None:
+        fn = _gelu_quantize_static if gelu else _quantize_static
+        return _run_compiled(fn, x, layer.input_scale, fp8=True), layer.input_scale
+    if gelu:
+        return cast(Quantized, _run_compiled(_gelu_quantize_rows, x, fp8=True))
+    return cast(Quantized, _run_compiled(quantize_rows, x, fp8=True))
+
+
+def _modulated_input(layer: nn.Module, x: torch.Tensor, pending: torch.Tensor, shift: torch.Tensor,
+                     scale: torch.Tensor, eps: float) -> torch.Tensor | Quantized:
+    """The input of ``layer`` (qkv or fc1) from the stream: the modulated LayerNorm as rows ``[G * R, D]``, in
+    e4m3 with its scale if ``layer`` is an :class:`FP8Linear` (written so by the LayerNorm kernel where Triton
+    runs FP8; else quantised in a pass of its own)."""
+    d = x.shape[-1]
+    if isinstance(layer, FP8Linear):
+        if triton_ops.available_fp8(x):
+            q, q_scale = triton_ops.add_layer_norm_modulate_fp8(x, pending, shift, scale, eps, layer.input_scale)
+            return q.view(-1, d), q_scale
+        return _quantize_for(layer, modulated_layer_norm(x, pending, shift, scale, eps).view(-1, d))
+    return modulated_layer_norm(x, pending, shift, scale, eps).view(-1, d)
 
 
 def _linear(module: nn.Module) -> nn.Linear:
@@ -143,28 +190,51 @@ def _accumulate(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
     x.baddbmm_(a, w.transpose(1, 2))
 
 
+def _output(layer: nn.Module, x: torch.Tensor, a: torch.Tensor | Quantized, gate: torch.Tensor,
+            pending: torch.Tensor) -> torch.Tensor:
+    """``x += gate_g * (a @ W^T + b)`` for an output Linear (proj, fc2) with ``a`` its input rows (quantised for
+    an :class:`FP8Linear`); returns the pending bias vector. A plain Linear takes the gate folded into its weight
+    and ``x`` as the GEMM's accumulator, and moves its gated bias into the pending vector; an FP8 one adds its
+    bias in the GEMM's epilogue, as the plain FP8 block does, and scales the product by the gate in the residual
+    add (one pass: ``_scaled_mm`` has no accumulator)."""
+    groups, rows, d = x.shape
+    if isinstance(layer, FP8Linear):
+        q, q_scale = cast(Quantized, a)
+        y = layer.matmul(q, q_scale).view(groups, rows, d)
+        x.addcmul_(y.to(x.dtype), gate.unsqueeze(1))
+        return pending
+    w, after = _fold_out(_linear(layer), gate, pending)
+    _accumulate(x, cast(torch.Tensor, a).view(groups, rows, -1), w)
+    return after
+
+
 def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
            epilogue: bool) -> torch.Tensor:
     """One block on the stream ``x [G, R, D]`` (updated in place) with its adaLN output ``mod [G, 6 D]``; returns the
-    new pending bias [G, 1, D]."""
+    new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp
-    qkv_l, proj_l, fc1_l, fc2_l = (_linear(m) for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2))
-    w_proj, after_attn = _fold_out(proj_l, gate_msa, pending)
-    w_fc2, after_mlp = _fold_out(fc2_l, gate_mlp, after_attn)
 
-    h = modulated_layer_norm(x, pending, shift_msa, scale_msa, block.norm1.eps).view(groups * rows, d)
-    qkv = qkv_l(h)
+    h = _modulated_input(attn.qkv, x, pending, shift_msa, scale_msa, block.norm1.eps)
+    qkv = attn.qkv.matmul(*h).to(x.dtype) if isinstance(attn.qkv, FP8Linear) else attn.qkv(h)
     heads = attn.num_heads
     q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups, rows, d)
-    _accumulate(x, o, w_proj)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups * rows, d)
+    after_attn = _output(attn.proj, x, _quantize_for(attn.proj, o) if isinstance(attn.proj, FP8Linear) else o,
+                         gate_msa, pending)
 
-    h = modulated_layer_norm(x, after_attn, shift_mlp, scale_mlp, block.norm2.eps).view(groups * rows, d)
-    hidden = _gemm_gelu(h, fc1_l, epilogue).view(groups, rows, -1)
-    _accumulate(x, hidden, w_fc2)
-    return after_mlp
+    h = _modulated_input(mlp.fc1, x, after_attn, shift_mlp, scale_mlp, block.norm2.eps)
+    hidden: torch.Tensor | Quantized
+    if isinstance(mlp.fc1, FP8Linear):  # bias in the FP8 GEMM's epilogue; GELU (and fc2's quantisation) after it
+        pre = mlp.fc1.matmul(*h).to(x.dtype)
+        hidden = _quantize_for(mlp.fc2, pre, gelu=True) if isinstance(mlp.fc2, FP8Linear) \
+            else torch.ops.aten.gelu_(pre, approximate="tanh")
+    else:
+        hidden = _gemm_gelu(cast(torch.Tensor, h), _linear(mlp.fc1), epilogue)
+        if isinstance(mlp.fc2, FP8Linear):
+            hidden = _quantize_for(mlp.fc2, hidden)
+    return _output(mlp.fc2, x, hidden, gate_mlp, after_attn)
 
 
 def _modulation(module: nn.Module, silu_cond: torch.Tensor) -> torch.Tensor:
@@ -174,9 +244,11 @@ def _modulation(module: nn.Module, silu_cond: torch.Tensor) -> torch.Tensor:
 
 
 def fused_block_supported(block: DiTBlock) -> bool:
-    """Plain Linears (not FP8 or other replacements) and the tanh-GELU MLP: what the fold assumes."""
-    linears = (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2, block.adaLN_modulation[1])
-    return all(type(m) is nn.Linear for m in linears) and block.mlp.approximate == "tanh" \
+    """Plain or FP8 Linears (:class:`flowtok.nn.fp8.FP8Linear`, static or per-row scales) in attention and MLP,
+    a plain adaLN Linear, and the tanh-GELU MLP: what the fold assumes."""
+    linears = (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)
+    return all(type(m) in (nn.Linear, FP8Linear) for m in linears) \
+        and type(block.adaLN_modulation[1]) is nn.Linear and block.mlp.approximate == "tanh" \
         and isinstance(block.adaLN_modulation[0], nn.SiLU) and len(block.adaLN_modulation) == 2 \
         and isinstance(block.attn.q_norm, nn.Identity) and isinstance(block.attn.k_norm, nn.Identity)
 
@@ -198,7 +270,7 @@ def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torc
     for block in blocks:
         blk = cast(DiTBlock, block)
         if not fused_block_supported(blk):
-            raise ValueError("the fused path needs plain Linears and the tanh-GELU MLP (not an FP8 or other block)")
+            raise ValueError("the fused path needs plain or FP8 Linears and the tanh-GELU MLP")
         pending = _block(blk, x, pending, _modulation(blk.adaLN_modulation, silu_cond), batch, epilogue)
     shift, scale = _modulation(final_layer.adaLN_modulation, silu_cond).chunk(2, dim=1)
     y = modulated_layer_norm(x, pending, shift, scale, final_layer.norm_final.eps).view(groups * batch * n, d)

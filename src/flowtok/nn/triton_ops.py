@@ -6,6 +6,8 @@ Two kernels that PyTorch's own run below the GPU's bandwidth, or in more passes 
   ``x [G, R, D]`` and one ``pending`` / ``shift`` / ``scale`` row per group ``g``: one read of ``x`` and one
   write, statistics and modulation in fp32, one rounding to the output dtype. (On an H200 the compiled
   inductor kernel for ``LayerNorm(x + pending)`` alone moved about 1 TB/s at FlowTok-XL's D = 1152.)
+  :func:`add_layer_norm_modulate_fp8` writes the same in e4m3 for an FP8 GEMM (a static scale, or one per row
+  from the row's amax), so that quantising the GEMM's input costs no pass of its own.
 * :func:`fold_gate`: ``diag(gate[g]) @ w``, the adaLN gate folded into an output Linear's rows for every group
   at once (``w`` read once, written ``G`` times), and the gated bias added to the groups' pending vectors.
 
@@ -39,14 +41,36 @@ def available(x: torch.Tensor) -> bool:
     return x.is_cuda or (INTERPRET and x.device.type == "cpu")
 
 
+def available_fp8(x: torch.Tensor) -> bool:
+    """Whether ``x`` can go through the kernels that write e4m3: :func:`available`, on a GPU that has FP8 (compute
+    capability 8.9 or newer) or under the interpreter."""
+    if not available(x):
+        return False
+    return not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
 if triton is not None:
 
     @triton.jit
+    def _e4m3_grid(v):
+        # v (fp32, already within +-448) rounded to the nearest e4m3 value, ties to even, still in fp32: the cast
+        # that follows is then exact, so a GPU and the interpreter (whose own e4m3 cast truncates) store the same
+        # byte. Step of v's binade: 2^(e - 3) for 3 mantissa bits, e from the exponent bits, subnormals below
+        # 2^-6; v / step < 2^5, so adding and subtracting 1.5 * 2^23 rounds it to an integer, ties to even.
+        e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        step = (((tl.maximum(e, -6) - 3) + 127) << 23).to(tl.float32, bitcast=True)
+        magic = 12582912.0
+        return ((v / step + magic) - magic) * step
+
+    @triton.jit
     def _add_layer_norm_modulate_kernel(x_ptr, pending_ptr, pending_stride, shift_ptr, scale_ptr, mod_stride, y_ptr,
-                                        n_rows, rows_per_group, d, eps, MAIN: tl.constexpr, TAIL: tl.constexpr,
-                                        ROWS: tl.constexpr, MODULATE: tl.constexpr):
+                                        q_scale_ptr, n_rows, rows_per_group, d, eps, MAIN: tl.constexpr,
+                                        TAIL: tl.constexpr, ROWS: tl.constexpr, MODULATE: tl.constexpr,
+                                        QUANT: tl.constexpr):
         # A row's d columns are read as a power-of-two MAIN part and a TAIL part (d = 1152: 1024 + 128), so that no
         # lane of a program idles on masked-off columns, as it would in one block of next_power_of_2(d).
+        # QUANT: 0 stores y; 1 stores y / q_scale[0] in e4m3 (a static scale); 2 stores y / s_row in e4m3 with
+        # s_row = amax(|y_row|) / 448, written to q_scale[row]. Both saturate at +-448.
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = (rows < n_rows)[:, None]
         base = rows.to(tl.int64)[:, None] * d
@@ -72,12 +96,31 @@ if triton is not None:
         if MODULATE:
             y0 = y0 * (1.0 + tl.load(scale_ptr + group * mod_stride + c0, mask=row_ok, other=0.0).to(tl.float32)) \
                 + tl.load(shift_ptr + group * mod_stride + c0, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + base + c0, y0.to(y_ptr.dtype.element_ty), mask=row_ok)
         if TAIL > 0:
             y1 = x1 * rstd
             if MODULATE:
                 y1 = y1 * (1.0 + tl.load(scale_ptr + group * mod_stride + c1, mask=m1, other=0.0).to(tl.float32)) \
                     + tl.load(shift_ptr + group * mod_stride + c1, mask=m1, other=0.0).to(tl.float32)
+        if QUANT == 1:
+            q_scale = tl.load(q_scale_ptr).to(tl.float32)
+            y0 = tl.minimum(tl.maximum(y0 / q_scale, -448.0), 448.0)
+            if TAIL > 0:
+                y1 = tl.minimum(tl.maximum(y1 / q_scale, -448.0), 448.0)
+        if QUANT == 2:
+            amax = tl.max(tl.where(row_ok, tl.abs(y0), 0.0), axis=1)
+            if TAIL > 0:
+                amax = tl.maximum(amax, tl.max(tl.where(m1, tl.abs(y1), 0.0), axis=1))
+            row_scale = tl.maximum(amax, 1e-12) / 448.0
+            tl.store(q_scale_ptr + rows, row_scale, mask=rows < n_rows)
+            y0 = tl.minimum(tl.maximum(y0 / row_scale[:, None], -448.0), 448.0)
+            if TAIL > 0:
+                y1 = tl.minimum(tl.maximum(y1 / row_scale[:, None], -448.0), 448.0)
+        if QUANT > 0:
+            y0 = _e4m3_grid(y0)
+            if TAIL > 0:
+                y1 = _e4m3_grid(y1)
+        tl.store(y_ptr + base + c0, y0.to(y_ptr.dtype.element_ty), mask=row_ok)
+        if TAIL > 0:
             tl.store(y_ptr + base + c1, y1.to(y_ptr.dtype.element_ty), mask=m1)
 
     @triton.jit
@@ -127,6 +170,30 @@ def add_layer_norm_modulate(x: torch.Tensor, pending: torch.Tensor, shift: torch
     """``LayerNorm(x + pending) * (1 + scale) + shift`` (no affine) over ``x [G, R, D]`` with ``pending``,
     ``shift`` and ``scale`` one row per group (``[G, D]`` or ``[G, 1, D]``, any row stride; ``shift`` / ``scale``
     None: no modulation). Returns a new ``[G, R, D]`` tensor of ``x``'s dtype. Needs :func:`available`."""
+    y = torch.empty_like(x)
+    _layer_norm(x, pending, shift, scale, eps, y, None, 0)
+    return y
+
+
+def add_layer_norm_modulate_fp8(x: torch.Tensor, pending: torch.Tensor, shift: torch.Tensor | None,
+                                scale: torch.Tensor | None, eps: float,
+                                input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`add_layer_norm_modulate` written as the FP8 input of the next GEMM, in the same pass:
+    ``(e4m3 [G, R, D], scale)`` with ``y ~= e4m3 * scale``, saturating at +-448. ``input_scale`` a float32 scalar
+    tensor: that static scale (returned as is); None: one scale per row, ``amax(|y_row|) / 448`` (``[G * R, 1]``,
+    what :func:`flowtok.nn.fp8.quantize_rows` computes). Needs :func:`available`."""
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    if input_scale is None:
+        q_scale = torch.empty(x.shape[0] * x.shape[1], 1, dtype=torch.float32, device=x.device)
+        _layer_norm(x, pending, shift, scale, eps, y, q_scale, 2)
+    else:
+        q_scale = input_scale.reshape(()).float()
+        _layer_norm(x, pending, shift, scale, eps, y, q_scale, 1)
+    return y, q_scale
+
+
+def _layer_norm(x: torch.Tensor, pending: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None,
+                eps: float, y: torch.Tensor, q_scale: torch.Tensor | None, quant: int) -> None:
     groups, rows, d = x.shape
     x = x.contiguous()
     pending_t, pending_stride = _row_stride(pending, groups, d)
@@ -139,16 +206,15 @@ def add_layer_norm_modulate(x: torch.Tensor, pending: torch.Tensor, shift: torch
     else:
         shift_t = scale_t = pending_t
         mod_stride = pending_stride
-    y = torch.empty_like(x)
     n_rows = groups * rows
     if n_rows == 0:
-        return y
+        return
     main, tail, per_program, warps = _launch_shape(d)
     grid = (triton.cdiv(n_rows, per_program),)
-    _add_layer_norm_modulate_kernel[grid](x, pending_t, pending_stride, shift_t, scale_t, mod_stride, y, n_rows, rows,
-                                          d, eps, MAIN=main, TAIL=tail, ROWS=per_program, MODULATE=modulate,
+    _add_layer_norm_modulate_kernel[grid](x, pending_t, pending_stride, shift_t, scale_t, mod_stride, y,
+                                          q_scale if q_scale is not None else pending_t, n_rows, rows, d, eps,
+                                          MAIN=main, TAIL=tail, ROWS=per_program, MODULATE=modulate, QUANT=quant,
                                           num_warps=warps)
-    return y
 
 
 def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
