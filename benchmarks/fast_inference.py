@@ -128,13 +128,19 @@ def check_numerics(flow, args, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budget: Budget):
-    """Items 3; returns the measuring function for the extra at the end."""
+def flow_flops(flow, device, dtype) -> float:
+    """FLOPs of one sample's forward (counted on ``flow``'s plain bf16 blocks)."""
+    cfg = flow.config
+    x2 = torch.randn(2, cfg.num_tokens, cfg.in_channels, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    return count_forward_flops(lambda: flow(x2, torch.rand(2, device=device), torch.tensor([0, 1], device=device))) / 2
+
+
+def flow_measurer(flow, per_sample: float, args, device, dtype, results: Results):
+    """``measure(variant, batch)``: ``flow`` sampling 20 Euler steps with CFG from one CUDA graph: images/s,
+    TFLOP/s counted as ``per_sample`` FLOPs a forward (for an FP8 flow, the bf16 model's: bf16-equivalent) and
+    the fractions of the ``mm`` rates."""
     cfg = flow.config
     gen = torch.Generator().manual_seed(0)
-    x2 = torch.randn(2, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
-    per_sample = count_forward_flops(lambda: flow(x2, torch.rand(2, device=device),
-                                                  torch.tensor([0, 1], device=device))) / 2
 
     def measure(variant: str, batch: int) -> dict[str, Any]:
         x0 = torch.randn(batch, cfg.num_tokens, cfg.in_channels, generator=gen).to(device, dtype)
@@ -144,6 +150,12 @@ def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budg
         return {**t, "images_per_s": batch / t["median_s"], "tflops": tflops,
                 **mm_fractions(tflops, results.data["env"])}
 
+    return measure
+
+
+def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budget: Budget):
+    """Items 3; returns the measuring function for the extra at the end."""
+    measure = flow_measurer(flow, flow_flops(flow, device, dtype), args, device, dtype, results)
     plain = "plain" if args.tiny else "compile+graph"
     if not args.tiny:
         flow.compile_blocks()
@@ -156,10 +168,14 @@ def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budg
     return measure
 
 
+PIPELINE_PARTS = ("one-step", "latency", "pipelines", "decoder")
+
+
 def pipeline_items(pipe: FlowTokPipeline, args, shapes: Shapes, device, dtype, results: Results, budget: Budget,
-                   variant: str = "fast"):
+                   variant: str = "fast", parts: tuple[str, ...] = PIPELINE_PARTS):
     """Items 4-6 (FlowTok's side), then the decoder alone; returns the from-prompts measurement for the extras.
-    ``variant`` names the rows (``fast+fp8-decoder``: the same with the decoder's blocks in FP8)."""
+    ``variant`` names the rows (``fast+fp8-decoder``: the same with the decoder's blocks in FP8); ``parts`` picks
+    among the one-step pipeline, the latency, the ``--steps`` pipelines and the decoder."""
     fast = pipe.fast
     assert fast is not None
     gen = torch.Generator().manual_seed(2)
@@ -213,16 +229,20 @@ def pipeline_items(pipe: FlowTokPipeline, args, shapes: Shapes, device, dtype, r
         return {**t, "images_per_s": batch / t["median_s"]}
 
     b, tag = args.batch, "" if variant == "fast" else f" {variant}"
-    results.run(f"flowtok pipeline 1-step b{b}{tag}", lambda: from_states(1, b), device, budget,
-                args.reserve_compile, model="FlowTok-XL", part="pipeline", variant=variant, steps=1, batch=b)
-    results.run(f"latency 1 prompt 1 step{tag}", latency, device, budget, args.reserve_compile,
-                model="FlowTok-XL", part="latency", variant=variant, steps=1, batch=1)
-    for batch in args.pipeline_batches:
-        results.run(f"flowtok pipeline {args.steps}-step b{batch}{tag}",
-                    lambda batch=batch: from_states(args.steps, batch), device, budget, args.reserve_compile,
-                    model="FlowTok-XL", part="pipeline", variant=variant, steps=args.steps, batch=batch)
-    results.run(f"decoder b{b}{tag}", lambda: decoder(b), device, budget, args.reserve_compile,
-                model="FlowTok-XL", part="decoder", variant=variant, batch=b)
+    if "one-step" in parts:
+        results.run(f"flowtok pipeline 1-step b{b}{tag}", lambda: from_states(1, b), device, budget,
+                    args.reserve_compile, model="FlowTok-XL", part="pipeline", variant=variant, steps=1, batch=b)
+    if "latency" in parts:
+        results.run(f"latency 1 prompt 1 step{tag}", latency, device, budget, args.reserve_compile,
+                    model="FlowTok-XL", part="latency", variant=variant, steps=1, batch=1)
+    if "pipelines" in parts:
+        for batch in args.pipeline_batches:
+            results.run(f"flowtok pipeline {args.steps}-step b{batch}{tag}",
+                        lambda batch=batch: from_states(args.steps, batch), device, budget, args.reserve_compile,
+                        model="FlowTok-XL", part="pipeline", variant=variant, steps=args.steps, batch=batch)
+    if "decoder" in parts:
+        results.run(f"decoder b{b}{tag}", lambda: decoder(b), device, budget, args.reserve_compile,
+                    model="FlowTok-XL", part="decoder", variant=variant, batch=b)
     return from_prompts
 
 
@@ -319,6 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reserve-compile", type=float, default=50.0, help="seconds an item that compiles needs")
     p.add_argument("--no-fp8-decoder", dest="fp8_decoder", action="store_false",
                    help="skip the rows with the decoder's blocks in FP8 (after PixArt's; emulated on a CPU)")
+    p.add_argument("--fp8-flow", action="store_true",
+                   help="instead: the flow in FP8 through the fused path, beside bf16, and the 20-step pipelines "
+                        "with it against PixArt (fast_fp8.py)")
     p.add_argument("--profile", action="store_true", help="instead: the kernel profile and variants (fast_profile.py)")
     p.add_argument("--profile-steps", type=int, default=5, help="Euler steps per profiled call")
     p.add_argument("--profile-calls", type=int, default=2, help="profiled calls (after one warm-up call)")
@@ -356,6 +379,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import fast_profile
 
         fast_profile.run(flow, args, device, dtype, results, budget, mm_rate)
+        return finish(results)
+    if args.fp8_flow:
+        import fast_fp8
+
+        fast_fp8.run(flow, projector, tokenizer, args, shapes, device, dtype, results, budget)
         return finish(results)
     results.run("fused numerics FlowTok-XL", lambda: check_numerics(flow, args, device), device, budget,
                 args.reserve, part="numerics")

@@ -271,6 +271,39 @@ def saved_pipe(tmp_path_factory):
     return _pipeline().save_pretrained(tmp_path_factory.mktemp("fast-pipe") / "pipe")
 
 
+def test_fast_inference_fp8_flow_mode_tiny(tmp_path, monkeypatch):
+    """``--fp8-flow``: the FP8 flows (emulated on the CPU) through the fused path beside bf16, then the pipelines."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("bench_fast_inference_fp8", bench_dir / "fast_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    calls = []
+    original = fused_dit.fused_blocks_forward
+    monkeypatch.setattr(fused_dit, "fused_blocks_forward", lambda *a: calls.append(1) or original(*a))
+    data = module.main(["--tiny", "--device", "cpu", "--fp8-flow", "--min-rows", "0", "--warmup", "0", "--iters",
+                        "1", "--pipeline-batches", "2", "--out", str(tmp_path / "f.json")])
+    items = {i["name"]: i for i in data["items"]}
+    assert not [i for i in items.values() if i["status"] == "error"], items
+    check = items["fused fp8 numerics FlowTok-XL"]
+    assert check["pass"]
+    for form in ("fp8s", "fp8s-in"):
+        assert items[f"quantize flow {form}"]["static"] and items[f"quantize flow {form}"]["emulated"]
+        assert check[f"fused_vs_plain_{form}"] < check[f"plain_{form}_vs_fp32"]
+        assert items[f"flow fused {form}+graph b3"]["status"] == "ok"
+        assert items[f"flow fused {form}+graph b2"]["status"] == "ok"
+    assert items["quantize flow fp8s"]["fp8_layers"] == 2 * items["quantize flow fp8s-in"]["fp8_layers"]
+    best = next(i["variant"] for i in items.values() if i.get("part") == "pipeline")
+    assert best in ("fast+fp8s-flow", "fast+fp8s-in-flow")
+    assert {f"flowtok pipeline 2-step b2 {best}{tag}" for tag in ("", "+fp8-decoder")} <= set(items)
+    assert calls  # the flows sampled through the fused path
+
+
 def test_cli_generate_fast_gives_the_plain_images_on_a_cpu(saved_pipe, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
@@ -420,6 +453,25 @@ def test_fp8_flow_goes_before_the_fast_path_and_samples_fused():
         pipe.disable_fast_inference()
     assert len(calls) == 2 * 2  # 2 chunks x 2 steps, all fused
     assert float((out - ref).abs().max()) < 0.05
+
+
+def test_fp8_calibration_is_reproducible():
+    """The calibration calls draw their noise from a fixed seed: the same prompts give the same static scales."""
+    from flowtok.nn.fp8 import FP8Linear
+
+    def scales(decoder: bool, seed: int) -> list[float]:
+        pipe = _pipeline()
+        torch.manual_seed(seed)  # the global generator's state must not matter
+        if decoder:
+            pipe.quantize_decoder_fp8(calibration_prompts=["yellow triangle", "red square"], emulate=True)
+        else:
+            pipe.quantize_fp8(calibration_prompts=["yellow triangle", "red square"], emulate=True)
+        root = pipe.image_tokenizer.decoder.blocks if decoder else pipe.t2i_flow.blocks
+        return [float(m.input_scale) for m in root.modules() if isinstance(m, FP8Linear)]
+
+    for decoder in (False, True):
+        first = scales(decoder, 1)
+        assert first and scales(decoder, 2) == first
 
 
 def test_cli_fp8_decoder_needs_an_fp8_gpu(saved_pipe, tmp_path, capsys):

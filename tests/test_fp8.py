@@ -66,6 +66,8 @@ def test_flow_transformer_fp8_velocity_error_and_guards(tmp_path):
     with pytest.raises(InvalidInputError, match="FP8-quantised"):
         flow.save_pretrained(tmp_path / "q")
     assert not (tmp_path / "q").exists()
+    with pytest.raises(InvalidInputError, match="already in FP8"):  # not "nothing to quantise"
+        flow.quantize_fp8(emulate=True)
 
 
 @pytest.mark.skipif(fp8_supported(), reason="this machine has FP8 matmuls")

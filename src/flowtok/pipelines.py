@@ -274,7 +274,8 @@ class FlowTokPipeline:
         made: dict[str, Any] = {}
         if self.t2i_flow is not None:
             run = None if prompts is None else (
-                lambda: made.setdefault("images", self.text_to_image(prompts, output_type="pt")))
+                lambda: made.setdefault("images", self.text_to_image(prompts, output_type="pt",
+                                                                      generator=self._calibration_generator())))
             self.t2i_flow.quantize_fp8(emulate=emulate, calibrate=run, output_linears=output_linears)
         if self.i2t_flow is not None:
             images = calibration_images if calibration_images is not None else made.get("images")
@@ -294,9 +295,14 @@ class FlowTokPipeline:
             raise InvalidInputError("quantize the decoder before enable_fast_inference(): the fast path has "
                                     "compiled and captured the bf16 decoder")
         prompts = check_prompts(calibration_prompts) if calibration_prompts is not None else None
-        run = None if prompts is None else (lambda: self.text_to_image(prompts, output_type="pt"))
+        run = None if prompts is None else (
+            lambda: self.text_to_image(prompts, output_type="pt", generator=self._calibration_generator()))
         self.image_tokenizer.quantize_decoder_fp8(emulate=emulate, calibrate=run)
         return self
+
+    def _calibration_generator(self) -> torch.Generator:
+        """A fixed seed for the calibration calls: the same prompts give the same static FP8 scales every run."""
+        return torch.Generator(self.device).manual_seed(0)
 
     # ------------------------------------------------------------------------- the steps of a call
     def _text_latents(self, prompts: list[str], generator: torch.Generator | None,

@@ -218,6 +218,8 @@ def quantize_blocks_fp8(blocks: nn.Module, emulate: bool = False, calibrate: Cal
     if any(getattr(m, "_compiled_call_impl", None) is not None for m in blocks.modules()):
         # a compiled module keeps running the Linears it traced: the swap below would silently do nothing
         raise InvalidInputError("quantise to FP8 before compiling: these blocks are already compiled")
+    if any(isinstance(m, FP8Linear) for m in blocks.modules()):
+        raise InvalidInputError("these blocks are already in FP8: quantise a model once")
     device = next(blocks.parameters()).device
     if not emulate and not fp8_supported(device):
         raise InvalidInputError(f"FP8 matmuls need a CUDA GPU of compute capability 8.9 or newer; "

@@ -1,0 +1,151 @@
+"""``fast_inference.py --fp8-flow``: the FlowTok-XL flow in FP8 through the fused path, beside bf16, in one run.
+
+Issue 23 asks for the flow's rate in bf16 and for FP8 reported apart. The fused path
+(:mod:`flowtok.nn.fused_dit`) runs FP8 blocks since 2026-12-05: the LayerNorm kernel writes qkv's and fc1's
+input in e4m3, the GEMMs are ``torch._scaled_mm`` with static per-tensor scales, and the output Linears either
+stay in bf16 (``fp8s-in``: the gate folded in, the residual as the accumulator, as in bf16) or go FP8 too
+(``fp8s``: bias in the epilogue, gate and residual in one pass after). Measured, in this order:
+
+1. numerics: one CFG forward of the plain bf16 blocks, the plain FP8 blocks and the fused FP8 blocks (both FP8
+   forms), each against an fp32 copy; the fused FP8 path passes if it is no further from fp32 than the plain
+   FP8 blocks are (x 1.1 + 1e-3);
+2. the flow alone, 20 Euler steps with CFG and a CUDA graph, at ``--batch`` (256): fused bf16 (the baseline, in
+   this run), fused ``fp8s``, fused ``fp8s-in``; TFLOP/s counted in the bf16 model's FLOPs ("bf16-equivalent")
+   and its fraction of the bf16 ``mm`` rate;
+3. the 20-step pipeline at batch 64 and 256 (the fast path: fused flow, compiled decoder, one CUDA graph) with
+   the faster FP8 flow, then with the decoder's blocks in FP8 too, against the PixArt-alpha-shaped pipeline at
+   its best in the same run;
+4. if time is left: the three flows at batch 64.
+
+Static scales are calibrated on other inputs: a 20-step eager sampling call on 8 random latents (every t).
+On a CPU (``--tiny``) FP8 is emulated: the script's checks, not its speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import Budget, Results, log
+
+from flowtok.flow import FlowTransformer
+from flowtok.nn.fp8 import FP8Linear, fp8_supported
+from flowtok.pipelines import FlowTokPipeline
+from flowtok.sampling import euler_sample
+
+# variant -> output_linears of FlowTransformer.quantize_fp8
+FORMS = {"fp8s": True, "fp8s-in": False}
+
+
+def quantized(flow: FlowTransformer, form: str, device: torch.device, guidance: float) -> FlowTransformer:
+    """A copy of ``flow`` with static FP8 scales calibrated on a 20-step sampling call of other latents."""
+    cfg = flow.config
+    x0 = torch.randn(8, cfg.num_tokens, cfg.in_channels, generator=torch.Generator().manual_seed(11))
+    x0 = x0.to(device, flow.pos_embed.dtype)
+    quant = copy.deepcopy(flow)
+    quant.disable_fused_inference()
+    for block in quant.blocks:  # a compiled copy would keep running its bf16 Linears: quantise the plain blocks
+        block._compiled_call_impl = None
+    quant.quantize_fp8(emulate=not fp8_supported(device), output_linears=FORMS[form],
+                       calibrate=lambda: euler_sample(quant, x0, num_steps=20, guidance_scale=guidance))
+    return quant
+
+
+def check_numerics(flows: dict[str, FlowTransformer], device: torch.device) -> dict[str, Any]:
+    """One CFG forward (batch 8 -> 16 rows): plain bf16, plain and fused FP8 blocks, each against fp32."""
+    base = flows["bf16"]
+    cfg = base.config
+    gen = torch.Generator().manual_seed(1)
+    b = 8
+    x = torch.randn(2 * b, cfg.num_tokens, cfg.in_channels, generator=gen).to(device)
+    t = torch.tensor(0.3, device=device)
+    ind = torch.cat([torch.zeros(b), torch.ones(b)]).long().to(device)
+    ref32 = copy.deepcopy(base).float()
+    for block in ref32.blocks:
+        block._compiled_call_impl = None
+    dtype = base.pos_embed.dtype
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        ref = ref32(x, t.expand(2 * b), ind)
+        del ref32
+        out["plain_bf16_vs_fp32"] = rel(base(x.to(dtype), t.expand(2 * b), ind), ref)
+        for form in FORMS:
+            flow = flows[form]
+            min_rows = flow.fused_min_rows
+            flow.disable_fused_inference()
+            plain = flow(x.to(dtype), t.expand(2 * b), ind)
+            flow.enable_fused_inference(min_rows=0)
+            fused = flow.forward_grouped(x.to(dtype), t, (0, 1))
+            flow.fused_min_rows = min_rows
+            out[f"plain_{form}_vs_fp32"] = rel(plain, ref)
+            out[f"fused_{form}_vs_fp32"] = rel(fused, ref)
+            out[f"fused_vs_plain_{form}"] = rel(fused, plain)
+            out[f"pass_{form}"] = out[f"fused_{form}_vs_fp32"] <= 1.1 * out[f"plain_{form}_vs_fp32"] + 1e-3
+    out["pass"] = all(out[f"pass_{form}"] for form in FORMS)
+    return out
+
+
+def run(flow: FlowTransformer, projector, tokenizer, args, shapes, device: torch.device, dtype: torch.dtype,
+        results: Results, budget: Budget) -> None:
+    """The items of the module docstring, timed by fast_inference.py's own measuring code."""
+    import fast_inference as fi
+
+    flow.enable_fused_inference(min_rows=args.min_rows)
+    flows: dict[str, FlowTransformer] = {"bf16": flow}
+    for form in FORMS:
+        if results.run(f"quantize flow {form}", lambda form=form: _quantize_item(flows, flow, form, args, device),
+                       device, budget, args.reserve, part="setup") is None:
+            return
+    results.run("fused fp8 numerics FlowTok-XL", lambda: check_numerics(flows, device), device, budget, args.reserve,
+                part="numerics")
+    per_sample = fi.flow_flops(flow, device, dtype)  # the bf16 model's FLOPs: FP8 rates are bf16-equivalent
+    measures = {name: fi.flow_measurer(f, per_sample, args, device, dtype, results) for name, f in flows.items()}
+
+    def flow_rows(batch: int) -> dict[str, float]:
+        rates = {}
+        for name, measure in measures.items():
+            variant = "fused+graph" if name == "bf16" else f"fused {name}+graph"
+            item = results.run(f"flow {variant} b{batch}", lambda measure=measure, variant=variant:
+                               measure(variant, batch), device, budget, args.reserve, part="flow", variant=variant,
+                               batch=batch, fp8=name != "bf16")
+            if item is not None:
+                rates[name] = item["images_per_s"]
+        return rates
+
+    rates = {k: v for k, v in flow_rows(args.batch).items() if k != "bf16"}
+    if not rates:
+        return
+    best = max(rates, key=lambda k: rates[k])
+    log(f"the faster FP8 flow at batch {args.batch}: {best}")
+    with tempfile.TemporaryDirectory() as folder:
+        encoder = fi.clip_encoder(shapes, device, dtype, Path(folder))
+    pipe = FlowTokPipeline(tokenizer, encoder, projector, flows[best])
+    pipe.enable_fast_inference(fused_flow=True)
+    flows[best].enable_fused_inference(min_rows=args.min_rows)
+    variant = f"fast+{best}-flow"
+    fi.pipeline_items(pipe, args, shapes, device, dtype, results, budget, variant=variant, parts=("pipelines",))
+    fi.pixart_items(args, shapes, device, dtype, results, budget)
+    if args.fp8_decoder and results.run("quantize decoder fp8", lambda: fi.quantize_decoder(pipe, args, device),
+                                        device, budget, args.reserve_compile, part="setup") is not None:
+        fi.pipeline_items(pipe, args, shapes, device, dtype, results, budget, variant=f"{variant}+fp8-decoder",
+                          parts=("pipelines",))
+    small = min(args.pipeline_batches)
+    if small != args.batch:
+        flow_rows(small)
+
+
+def _quantize_item(flows: dict[str, FlowTransformer], flow: FlowTransformer, form: str, args,
+                   device: torch.device) -> dict[str, Any]:
+    quant = quantized(flow, form, device, args.guidance)
+    quant.enable_fused_inference(min_rows=args.min_rows)
+    flows[form] = quant
+    layers = [m for m in quant.blocks.modules() if isinstance(m, FP8Linear)]
+    return {"fp8_layers": len(layers), "static": all(m.static for m in layers),
+            "emulated": any(m.emulate for m in layers), "output_linears": FORMS[form]}
