@@ -136,14 +136,35 @@ def _gelu_quantize_rows(x: torch.Tensor) -> Quantized:
     return quantize_rows(F.gelu(x, approximate="tanh"))
 
 
-def _quantize_for(layer: FP8Linear, x: torch.Tensor, gelu: bool = False) -> Quantized:
-    """Rows ``x [M, in]`` (after a tanh-GELU if ``gelu``) quantised as ``layer`` quantises its input: one pass."""
+def _heads_to_rows(o: torch.Tensor) -> torch.Tensor:
+    """SDPA's output ``[B, H, N, dh]`` as token rows ``[B * N, H * dh]``."""
+    b, h, n, dh = o.shape
+    return o.transpose(1, 2).reshape(b * n, h * dh)
+
+
+def _heads_quantize_static(o: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return to_e4m3(_heads_to_rows(o), scale)
+
+
+def _heads_quantize_rows(o: torch.Tensor) -> Quantized:
+    return quantize_rows(_heads_to_rows(o))
+
+
+_QUANTIZERS: dict[tuple[str, bool], Callable[..., Any]] = {  # (input form, static scale) -> one pass
+    ("rows", True): _quantize_static, ("rows", False): quantize_rows,
+    ("gelu", True): _gelu_quantize_static, ("gelu", False): _gelu_quantize_rows,
+    ("heads", True): _heads_quantize_static, ("heads", False): _heads_quantize_rows,
+}
+
+
+def _quantize_for(layer: FP8Linear, x: torch.Tensor, form: str = "rows") -> Quantized:
+    """``x`` quantised as ``layer`` quantises its input, in one pass (one compiled kernel on an FP8 GPU): rows
+    ``[M, in]`` as they are (``form="rows"``), after a tanh-GELU (``"gelu"``), or SDPA's output ``[B, H, N, dh]``
+    whose head-major layout the same pass turns into token rows (``"heads"``)."""
+    fn = _QUANTIZERS[(form, layer.input_scale is not None)]
     if layer.input_scale is not None:
-        fn = _gelu_quantize_static if gelu else _quantize_static
         return _run_compiled(fn, x, layer.input_scale, fp8=True), layer.input_scale
-    if gelu:
-        return cast(Quantized, _run_compiled(_gelu_quantize_rows, x, fp8=True))
-    return cast(Quantized, _run_compiled(quantize_rows, x, fp8=True))
+    return cast(Quantized, _run_compiled(fn, x, fp8=True))
 
 
 def _modulated_input(layer: nn.Module, x: torch.Tensor, pending: torch.Tensor, shift: torch.Tensor,
@@ -220,15 +241,15 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
     qkv = attn.qkv.matmul(*h).to(x.dtype) if isinstance(attn.qkv, FP8Linear) else attn.qkv(h)
     heads = attn.num_heads
     q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(groups * rows, d)
-    after_attn = _output(attn.proj, x, _quantize_for(attn.proj, o) if isinstance(attn.proj, FP8Linear) else o,
-                         gate_msa, pending)
+    o = F.scaled_dot_product_attention(q, k, v)  # [G * b, H, N, dh]
+    after_attn = _output(attn.proj, x, _quantize_for(attn.proj, o, "heads") if isinstance(attn.proj, FP8Linear)
+                         else _heads_to_rows(o), gate_msa, pending)
 
     h = _modulated_input(mlp.fc1, x, after_attn, shift_mlp, scale_mlp, block.norm2.eps)
     hidden: torch.Tensor | Quantized
     if isinstance(mlp.fc1, FP8Linear):  # bias in the FP8 GEMM's epilogue; GELU (and fc2's quantisation) after it
         pre = mlp.fc1.matmul(*h).to(x.dtype)
-        hidden = _quantize_for(mlp.fc2, pre, gelu=True) if isinstance(mlp.fc2, FP8Linear) \
+        hidden = _quantize_for(mlp.fc2, pre, "gelu") if isinstance(mlp.fc2, FP8Linear) \
             else torch.ops.aten.gelu_(pre, approximate="tanh")
     else:
         hidden = _gemm_gelu(cast(torch.Tensor, h), _linear(mlp.fc1), epilogue)
