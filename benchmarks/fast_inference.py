@@ -23,7 +23,8 @@ Measured, in this order (a time budget skips the last ones first; the JSON is re
     python benchmarks/fast_inference.py --tiny --device cpu          # seconds on a CPU: checks the script
 
 ``--profile`` runs instead a kernel profile of the XL flow at batch 256, plain compiled against fused, and
-variants of the fused path timed beside it (:mod:`fast_profile`).
+variants of the fused path timed beside it (:mod:`fast_profile`); ``--fp8-flow`` the flow in FP8 through the fused
+path beside bf16, and the 20-step pipelines with it against PixArt (:mod:`fast_fp8`).
 """
 
 from __future__ import annotations
