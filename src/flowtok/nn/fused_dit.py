@@ -23,6 +23,13 @@ Folding the gates reads proj's and fc2's weights once per step and writes a copy
 when each group has many rows: :func:`fused_blocks_forward` is for large batches, and the caller
 (:meth:`flowtok.flow.FlowTransformer.forward_grouped`) falls back to the plain blocks below ``min_rows``.
 
+FP8 blocks (:class:`flowtok.nn.fp8.FP8Linear`, from ``FlowTransformer.quantize_fp8``) run here too, each Linear
+plain or FP8: the LayerNorm pass writes qkv's and fc1's input in e4m3 (static scale, or one per row) so that
+quantising costs no pass; an FP8 fc1 adds its bias in ``_scaled_mm``'s epilogue and its GELU runs in one pass with
+fc2's quantisation; an FP8 output Linear (proj, fc2) adds its bias in the epilogue, as the plain FP8 block does,
+and the gate and residual add follow in one ``addcmul_`` (``_scaled_mm`` has no accumulator), its input quantised in
+one pass (for proj, the same pass that turns SDPA's head-major output into token rows).
+
 The LayerNorm pass and the fold run as the kernels of :mod:`flowtok.nn.triton_ops` where Triton can run them;
 otherwise the LayerNorm pass is one ``torch.compile``-d function on a GPU and plain PyTorch on a CPU. (An
 earlier version also folded the modulation into qkv's and fc1's weights, ``W'_g = W diag(1 + scale_g)``: that
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 
 _GELU_EPILOGUE: dict[tuple[str, torch.dtype], bool] = {}
 _COMPILED: dict[tuple[str, str], Callable[..., Any] | None] = {}
+
 
 @torch.no_grad()
 def gelu_epilogue_is_tanh(device: torch.device, dtype: torch.dtype) -> bool:
