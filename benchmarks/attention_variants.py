@@ -9,7 +9,9 @@ memory floor (read q, k, v once, write the output once). Timed here with CUDA ev
 * ``sdpa cudnn / flash / efficient, contiguous``: the same on [B, H, L, D] copies (the copy not timed);
 * ``sdpa cudnn, head dim padded to 80 / 128``: zero-padded channels (same result: zeros add nothing to q.k
   and their output columns are dropped), in case a kernel shape fits better;
-* ``flex_attention``: PyTorch's compiled Triton template, if it takes this head width.
+* ``math``: attention spelt out (two batched GEMMs around a softmax), eager and compiled by inductor;
+* ``flex_attention``: PyTorch's compiled Triton template, if it takes this head width, with its default tiles and
+  four others.
 
     python benchmarks/attention_variants.py --out results/attention.json     # one GPU, about a minute
     python benchmarks/attention_variants.py --device cpu --batch 2          # checks the script
@@ -83,11 +85,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         item(f"sdpa cudnn, head dim padded to {width}",
              lambda qp=qp, kp=kp, vp=vp: F.scaled_dot_product_attention(qp, kp, vp, scale=d ** -0.5),
              SDPBackend.CUDNN_ATTENTION)
+    scale = d ** -0.5
+
+    def math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # scores in fp32, probabilities rounded once: what inductor makes of attention spelt out (two batched
+        # GEMMs and one fused softmax kernel; the 77 x 77 scores make a round trip through memory)
+        p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)).float() * scale, dim=-1)
+        return torch.matmul(p.to(v.dtype), v)
+
+    item("math, eager, strided views", lambda: math(q, k, v))
     if device.type == "cuda":
         from torch.nn.attention.flex_attention import flex_attention
 
+        compiled_math = torch.compile(math, dynamic=False, fullgraph=True)
+        item("math (compiled), strided views", lambda: compiled_math(q, k, v))
         flex = torch.compile(flex_attention, dynamic=False)
         item("flex_attention (compiled), contiguous", lambda: flex(qc, kc, vc))
+        item("flex_attention (compiled), strided views", lambda: flex(q, k, v))
+        # Triton tile shapes for 77 tokens: one 128-row tile, two of 64, or narrower key blocks
+        for block_m, block_n, warps, stages in ((128, 128, 8, 1), (64, 128, 4, 1), (64, 64, 4, 2), (128, 64, 8, 2)):
+            options = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+            item(f"flex_attention (compiled) {block_m}x{block_n} w{warps} s{stages}, strided views",
+                 lambda options=options: flex(q, k, v, kernel_options=options))
     results.save()
     for it in results.data["items"]:
         if it.get("status") == "ok":
