@@ -56,13 +56,11 @@ def quantized(flow: FlowTransformer, form: str, device: torch.device, guidance: 
 
 def check_numerics(flows: dict[str, FlowTransformer], device: torch.device) -> dict[str, Any]:
     """One CFG forward (batch 8 -> 16 rows): plain bf16, plain and fused FP8 blocks, each against fp32."""
+    from fast_inference import cfg_inputs
+
     base = flows["bf16"]
-    cfg = base.config
-    gen = torch.Generator().manual_seed(1)
-    b = 8
-    x = torch.randn(2 * b, cfg.num_tokens, cfg.in_channels, generator=gen).to(device)
-    t = torch.tensor(0.3, device=device)
-    ind = torch.cat([torch.zeros(b), torch.ones(b)]).long().to(device)
+    x, t, ind = cfg_inputs(base, device)
+    b = x.shape[0] // 2
     ref32 = copy.deepcopy(base).float()
     for block in ref32.blocks:
         block._compiled_call_impl = None

@@ -97,14 +97,19 @@ def settings(steps: int, guidance: float) -> SamplingDefaults:
     return SamplingDefaults(num_inference_steps=steps, guidance_scale=guidance)
 
 
+def cfg_inputs(flow, device: torch.device, b: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The numerics checks' input: ``(x [2b, K, C], t, null indicators)`` of one CFG forward, b conditional then b
+    null samples at t = 0.3, in fp32."""
+    cfg = flow.config
+    x = torch.randn(2 * b, cfg.num_tokens, cfg.in_channels, generator=torch.Generator().manual_seed(1)).to(device)
+    ind = torch.cat([torch.zeros(b), torch.ones(b)]).long().to(device)
+    return x, torch.tensor(0.3, device=device), ind
+
+
 def check_numerics(flow, args, device: torch.device) -> dict[str, Any]:
     """One CFG forward (batch 8 -> 16 rows) in bf16, fused and plain, each against an fp32 copy."""
-    cfg = flow.config
-    gen = torch.Generator().manual_seed(1)
-    b = 8
-    x = torch.randn(2 * b, cfg.num_tokens, cfg.in_channels, generator=gen).to(device)
-    t = torch.tensor(0.3, device=device)
-    ind = torch.cat([torch.zeros(b), torch.ones(b)]).long().to(device)
+    x, t, ind = cfg_inputs(flow, device)
+    b = x.shape[0] // 2
     ref32 = copy.deepcopy(flow).float()
     with torch.no_grad():
         ref = ref32(x, t.expand(2 * b), ind)

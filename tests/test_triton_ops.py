@@ -18,10 +18,25 @@ import pytest
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton ships Linux wheels only")
 
 
+# A tiny flow whose adaLN shifts, scales and gates are not zero, for the interpreted snippets (prepended to them).
+_LIVE_TINY_FLOW = """
+import torch
+from flowtok.flow import FLOW_PRESETS, FlowTransformer
+
+def live_tiny_flow():
+    torch.manual_seed(0)
+    model = FlowTransformer(FLOW_PRESETS["tiny"]).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+"""
+
+
 def _interpreted(code: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1", "FLOWTOK_TRITON": "1"}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _LIVE_TINY_FLOW + textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
 
@@ -86,11 +101,7 @@ def test_fused_flow_through_the_kernels_equals_the_plain_blocks():
         from flowtok.flow import FLOW_PRESETS, FlowTransformer
         from flowtok.nn import fused_dit, triton_ops
 
-        torch.manual_seed(0)
-        model = FlowTransformer(FLOW_PRESETS["tiny"]).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn_like(p))
+        model = live_tiny_flow()
         calls = []
         for name in ("add_layer_norm_modulate", "fold_gate"):
             fn = getattr(triton_ops, name)
@@ -151,11 +162,7 @@ def test_fused_fp8_flow_through_the_kernels_is_close_to_the_plain_fp8_blocks():
         from flowtok.flow import FLOW_PRESETS, FlowTransformer
         from flowtok.nn import triton_ops
 
-        torch.manual_seed(0)
-        model = FlowTransformer(FLOW_PRESETS["tiny"]).eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn_like(p))
+        model = live_tiny_flow()
         x, t = torch.randn(6, 8, 4), torch.tensor(0.37)
         rel = lambda a, b: float((a - b).norm() / b.norm())
         with torch.no_grad():
