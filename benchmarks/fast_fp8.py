@@ -1,21 +1,22 @@
 """``fast_inference.py --fp8-flow``: the FlowTok-XL flow in FP8 through the fused path, beside bf16, in one run.
 
 Issue 23 asks for the flow's rate in bf16 and for FP8 reported apart. The fused path
-(:mod:`flowtok.nn.fused_dit`) runs FP8 blocks since 2026-12-05: the LayerNorm kernel writes qkv's and fc1's
-input in e4m3, the GEMMs are ``torch._scaled_mm`` with static per-tensor scales, and the output Linears either
-stay in bf16 (``fp8s-in``: the gate folded in, the residual as the accumulator, as in bf16) or go FP8 too
-(``fp8s``: bias in the epilogue, gate and residual in one pass after). Measured, in this order:
+(:mod:`flowtok.nn.fused_dit`) runs FP8 blocks since 2026-12-04: the LayerNorm kernel writes qkv's and fc1's
+input in e4m3, the GEMMs are ``torch._scaled_mm`` with static per-tensor scales, and each output Linear either
+stays in bf16 (the gate folded in, the residual as the accumulator, as in bf16) or goes FP8 too (bias in the
+epilogue, gate and residual in one pass after). Three forms (:data:`FORMS`): ``fp8s`` (all four Linears),
+``fp8s-no-proj`` (proj in bf16), ``fp8s-in`` (qkv and fc1 only). Measured, in this order:
 
-1. numerics: one CFG forward of the plain bf16 blocks, the plain FP8 blocks and the fused FP8 blocks (both FP8
-   forms), each against an fp32 copy; the fused FP8 path passes if it is no further from fp32 than the plain
-   FP8 blocks are (x 1.1 + 1e-3);
+1. numerics: one CFG forward of the plain bf16 blocks, and of each form's plain and fused FP8 blocks, each
+   against an fp32 copy; the fused FP8 path passes if it is no further from fp32 than the plain FP8 blocks are
+   (x 1.1 + 1e-3);
 2. the flow alone, 20 Euler steps with CFG and a CUDA graph, at ``--batch`` (256): fused bf16 (the baseline, in
-   this run), fused ``fp8s``, fused ``fp8s-in``; TFLOP/s counted in the bf16 model's FLOPs ("bf16-equivalent")
-   and its fraction of the bf16 ``mm`` rate;
+   this run) and each fused FP8 form; TFLOP/s counted in the bf16 model's FLOPs ("bf16-equivalent") and its
+   fraction of the bf16 ``mm`` rate;
 3. the 20-step pipeline at batch 64 and 256 (the fast path: fused flow, compiled decoder, one CUDA graph) with
-   the faster FP8 flow, then with the decoder's blocks in FP8 too, against the PixArt-alpha-shaped pipeline at
+   the fastest FP8 form, then with the decoder's blocks in FP8 too, against the PixArt-alpha-shaped pipeline at
    its best in the same run;
-4. if time is left: the three flows at batch 64.
+4. if time is left: the flows at batch 64.
 
 Static scales are calibrated on other inputs: a 20-step eager sampling call on 8 random latents (every t).
 On a CPU (``--tiny``) FP8 is emulated: the script's checks, not its speed.
@@ -36,8 +37,10 @@ from flowtok.nn.fp8 import FP8Linear, fp8_supported
 from flowtok.pipelines import FlowTokPipeline
 from flowtok.sampling import euler_sample
 
-# variant -> output_linears of FlowTransformer.quantize_fp8
-FORMS = {"fp8s": True, "fp8s-in": False}
+# variant -> the block Linears in FP8 (``layers`` of FlowTransformer.quantize_fp8). An FP8 proj or fc2 costs a
+# quantisation pass and a gated residual pass that its bf16 GEMM, accumulating into the stream, does not: proj's
+# GEMM (1/12 of the block's FLOPs) may not save that back, fc2's (1/3) should.
+FORMS = {"fp8s": ("qkv", "proj", "fc1", "fc2"), "fp8s-no-proj": ("qkv", "fc1", "fc2"), "fp8s-in": ("qkv", "fc1")}
 
 
 def quantized(flow: FlowTransformer, form: str, device: torch.device, guidance: float) -> FlowTransformer:
@@ -49,7 +52,7 @@ def quantized(flow: FlowTransformer, form: str, device: torch.device, guidance: 
     quant.disable_fused_inference()
     for block in quant.blocks:  # a compiled copy would keep running its bf16 Linears: quantise the plain blocks
         block._compiled_call_impl = None
-    quant.quantize_fp8(emulate=not fp8_supported(device), output_linears=FORMS[form],
+    quant.quantize_fp8(emulate=not fp8_supported(device), layers=FORMS[form],
                        calibrate=lambda: euler_sample(quant, x0, num_steps=20, guidance_scale=guidance))
     return quant
 
@@ -146,4 +149,4 @@ def _quantize_item(flows: dict[str, FlowTransformer], flow: FlowTransformer, for
     flows[form] = quant
     layers = [m for m in quant.blocks.modules() if isinstance(m, FP8Linear)]
     return {"fp8_layers": len(layers), "static": all(m.static for m in layers),
-            "emulated": any(m.emulate for m in layers), "output_linears": FORMS[form]}
+            "emulated": any(m.emulate for m in layers), "layers": list(FORMS[form])}

@@ -8,7 +8,7 @@ for three pipelines generated from the same prompts and seeds:
   training-split captions apart from the test prompts), sampled through the plain blocks;
 * ``fp8 fused``: the same FP8 blocks through the fused DiT path (``enable_fused_inference``; at batch 300 x 32
   tokens every step is fused), what ``--fast --fp8`` runs;
-* ``fp8-in fused`` (``--inputs-only``): only qkv and fc1 in FP8 (``quantize_fp8(output_linears=False)``), fused.
+* ``fp8-in fused`` (``--inputs-only``): only qkv and fc1 in FP8 (``quantize_fp8(layers=("qkv", "fc1"))``), fused.
 
 Where the device has no FP8 matmuls (a CPU) the FP8 numbers are emulated: e4m3 weights and inputs, float
 matmuls with bf16 outputs, so the judged accuracy is what an FP8 GPU would give up to accumulation order. Besides
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, outputs, fused in forms:
         pipe.t2i_flow = type(pipe.t2i_flow)(pipe.t2i_flow.config).to(pipe.device, pipe.dtype).eval()
         pipe.t2i_flow.load_state_dict(state)
-        pipe.t2i_flow.quantize_fp8(emulate=emulate, output_linears=outputs, calibrate=calibrate)
+        pipe.t2i_flow.quantize_fp8(emulate=emulate, layers=None if outputs else ("qkv", "fc1"), calibrate=calibrate)
         if fused:
             pipe.t2i_flow.enable_fused_inference()
         result, images = evaluate(pipe, args)

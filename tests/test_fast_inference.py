@@ -129,7 +129,8 @@ def test_fp8_blocks_run_fused_and_match_the_plain_fp8_blocks(mode, monkeypatch):
         ref = model(x, t.expand(6), indicator)
         model.enable_fused_inference(min_rows=0)  # calibration must still see the Linears' inputs
         calibrate = None if mode == "dynamic" else (lambda: model.forward_grouped(calib_x, t, (0, 1)))
-        model.quantize_fp8(emulate=True, calibrate=calibrate, output_linears=mode != "static-inputs-only")
+        model.quantize_fp8(emulate=True, calibrate=calibrate,
+                           layers=("qkv", "fc1") if mode == "static-inputs-only" else None)
         layers = [m for m in model.blocks.modules() if isinstance(m, FP8Linear)]
         assert len(layers) == (2 if mode == "static-inputs-only" else 4) * len(model.blocks)
         assert all(m.static == (mode != "dynamic") for m in layers)
@@ -160,6 +161,18 @@ def test_the_fp8_quantisers_trace_as_one_graph_and_match_eager(form, static):
     q = eager[0] if isinstance(eager, tuple) else eager
     assert q.dtype == torch.float8_e4m3fn
     assert q.shape == ((2 * 8, 4 * 16) if form == "heads" else x.shape)  # heads: [B * N, H * dh] token rows
+
+
+def test_fp8_layers_are_chosen_by_name():
+    from flowtok.nn.fp8 import FP8Linear
+
+    model = _flow().quantize_fp8(emulate=True, layers=("qkv", "fc1", "fc2"))
+    for block in model.blocks:
+        assert [type(m) is FP8Linear for m in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2)] \
+            == [True, False, True, True]
+    for bad in ((), ("qkv", "adaLN_modulation"), "qkv"):
+        with pytest.raises(InvalidInputError, match="layers must name"):
+            _flow().quantize_fp8(emulate=True, layers=bad)
 
 
 def test_blocks_the_fused_path_cannot_run_are_refused():
@@ -310,14 +323,15 @@ def test_fast_inference_fp8_flow_mode_tiny(tmp_path, monkeypatch):
     assert not [i for i in items.values() if i["status"] == "error"], items
     check = items["fused fp8 numerics FlowTok-XL"]
     assert check["pass"]
-    for form in ("fp8s", "fp8s-in"):
+    for form in ("fp8s", "fp8s-no-proj", "fp8s-in"):
         assert items[f"quantize flow {form}"]["static"] and items[f"quantize flow {form}"]["emulated"]
         assert check[f"fused_vs_plain_{form}"] < check[f"plain_{form}_vs_fp32"]
         assert items[f"flow fused {form}+graph b3"]["status"] == "ok"
         assert items[f"flow fused {form}+graph b2"]["status"] == "ok"
-    assert items["quantize flow fp8s"]["fp8_layers"] == 2 * items["quantize flow fp8s-in"]["fp8_layers"]
+    per_form = {form: items[f"quantize flow {form}"]["fp8_layers"] for form in ("fp8s", "fp8s-no-proj", "fp8s-in")}
+    assert per_form["fp8s"] == 4 * 2 and per_form["fp8s-no-proj"] == 3 * 2 and per_form["fp8s-in"] == 2 * 2  # depth 2
     best = next(i["variant"] for i in items.values() if i.get("part") == "pipeline")
-    assert best in ("fast+fp8s-flow", "fast+fp8s-in-flow")
+    assert best in ("fast+fp8s-flow", "fast+fp8s-no-proj-flow", "fast+fp8s-in-flow")
     assert {f"flowtok pipeline 2-step b2 {best}{tag}" for tag in ("", "+fp8-decoder")} <= set(items)
     assert calls  # the flows sampled through the fused path
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
@@ -255,12 +256,12 @@ class FlowTokPipeline:
 
     def quantize_fp8(self, calibration_prompts: str | list[str] | None = None,
                      calibration_images: ImageInput | list[ImageInput] | None = None,
-                     emulate: bool = False, output_linears: bool = True) -> FlowTokPipeline:
+                     emulate: bool = False, layers: Sequence[str] | None = None) -> FlowTokPipeline:
         """Run both flow transformers in FP8 on a Hopper / Ada GPU (:meth:`FlowTransformer.quantize_fp8`);
         the tokenizer, projector and text decoder keep their dtype. Inference only: the pipeline can no
         longer be saved. Raises on a device without FP8 matmuls. Call it before :meth:`enable_fast_inference`,
-        which then samples the FP8 flow through the fused path. ``output_linears=False``: only qkv and fc1 in
-        FP8. Returns self.
+        which then samples the FP8 flow through the fused path. ``layers``: which block Linears (qkv, proj, fc1,
+        fc2; None: all four). Returns self.
 
         Static scales: the text-to-image flow's are measured while generating ``calibration_prompts``, the
         image-to-text flow's while captioning ``calibration_images`` (or else the images just generated
@@ -276,11 +277,11 @@ class FlowTokPipeline:
             run = None if prompts is None else (
                 lambda: made.setdefault("images", self.text_to_image(prompts, output_type="pt",
                                                                       generator=self._calibration_generator())))
-            self.t2i_flow.quantize_fp8(emulate=emulate, calibrate=run, output_linears=output_linears)
+            self.t2i_flow.quantize_fp8(emulate=emulate, calibrate=run, layers=layers)
         if self.i2t_flow is not None:
             images = calibration_images if calibration_images is not None else made.get("images")
             run = None if images is None or self.text_decoder is None else (lambda: self.image_to_text(images))
-            self.i2t_flow.quantize_fp8(emulate=emulate, calibrate=run, output_linears=output_linears)
+            self.i2t_flow.quantize_fp8(emulate=emulate, calibrate=run, layers=layers)
         return self
 
     def quantize_decoder_fp8(self, calibration_prompts: str | list[str] | None = None,

@@ -79,6 +79,9 @@ class FlowConfig:
             raise ConfigError(f"flow.mlp_ratio must be positive, got {self.mlp_ratio}")
 
 
+# The block Linears FlowTransformer.quantize_fp8 can put in FP8.
+FP8_LAYERS = ("qkv", "proj", "fc1", "fc2")
+
 FLOW_PRESETS: dict[str, FlowConfig] = {
     # The paper's three sizes (Table: 153M / 698M / 1.1B including the ~24M text projector).
     "FlowTok-B": FlowConfig(width=768, depth=12, num_heads=12),
@@ -161,12 +164,13 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         return self
 
     def quantize_fp8(self, emulate: bool = False, calibrate: Callable[[], Any] | None = None,
-                     output_linears: bool = True) -> FlowTransformer:
+                     layers: Sequence[str] | None = None) -> FlowTransformer:
         """FP8 inference on Hopper / Ada GPUs: the blocks' attention and MLP Linears become
         :class:`flowtok.nn.fp8.FP8Linear`. The adaLN modulation, the embedders and the final layer keep
-        their dtype: they are a sliver of the FLOPs and set every scale and gate. ``output_linears=False``
-        keeps the output Linears (attention ``proj``, MLP ``fc2``) in their dtype too: only qkv and fc1, whose
-        inputs the fused path's LayerNorm writes in e4m3 at no cost, are quantised.
+        their dtype: they are a sliver of the FLOPs and set every scale and gate. ``layers`` names the block
+        Linears to quantise among ``FP8_LAYERS`` (qkv, proj, fc1, fc2; None: all four). On the fused path qkv's
+        and fc1's inputs come out of the LayerNorm kernel in e4m3 at no cost, while an FP8 proj or fc2 costs a
+        pass for its input's quantisation and one for the gated residual add that a bf16 one does in its GEMM.
 
         Without ``calibrate``: e4m3 weights with per-channel scales, inputs quantised per token on the fly.
         With ``calibrate``, a callable that runs this model on representative inputs (a few sampling calls
@@ -179,10 +183,12 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         """
         from ..nn.fp8 import quantize_blocks_fp8
 
+        chosen = FP8_LAYERS if layers is None else tuple(layers)
+        if isinstance(layers, str) or not chosen or any(name not in FP8_LAYERS for name in chosen):
+            raise InvalidInputError(f"layers must name some of {', '.join(FP8_LAYERS)}, got {layers!r}")
+
         def keep(name: str, _layer: nn.Module) -> bool:
-            if not output_linears and name.endswith(("attn.proj", "mlp.fc2")):
-                return True
-            return "adaLN_modulation" in name
+            return "adaLN_modulation" in name or name.rsplit(".", 1)[-1] not in chosen
 
         min_rows = self.fused_min_rows
         self.fused_min_rows = None  # calibration hooks see the Linears' inputs only on the plain path
