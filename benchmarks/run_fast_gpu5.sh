@@ -5,7 +5,8 @@
 #   device run, carry [".whl"], timeout_s 600, command "OUT=$OUT bash benchmarks/run_fast_gpu5.sh"
 # .whl/ holds the diffusers wheel (docs/benchmarks.md says how to get it). Files under $OUT: attention.json,
 # fp8flow.json, fast5.log, smi.csv. The shapes accuracy with --fast --fp8 is a second call:
-#   PROFILE=0 MODEL=.carry/t2i MINILM=/tmp/keep/minilm OUT=$OUT FAST_ARGS="--fast --fp8" bash benchmarks/run_fast_gpu2.sh
+#   PROFILE=0 MODEL=.carry/t2i MINILM=/tmp/keep/minilm OUT=$OUT FAST_ARGS="--fast --fp8 --fp8-layers L" \
+#     bash benchmarks/run_fast_gpu2.sh        (L: the fastest form's Linears, e.g. qkv,fc1,fc2)
 set -o pipefail
 . benchmarks/gpu_env.sh
 OUT=${OUT:-results/gpu5}

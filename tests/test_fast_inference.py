@@ -506,6 +506,21 @@ def test_fp8_calibration_is_reproducible():
         assert first and scales(decoder, 2) == first
 
 
+def test_cli_fp8_layers_are_checked_before_anything_runs(saved_pipe, tmp_path, capsys):
+    from flowtok.cli import main
+
+    base = ["--model", str(saved_pipe), "--device", "cpu"]
+    eval_args = ["eval", "t2i", *base, "--n", "1", "--objects", "1", "--split", "seen", "--out", str(tmp_path / "e.json")]
+    for args, message in (([*eval_args, "--fp8-layers", "qkv"], "--fp8-layers needs --fp8"),
+                          (["generate", "x", *base, "-o", str(tmp_path / "x.png"), "--fp8-layers", "qkv,fc1"],
+                           "--fp8-layers needs --fp8"),
+                          ([*eval_args, "--fast", "--fp8", "--fp8-layers", "qkv,attn"], "layers must name")):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "x.png").exists()
+
+
 def test_cli_fp8_decoder_needs_an_fp8_gpu(saved_pipe, tmp_path, capsys):
     from flowtok.cli import main
     from flowtok.nn.fp8 import fp8_supported

@@ -55,19 +55,37 @@ def _pipeline(args: argparse.Namespace):
         if args.threads < 1:
             raise InvalidInputError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    layers = fp8_layers(args)
     pipe = FlowTokPipeline.from_pretrained(args.model, device=args.device)
     mode = getattr(args, "fp8", None)
     if mode == "dynamic":
-        pipe.quantize_fp8()
+        pipe.quantize_fp8(layers=layers)
     elif mode == "static":  # calibrated on this run's own inputs: one extra pass, then the fast FP8 kernels
         prompts = [args.prompt] if getattr(args, "prompt", None) else None
         images = list(args.images) if getattr(args, "images", None) else None
-        pipe.quantize_fp8(calibration_prompts=prompts, calibration_images=images)
+        pipe.quantize_fp8(calibration_prompts=prompts, calibration_images=images, layers=layers)
     decoder_mode = getattr(args, "fp8_decoder", None)
     if decoder_mode is not None:  # static: calibrated on this run's prompt (one extra pass); else per-token
         prompt = getattr(args, "prompt", None)
         pipe.quantize_decoder_fp8(calibration_prompts=[prompt] if decoder_mode == "static" and prompt else None)
     return pipe
+
+
+def fp8_layers(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """``--fp8-layers qkv,fc1``: the flow blocks' Linears to put in FP8 (None: all); refused without ``--fp8``
+    (before the model loads; the names are checked by ``quantize_fp8``)."""
+    text = getattr(args, "fp8_layers", None)
+    if text is None:
+        return None
+    if not getattr(args, "fp8", None):
+        raise InvalidInputError("--fp8-layers needs --fp8")
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def add_fp8_layers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fp8-layers", default=None, metavar="NAMES",
+                   help="with --fp8: which Linears of the flow's blocks, comma-separated among qkv, proj, fc1, fc2 "
+                        "(default: all four)")
 
 
 def enable_fast(pipe, batch_size: int) -> None:
@@ -317,6 +335,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="FP8 flow transformers (needs a Hopper / Ada GPU; combines with --fast, whose fused flow path "
                         "then runs FP8); static (default): scales calibrated on this run's inputs, one extra "
                         "pass; dynamic: per-token scales, slower")
+    add_fp8_layers_arg(p)
 
 
 FAST_HELP = ("the fast path (pipe.enable_fast_inference): on a CUDA GPU compiled flow and decoder blocks, the fused "

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..commands import add_fp8_layers_arg, fp8_layers
 from ..config import atomic_write_text
 from ..errors import DataError, InvalidInputError
 
@@ -185,9 +186,10 @@ def cmd_t2i(args: argparse.Namespace) -> int:
         raise InvalidInputError("--n and --fid-n must be >= 0")
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    layers = fp8_layers(args)
     pipe = load_pipeline(args.model, args.device)
     if args.fp8:
-        _quantize_fp8(pipe, args.fp8, args.seed)
+        _quantize_fp8(pipe, args.fp8, args.seed, layers)
     if args.fp8_decoder:
         pipe.quantize_decoder_fp8(calibration_prompts=_calibration_captions(args.seed, 9)
                                   if args.fp8_decoder == "static" else None)
@@ -248,9 +250,10 @@ def cmd_i2t(args: argparse.Namespace) -> int:
     objects, splits = _groups(args)
     if args.n < 1:
         raise InvalidInputError(f"--n must be >= 1, got {args.n}")
+    layers = fp8_layers(args)
     pipe = load_pipeline(args.model, args.device)
     if args.fp8:
-        _quantize_fp8(pipe, args.fp8, args.seed)
+        _quantize_fp8(pipe, args.fp8, args.seed, layers)
 
     def caption(images):
         return pipe.image_to_text(images, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -333,12 +336,12 @@ def cmd_recon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize_fp8(pipe, mode: str, seed: int) -> None:
+def _quantize_fp8(pipe, mode: str, seed: int, layers: tuple[str, ...] | None = None) -> None:
     """FP8 flows; static scales calibrated on training-split captions drawn apart from the test prompts."""
     if mode == "dynamic":
-        pipe.quantize_fp8()
+        pipe.quantize_fp8(layers=layers)
         return
-    pipe.quantize_fp8(calibration_prompts=_calibration_captions(seed, 8))
+    pipe.quantize_fp8(calibration_prompts=_calibration_captions(seed, 8), layers=layers)
 
 
 def _calibration_captions(seed: int, stream: int, n: int = 32) -> list[str]:
@@ -372,6 +375,7 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", nargs="?", const="static", choices=["static", "dynamic"], default=None,
                    help="FP8 flow transformers (needs a Hopper / Ada GPU); static (default): scales calibrated on "
                         "32 training-split shapes captions and their generated images; dynamic: per-token scales")
+    add_fp8_layers_arg(p)
     _group_options(p)
 
 
