@@ -4,7 +4,8 @@
 it on for :meth:`~flowtok.pipelines.FlowTokPipeline.text_to_image`; :class:`FastTextToImage` is the engine:
 
 * the flow samples through the fused DiT path (:meth:`flowtok.flow.FlowTransformer.enable_fused_inference`)
-  at batches where it pays, and through its regionally compiled plain blocks below that;
+  at batches where it pays, and through its regionally compiled plain blocks below that; FP8 blocks
+  (``pipe.quantize_fp8`` first) take the same routes;
 * the image decoder's transformer blocks are compiled in place (regional ``torch.compile``);
 * everything after tokenisation (which is host work) is captured as one CUDA graph per batch shape and
   settings: the text encoder, the projector, every sampling step, the decoder, and optionally the
