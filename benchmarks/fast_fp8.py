@@ -7,9 +7,9 @@ stays in bf16 (the gate folded in, the residual as the accumulator, as in bf16) 
 epilogue, gate and residual in one pass after). Three forms (:data:`FORMS`): ``fp8s`` (all four Linears),
 ``fp8s-no-proj`` (proj in bf16), ``fp8s-in`` (qkv and fc1 only). Measured, in this order:
 
-1. numerics: one CFG forward of the plain bf16 blocks, and of each form's plain and fused FP8 blocks, each
-   against an fp32 copy; the fused FP8 path passes if it is no further from fp32 than the plain FP8 blocks are
-   (x 1.1 + 1e-3);
+1. numerics: the LayerNorm kernel's e4m3 bytes against PyTorch's quantisers (:func:`check_kernel`); one CFG
+   forward of the plain bf16 blocks, and of each form's plain and fused FP8 blocks, each against an fp32 copy;
+   the fused FP8 path passes if it is no further from fp32 than the plain FP8 blocks are (x 1.1 + 1e-3);
 2. the flow alone, 20 Euler steps with CFG and a CUDA graph, at ``--batch`` (256): fused bf16 (the baseline, in
    this run) and each fused FP8 form; TFLOP/s counted in the bf16 model's FLOPs ("bf16-equivalent") and its
    fraction of the bf16 ``mm`` rate;
@@ -93,6 +93,37 @@ def check_numerics(flows: dict[str, FlowTransformer], device: torch.device) -> d
     return out
 
 
+def check_kernel(device: torch.device, dtype: torch.dtype, width: int, rows: int = 4928) -> dict[str, Any]:
+    """The LayerNorm kernel's e4m3 output against PyTorch's quantisers on the same rows (2 groups x ``rows`` x
+    ``width``; 4,928 rows: batch 64 x 77 tokens; static and per-row scales): the share of equal bytes and the largest gap in e4m3 steps. Skipped
+    where the kernel does not run (no Triton, or no FP8)."""
+    from flowtok.nn import triton_ops
+    from flowtok.nn.fp8 import E4M3_MAX, quantize_rows, to_e4m3
+
+    gen = torch.Generator().manual_seed(5)
+    x = (3 * torch.randn(2, rows, width, generator=gen) + 1).to(device, dtype)
+    if not triton_ops.available_fp8(x):
+        return {"skipped": "the e4m3 LayerNorm kernel does not run here"}
+    pending, shift, scale = (torch.randn(2, 1, width, generator=gen).to(device, dtype) for _ in range(3))
+    y = (torch.nn.functional.layer_norm(x.float() + pending.float(), (width,), eps=1e-6) * (1 + scale.float())
+         + shift.float()).reshape(-1, width)
+    static = (y.abs().amax() / 2 / E4M3_MAX).float()
+
+    def compare(q: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+        q, ref = q.reshape(ref.shape).float(), ref.float()
+        step = 2.0 ** (torch.floor(torch.log2(ref.abs().clamp(min=2 ** -6))) - 3)
+        return {"equal": float((q == ref).float().mean()), "max_steps": float(((q - ref).abs() / step).max())}
+
+    out: dict[str, Any] = {}
+    q, _ = triton_ops.add_layer_norm_modulate_fp8(x, pending, shift, scale, 1e-6, static)
+    out["static"] = compare(q, to_e4m3(y, static))
+    q, s = triton_ops.add_layer_norm_modulate_fp8(x, pending, shift, scale, 1e-6, None)
+    ref_q, ref_s = quantize_rows(y)
+    out["rows"] = {**compare(q, ref_q), "scale_rel_err": float(((s - ref_s).abs() / ref_s).max())}
+    out["pass"] = all(v["equal"] > 0.999 and v["max_steps"] <= 1 for v in (out["static"], out["rows"]))
+    return out
+
+
 def run(flow: FlowTransformer, projector, tokenizer, args, shapes, device: torch.device, dtype: torch.dtype,
         results: Results, budget: Budget) -> None:
     """The items of the module docstring, timed by fast_inference.py's own measuring code."""
@@ -104,6 +135,8 @@ def run(flow: FlowTransformer, projector, tokenizer, args, shapes, device: torch
         if results.run(f"quantize flow {form}", lambda form=form: _quantize_item(flows, flow, form, args, device),
                        device, budget, args.reserve, part="setup") is None:
             return
+    results.run("fp8 layernorm kernel", lambda: check_kernel(device, dtype, flow.config.width), device, budget,
+                args.reserve, part="numerics")
     results.run("fused fp8 numerics FlowTok-XL", lambda: check_numerics(flows, device), device, budget, args.reserve,
                 part="numerics")
     per_sample = fi.flow_flops(flow, device, dtype)  # the bf16 model's FLOPs: FP8 rates are bf16-equivalent

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -204,5 +205,19 @@ def test_the_e4m3_rounding_matches_pytorchs_cast_on_ties_subnormals_and_the_rang
         ref = x.to(torch.float8_e4m3fn).float()
         bad = y != ref
         assert not bad.any(), torch.stack([x[bad], y[bad], ref[bad]], 1)[:8]
+        print("OK")
+    """)
+
+
+def test_the_gpu_runs_kernel_check_passes_under_the_interpreter():
+    """benchmarks/fast_fp8.py's byte check of the e4m3 LayerNorm kernel, which a GPU run starts with."""
+    bench = str(Path(__file__).parents[1] / "benchmarks")
+    _interpreted(f"""
+        import sys
+        sys.path.insert(0, {bench!r})
+        import fast_fp8
+
+        out = fast_fp8.check_kernel(torch.device("cpu"), torch.bfloat16, 96, rows=200)
+        assert out["pass"] and out["static"]["max_steps"] <= 1 and out["rows"]["scale_rel_err"] < 1e-5, out
         print("OK")
     """)
