@@ -48,10 +48,7 @@ def quantized(flow: FlowTransformer, form: str, device: torch.device, guidance: 
     cfg = flow.config
     x0 = torch.randn(8, cfg.num_tokens, cfg.in_channels, generator=torch.Generator().manual_seed(11))
     x0 = x0.to(device, flow.pos_embed.dtype)
-    quant = copy.deepcopy(flow)
-    quant.disable_fused_inference()
-    for block in quant.blocks:  # a compiled copy would keep running its bf16 Linears: quantise the plain blocks
-        block._compiled_call_impl = None
+    quant = copy.deepcopy(flow)  # (quantize_fp8 calibrates on the plain blocks, and refuses compiled ones)
     quant.quantize_fp8(emulate=not fp8_supported(device), layers=FORMS[form],
                        calibrate=lambda: euler_sample(quant, x0, num_steps=20, guidance_scale=guidance))
     return quant
@@ -65,8 +62,6 @@ def check_numerics(flows: dict[str, FlowTransformer], device: torch.device) -> d
     x, t, ind = cfg_inputs(base, device)
     b = x.shape[0] // 2
     ref32 = copy.deepcopy(base).float()
-    for block in ref32.blocks:
-        block._compiled_call_impl = None
     dtype = base.pos_embed.dtype
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,8 +90,8 @@ def check_numerics(flows: dict[str, FlowTransformer], device: torch.device) -> d
 
 def check_kernel(device: torch.device, dtype: torch.dtype, width: int, rows: int = 4928) -> dict[str, Any]:
     """The LayerNorm kernel's e4m3 output against PyTorch's quantisers on the same rows (2 groups x ``rows`` x
-    ``width``; 4,928 rows: batch 64 x 77 tokens; static and per-row scales): the share of equal bytes and the largest gap in e4m3 steps. Skipped
-    where the kernel does not run (no Triton, or no FP8)."""
+    ``width``; 4,928 rows: batch 64 x 77 tokens; static and per-row scales): the share of equal bytes and the
+    largest gap in e4m3 steps. Skipped where the kernel does not run (no Triton, or no FP8)."""
     from flowtok.nn import triton_ops
     from flowtok.nn.fp8 import E4M3_MAX, quantize_rows, to_e4m3
 

@@ -12,8 +12,8 @@ for three pipelines generated from the same prompts and seeds:
 
 Where the device has no FP8 matmuls (a CPU) the FP8 numbers are emulated: e4m3 weights and inputs, float
 matmuls with bf16 outputs, so the judged accuracy is what an FP8 GPU would give up to accumulation order. Besides
-the accuracy per group, each FP8 row records how many images' judged scenes and pixels differ from the float
-model's and from the plain FP8 blocks' (mean absolute difference in 0..255).
+the accuracy per group, each FP8 row records how many images differ in any pixel from the float model's and from
+the plain FP8 blocks', and the mean absolute pixel difference (0..255).
 
     python benchmarks/fp8_flow_accuracy.py --device cpu --n 300 --out results/fp8-accuracy.json
 """
