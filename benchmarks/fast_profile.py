@@ -129,8 +129,9 @@ def _accumulate_per_group(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> 
 
 
 def _block_fold_in(block, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
-                   epilogue: bool) -> torch.Tensor:
-    """The fused block as of 2026-12-02: every adaLN vector folded into the weights, per-group GEMMs."""
+                   epilogue: bool, triton_gelu: bool = False) -> torch.Tensor:
+    """The fused block as of 2026-12-02: every adaLN vector folded into the weights, per-group GEMMs (cuBLASLt's
+    GELU epilogue whatever ``triton_gelu`` says)."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp

@@ -45,7 +45,7 @@ def test_fused_path_falls_back_to_the_plain_forward_where_it_does_not_apply():
     x, t = torch.randn(4, 8, 4), torch.tensor(0.5)
     calls = []
     original = fused_dit.fused_blocks_forward
-    fused_dit.fused_blocks_forward = lambda *a: calls.append(1) or original(*a)
+    fused_dit.fused_blocks_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         with torch.no_grad():  # 2 samples x 8 tokens per group < min_rows: the plain blocks, bitwise
             ref = model(x, t.expand(4), torch.tensor([0, 0, 1, 1]))
@@ -63,6 +63,24 @@ def test_fused_path_falls_back_to_the_plain_forward_where_it_does_not_apply():
         model.forward_grouped(torch.randn(3, 8, 4), t, (0, 1))
     with pytest.raises(InvalidInputError, match="min_rows"):
         model.enable_fused_inference(min_rows=-1)
+    with pytest.raises(InvalidInputError, match="gelu_gemm must be one of pytorch, triton"):
+        model.enable_fused_inference(gelu_gemm="cutlass")
+
+
+def test_the_triton_gelu_gemm_falls_back_to_pytorch_where_triton_does_not_run():
+    """Outside the interpreter a CPU tensor cannot take the Triton GEMM: ``gelu_gemm="triton"`` computes what
+    ``"pytorch"`` does, bitwise. (The kernel itself is checked under the interpreter in test_triton_ops.py.)"""
+    model = _flow()
+    x, t = torch.randn(4, 8, 4), torch.tensor(0.3)
+    with torch.no_grad():
+        ref = model.enable_fused_inference(min_rows=0).forward_grouped(x, t, (0, 1))
+        out = model.enable_fused_inference(min_rows=0, gelu_gemm="triton").forward_grouped(x, t, (0, 1))
+    assert model.fused_gelu_gemm == "triton"
+    assert torch.equal(out, ref)
+    width = model.config.width
+    with pytest.raises(ValueError, match="gelu_gemm must be one of"):
+        fused_dit.fused_blocks_forward(model.blocks, model.final_layer, torch.randn(2, 8, width),
+                                       torch.randn(1, width), gelu_gemm="cutlass")
 
 
 @pytest.mark.parametrize("solver,guidance", [(euler_sample, 3.0), (euler_sample, 1.0), (heun_sample, 2.0)])
@@ -226,7 +244,7 @@ def test_fast_pipeline_returns_the_plain_pipelines_images(pipe):
     pipe.t2i_flow.fused_min_rows = 0  # the tiny flow would otherwise stay below the fused path's threshold
     calls = []
     original = fused_dit.fused_blocks_forward
-    fused_dit.fused_blocks_forward = lambda *a: calls.append(1) or original(*a)
+    fused_dit.fused_blocks_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         fast = _images(pipe)
     finally:
@@ -316,7 +334,7 @@ def test_fast_inference_fp8_flow_mode_tiny(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     calls = []
     original = fused_dit.fused_blocks_forward
-    monkeypatch.setattr(fused_dit, "fused_blocks_forward", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(fused_dit, "fused_blocks_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     data = module.main(["--tiny", "--device", "cpu", "--fp8-flow", "--min-rows", "0", "--warmup", "0", "--iters",
                         "1", "--pipeline-batches", "2", "--out", str(tmp_path / "f.json")])
     items = {i["name"]: i for i in data["items"]}
@@ -350,7 +368,7 @@ def test_cli_generate_fast_gives_the_plain_images_on_a_cpu(saved_pipe, tmp_path,
     monkeypatch.setattr(fastlib, "DEFAULT_FUSED_MIN_ROWS", 0)  # the tiny flow: fused from one prompt on
     calls = []
     original = fused_dit.fused_blocks_forward
-    monkeypatch.setattr(fused_dit, "fused_blocks_forward", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(fused_dit, "fused_blocks_forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     assert main([*args, "-o", str(tmp_path / "fast.png"), "--fast"]) == 0
     err = capsys.readouterr().err
     assert "--fast on cpu" in err and "CUDA GPU" in err and "batches of 1 prompts" in err
@@ -474,7 +492,7 @@ def test_fp8_flow_goes_before_the_fast_path_and_samples_fused():
     ref = _images(pipe)  # the plain FP8 blocks
     calls = []
     original = fused_dit.fused_blocks_forward
-    fused_dit.fused_blocks_forward = lambda *a: calls.append(1) or original(*a)
+    fused_dit.fused_blocks_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
         pipe.enable_fast_inference(batch_size=2)
         pipe.t2i_flow.fused_min_rows = 0

@@ -221,3 +221,61 @@ def test_the_gpu_runs_kernel_check_passes_under_the_interpreter():
         assert out["pass"] and out["static"]["max_steps"] <= 1 and out["rows"]["scale_rel_err"] < 1e-5, out
         print("OK")
     """)
+
+
+def test_linear_gelu_kernel_equals_linear_then_tanh_gelu():
+    """Rows, columns and depth that are and are not multiples of the tiles; with and without bias; bf16 to one
+    bf16 step (the interpreter truncates); the GELU's tails: -0 far below zero, x far above."""
+    _interpreted("""
+        import torch
+        import torch.nn.functional as F
+        from flowtok.nn import triton_ops as T
+
+        torch.manual_seed(0)
+        for m, k, n, has_bias, launch in [(100, 64, 96, True, (32, 32, 16, 2, 4, 1)),
+                                          (37, 40, 50, False, (16, 32, 16, 4, 4, 1)),
+                                          (300, 128, 64, True, None)]:
+            x, w = torch.randn(m, k), torch.randn(n, k) / k ** 0.5
+            bias = torch.randn(n) if has_bias else None
+            out = T.linear_gelu(x, w, bias, launch)
+            assert out.shape == (m, n) and out.dtype == torch.float32
+            torch.testing.assert_close(out, F.gelu(F.linear(x, w, bias), approximate="tanh"), rtol=1e-5, atol=1e-5)
+            x16, w16 = x.bfloat16(), w.bfloat16()
+            b16 = bias.bfloat16() if bias is not None else None
+            half = T.linear_gelu(x16, w16, b16, launch)
+            ref = F.gelu(F.linear(x16.float(), w16.float(), b16.float() if b16 is not None else None),
+                         approximate="tanh")
+            assert half.dtype == torch.bfloat16
+            assert ((half.float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-5).all()
+        x = torch.tensor([-100.0, -20.0, -5.0, -1e-4, 0.0, 1e-4, 3.0, 50.0, 1e4]).view(-1, 1)
+        tails = T.linear_gelu(x, torch.ones(1, 1), None, (16, 16, 16, 1, 4, 1))
+        torch.testing.assert_close(tails, F.gelu(x, approximate="tanh"), rtol=1e-4, atol=1e-6)
+        for bad in [(torch.zeros(4, 3), torch.zeros(5, 2), None), (torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4))]:
+            try:
+                T.linear_gelu(*bad)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("mismatched shapes were accepted")
+        print("OK")
+    """)
+
+
+def test_fused_flow_with_the_triton_gelu_gemm_equals_the_plain_blocks():
+    _interpreted("""
+        import torch
+        from flowtok.nn import triton_ops
+
+        model = live_tiny_flow()
+        calls = []
+        fn = triton_ops.linear_gelu
+        triton_ops.linear_gelu = lambda *a, **k: calls.append(1) or fn(*a, **k)
+        x, t = torch.randn(6, 8, 4), torch.tensor(0.37)
+        with torch.no_grad():
+            ref = model(x, t.expand(6), torch.tensor([0, 0, 0, 1, 1, 1]))
+            model.enable_fused_inference(min_rows=0, gelu_gemm="triton")
+            out = model.forward_grouped(x, t, (0, 1))
+        assert len(calls) == model.config.depth
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        print("OK")
+    """)

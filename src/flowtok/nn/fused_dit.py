@@ -53,6 +53,13 @@ from .fp8 import FP8Linear, fp8_supported, quantize_rows, to_e4m3
 
 log = logging.getLogger(__name__)
 
+# What computes a plain fc1 and its tanh-GELU on the fused path: "pytorch", cuBLASLt's GELU epilogue
+# (torch._addmm_activation) where it computes tanh-GELU, else a GEMM then the GELU; "triton", flowtok's GEMM with the
+# bias and GELU in its epilogue (triton_ops.linear_gelu) where Triton runs, else as "pytorch". (On an H200 the
+# cuBLASLt GEMM with the GELU epilogue ran at about 555 TFLOP/s against 630-685 for the same GEMMs with a bias
+# epilogue: fast_profile of 2026-12-04.)
+GELU_GEMMS = ("pytorch", "triton")
+
 _GELU_EPILOGUE: dict[tuple[str, torch.dtype], bool] = {}
 _COMPILED: dict[tuple[str, str], Callable[..., Any] | None] = {}
 
@@ -203,9 +210,12 @@ def _fold_out(linear: nn.Linear, gate: torch.Tensor, pending: torch.Tensor) -> t
     return folded, (pending + (gate * bias).unsqueeze(1) if bias is not None else pending)
 
 
-def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool) -> torch.Tensor:
-    """``tanh-GELU(a @ W^T + b)``: in cuBLASLt's epilogue if ``epilogue``, else a GEMM then an in-place GELU."""
+def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool, triton_gelu: bool = False) -> torch.Tensor:
+    """``tanh-GELU(a @ W^T + b)``: flowtok's Triton GEMM with the bias and GELU in its epilogue if ``triton_gelu``,
+    else in cuBLASLt's epilogue if ``epilogue``, else a GEMM then an in-place GELU."""
     w, bias = linear.weight, linear.bias
+    if triton_gelu:
+        return triton_ops.linear_gelu(a, w, bias)
     if epilogue:
         return torch._addmm_activation(bias if bias is not None else w.new_zeros(w.shape[0]), a, w.t(),
                                        use_gelu=True)
@@ -238,9 +248,10 @@ def _output(layer: nn.Module, x: torch.Tensor, a: torch.Tensor | Quantized, gate
 
 
 def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
-           epilogue: bool) -> torch.Tensor:
+           epilogue: bool, triton_gelu: bool = False) -> torch.Tensor:
     """One block on the stream ``x [G, R, D]`` (updated in place) with its adaLN output ``mod [G, 6 D]``; returns the
-    new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8."""
+    new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8. A plain fc1 runs with its bias and
+    GELU in the epilogue of flowtok's Triton GEMM if ``triton_gelu``, else of cuBLASLt's if ``epilogue``."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp
@@ -260,7 +271,7 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
         hidden = _quantize_for(mlp.fc2, pre, "gelu") if isinstance(mlp.fc2, FP8Linear) \
             else torch.ops.aten.gelu_(pre, approximate="tanh")
     else:
-        hidden = _gemm_gelu(cast(torch.Tensor, h), _linear(mlp.fc1), epilogue)
+        hidden = _gemm_gelu(cast(torch.Tensor, h), _linear(mlp.fc1), epilogue, triton_gelu)
         if isinstance(mlp.fc2, FP8Linear):
             hidden = _quantize_for(mlp.fc2, hidden)
     return _output(mlp.fc2, x, hidden, gate_mlp, after_attn)
@@ -284,10 +295,13 @@ def fused_block_supported(block: DiTBlock) -> bool:
 
 @torch.no_grad()
 def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torch.Tensor,
-                         cond: torch.Tensor) -> torch.Tensor:
+                         cond: torch.Tensor, gelu_gemm: str = "pytorch") -> torch.Tensor:
     """The DiT blocks and final layer over ``h [G * b, N, D]`` whose ``G`` contiguous groups of ``b`` samples
     each share one condition row of ``cond [G, D]``. Inference only; ``h`` is not modified. Equals
-    ``final_layer(blocks(h, c), c)`` with ``c`` each group's row repeated, up to rounding."""
+    ``final_layer(blocks(h, c), c)`` with ``c`` each group's row repeated, up to rounding. ``gelu_gemm``: which
+    GEMM computes a plain fc1 with its GELU, one of :data:`GELU_GEMMS`."""
+    if gelu_gemm not in GELU_GEMMS:
+        raise ValueError(f"gelu_gemm must be one of {', '.join(GELU_GEMMS)}, got {gelu_gemm!r}")
     groups = cond.shape[0]
     if h.shape[0] % groups:
         raise ValueError(f"batch {h.shape[0]} does not split into {groups} equal groups")
@@ -295,12 +309,14 @@ def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torc
     x = h.reshape(groups, batch * n, d).clone()
     pending = x.new_zeros(groups, 1, d)
     epilogue = gelu_epilogue_is_tanh(x.device, x.dtype)
+    triton_gelu = gelu_gemm == "triton" and triton_ops.available(x)
     silu_cond = F.silu(cond)
     for block in blocks:
         blk = cast(DiTBlock, block)
         if not fused_block_supported(blk):
             raise ValueError("the fused path needs plain or FP8 Linears and the tanh-GELU MLP")
-        pending = _block(blk, x, pending, _modulation(blk.adaLN_modulation, silu_cond), batch, epilogue)
+        pending = _block(blk, x, pending, _modulation(blk.adaLN_modulation, silu_cond), batch, epilogue,
+                         triton_gelu)
     shift, scale = _modulation(final_layer.adaLN_modulation, silu_cond).chunk(2, dim=1)
     y = modulated_layer_norm(x, pending, shift, scale, final_layer.norm_final.eps).view(groups * batch * n, d)
     out = final_layer.linear(y)

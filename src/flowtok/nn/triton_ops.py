@@ -63,6 +63,12 @@ if triton is not None:
         return ((v / step + magic) - magic) * step
 
     @triton.jit
+    def _operand(x, UPCAST: tl.constexpr):
+        if UPCAST:
+            return x.to(tl.float32)
+        return x
+
+    @triton.jit
     def _add_layer_norm_modulate_kernel(x_ptr, pending_ptr, pending_stride, shift_ptr, scale_ptr, mod_stride, y_ptr,
                                         q_scale_ptr, n_rows, rows_per_group, d, eps, MAIN: tl.constexpr,
                                         TAIL: tl.constexpr, ROWS: tl.constexpr, MODULATE: tl.constexpr,
@@ -145,6 +151,51 @@ if triton is not None:
             if HAS_BIAS:
                 pending += gate * bias
             tl.store(pending_out_ptr + g * n_out + rows, pending.to(pending_out_ptr.dtype.element_ty), mask=first)
+
+
+    @triton.jit
+    def _linear_gelu_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, m, N: tl.constexpr, K: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
+        # out = tanh-GELU(a @ w^T + bias): a [m, K], w [N, K] (an nn.Linear's weight), out [m, N], all row-major.
+        # One output tile a program, tiles ordered in column strips GROUP_M tiles tall (a's rows stay in L2 while
+        # w's column blocks go by). Rows past m and columns past N read the tile's first rows / columns again
+        # (no load masks) and are not stored. fp32 accumulation, bias and GELU in fp32, one rounding at the store.
+        # UPCAST (the interpreter, whose bf16 dots return garbage in Triton 3.6) multiplies in fp32.
+        pid = tl.program_id(0)
+        tiles_m = tl.cdiv(m, BLOCK_M)
+        tiles_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        per_group = GROUP_M * tiles_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        a_rows = tl.max_contiguous(tl.multiple_of(rows % m, BLOCK_M), BLOCK_M)
+        w_cols = tl.max_contiguous(tl.multiple_of(cols % N, BLOCK_N), BLOCK_N)
+        a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * K + ks[None, :]
+        w_ptrs = w_ptr + w_cols.to(tl.int64)[None, :] * K + ks[:, None]  # w^T's [BLOCK_K, BLOCK_N] tile
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):  # K a constant: a fixed trip count
+            if K % BLOCK_K == 0:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=ks[None, :] < K - k, other=0.0)
+                w = tl.load(w_ptrs, mask=ks[:, None] < K - k, other=0.0)
+            acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + w_cols).to(tl.float32)[None, :]
+        # tanh-GELU: 0.5 x (1 + tanh(u)) = x * sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3); exp2 of
+        # -2 u log2(e). Saturates cleanly: exp2 -> inf gives -0, exp2 -> 0 gives x.
+        u2 = acc * (-2.0 * 0.7978845608028654 * 1.4426950408889634) * (1.0 + 0.044715 * acc * acc)
+        out = acc / (1.0 + tl.exp2(u2))
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < m)[:, None] & (cols < N)[None, :])
 
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
@@ -239,3 +290,33 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
                             BLOCK_I=block_i, num_warps=4)
     return out, pending_out
 
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) of :func:`linear_gelu` by default: the common Hopper shape for
+# a bf16 GEMM with wide tiles (not yet timed here; ``benchmarks/gelu_gemm.py`` sweeps the alternatives).
+LINEAR_GELU_LAUNCH = (128, 256, 64, 8, 8, 3)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                launch: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+    """``tanh-GELU(x @ weight^T + bias)`` in one GEMM whose epilogue adds the bias and applies the GELU in fp32
+    (an MLP's first Linear and its activation): ``x [M, K]``, ``weight [N, K]``, ``bias [N]`` or None; returns
+    ``[M, N]`` in ``x``'s dtype. ``launch``: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages), default
+    :data:`LINEAR_GELU_LAUNCH`. Needs :func:`available`."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_gelu takes x [M, K] and weight [N, K], got {list(x.shape)} and "
+                         f"{list(weight.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block_m, block_n, block_k, group_m, warps, stages = launch or LINEAR_GELU_LAUNCH
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _linear_gelu_kernel[grid](x, weight, bias if bias is not None else weight, out, m, N=n, K=k, BLOCK_M=block_m,
+                              BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, HAS_BIAS=bias is not None,
+                              UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
+    return out
