@@ -49,7 +49,7 @@ from flowtok.sampling import GraphedSampler, euler_sample
 
 CATEGORIES = ("GEMM", "attention", "layernorm/elementwise", "fold", "other")
 FOLD_RANGE = "flowtok::fold"
-VARIANTS = ("no-epilogue", "per-group", "no-triton", "fold-in", "sdpa-flash", "sdpa-efficient")
+VARIANTS = ("no-epilogue", "per-group", "no-triton", "fold-in", "sdpa-flash", "sdpa-efficient", "triton-gelu")
 
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_mha|mha_")
 _GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|cublas|splitk|matmul|triton_tem"
@@ -167,6 +167,7 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
         raise ValueError(f"unknown variant {name!r}; one of {', '.join(VARIANTS)}")
     key = (str(torch.empty(0, device=device).device), dtype)  # "cuda:0", as fused_blocks_forward asks
     saved_epilogue, saved_block, saved_accumulate = fd._GELU_EPILOGUE.get(key), fd._block, fd._accumulate
+    saved_gemm_gelu = fd._gemm_gelu
     saved_triton = triton_ops.ENABLED
     backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
     attention = sdpa_kernel([backends[name]]) if name in backends else contextlib.nullcontext()
@@ -178,11 +179,15 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
         fd._accumulate = _accumulate_per_group  # type: ignore[assignment]
     elif name == "fold-in":
         fd._block = _block_fold_in  # type: ignore[assignment]
+    elif name == "triton-gelu":  # fc1 + GELU in flowtok's Triton GEMM (gelu_gemm="triton"), where Triton runs
+        fd._gemm_gelu = lambda a, linear, epilogue, triton_gelu=False: saved_gemm_gelu(  # type: ignore[assignment]
+            a, linear, epilogue, triton_ops.available(a))
     try:
         with attention:
             yield
     finally:
         fd._block, fd._accumulate = saved_block, saved_accumulate  # type: ignore[assignment]
+        fd._gemm_gelu = saved_gemm_gelu  # type: ignore[assignment]
         triton_ops.ENABLED = saved_triton
         if saved_epilogue is None:
             fd._GELU_EPILOGUE.pop(key, None)

@@ -1,7 +1,8 @@
 # Issue 23, the flow in FP8 through the fused path, in one GPU call (one H200, <= 10 minutes): first the flow's
 # attention alone in every form PyTorch offers (attention_variants.py, by 150 s), then fast_inference.py --fp8-flow
-# (numerics; the flow in bf16, FP8 and FP8 with bf16 output Linears at batch 256; the 20-step pipelines with the
-# faster FP8 flow, and with the FP8 decoder too, against PixArt at its best; the flows at batch 64), by 585 s.
+# (numerics; the flow in bf16, FP8 and FP8 with bf16 output Linears at batch 256, the fastest FP8 form again with
+# fc1 in flowtok's Triton GEMM; the 20-step pipelines with the faster FP8 flow, and with the FP8 decoder too,
+# against PixArt at its best; the flows at batch 64), by 585 s.
 #   device run, carry [".whl"], timeout_s 600, command "OUT=$OUT bash benchmarks/run_fast_gpu5.sh"
 # .whl/ holds the diffusers wheel (docs/benchmarks.md says how to get it). Files under $OUT: attention.json,
 # fp8flow.json, fast5.log, smi.csv. The shapes accuracy with --fast --fp8 is a second call:

@@ -204,3 +204,20 @@ def test_attention_variants_benchmark_on_a_cpu(tmp_path):
     assert {"sdpa default, strided views", "sdpa flash, contiguous", "math, eager, strided views"} <= set(ok)
     assert all(i["rel_err"] < 1e-5 and i["us"] > 0 for i in ok.values())
     assert data["env"]["floor_bytes"] == 2 * 77 * 4 * (3 * 16 * 72 + 16 * 72)
+
+
+def test_gelu_gemm_benchmark_on_a_cpu(tmp_path):
+    bench = _bench("gelu_gemm")
+    data = bench.main(["--device", "cpu", "--rows", "96", "--width", "32", "--hidden", "64", "--calls", "1",
+                       "--out", str(tmp_path / "g.json")])
+    items = {i["name"]: i for i in data["items"]}
+    # no Triton and no inductor rows without a GPU (or the interpreter); the three PyTorch forms, each checked
+    # against fp32: the bias-only GEMM against the linear, the others against tanh-GELU (the CPU's
+    # _addmm_activation applies exact GELU: about 2e-4 away)
+    assert set(items) == {"addmm, bias epilogue (no GELU)", "cuBLASLt GELU epilogue (_addmm_activation)",
+                          "addmm then GELU in place"}
+    assert all(i["status"] == "ok" and i["us"] > 0 and i["tflops"] > 0 for i in items.values())
+    assert items["addmm then GELU in place"]["rel_err"] < 1e-6
+    assert items["addmm, bias epilogue (no GELU)"]["rel_err"] < 1e-6
+    assert 1e-5 < items["cuBLASLt GELU epilogue (_addmm_activation)"]["rel_err"] < 1e-2
+    assert (tmp_path / "g.json").is_file()

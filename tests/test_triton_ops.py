@@ -237,18 +237,20 @@ def test_linear_gelu_kernel_equals_linear_then_tanh_gelu():
                                           (300, 128, 64, True, None)]:
             x, w = torch.randn(m, k), torch.randn(n, k) / k ** 0.5
             bias = torch.randn(n) if has_bias else None
-            out = T.linear_gelu(x, w, bias, launch)
-            assert out.shape == (m, n) and out.dtype == torch.float32
-            torch.testing.assert_close(out, F.gelu(F.linear(x, w, bias), approximate="tanh"), rtol=1e-5, atol=1e-5)
+            for tma in (False, True):  # pointer loads, and tiles through tensor descriptors (zeros past the edges)
+                out = T.linear_gelu(x, w, bias, launch, tma=tma)
+                assert out.shape == (m, n) and out.dtype == torch.float32
+                torch.testing.assert_close(out, F.gelu(F.linear(x, w, bias), approximate="tanh"), rtol=1e-5,
+                                           atol=1e-5)
             x16, w16 = x.bfloat16(), w.bfloat16()
             b16 = bias.bfloat16() if bias is not None else None
-            half = T.linear_gelu(x16, w16, b16, launch)
+            half = T.linear_gelu(x16, w16, b16, launch, tma=True)
             ref = F.gelu(F.linear(x16.float(), w16.float(), b16.float() if b16 is not None else None),
                          approximate="tanh")
             assert half.dtype == torch.bfloat16
             assert ((half.float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-5).all()
         x = torch.tensor([-100.0, -20.0, -5.0, -1e-4, 0.0, 1e-4, 3.0, 50.0, 1e4]).view(-1, 1)
-        tails = T.linear_gelu(x, torch.ones(1, 1), None, (16, 16, 16, 1, 4, 1))
+        tails = T.linear_gelu(x, torch.ones(1, 1), None, (16, 16, 16, 1, 4, 1), tma=False)
         torch.testing.assert_close(tails, F.gelu(x, approximate="tanh"), rtol=1e-4, atol=1e-6)
         for bad in [(torch.zeros(4, 3), torch.zeros(5, 2), None), (torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4))]:
             try:
@@ -277,5 +279,117 @@ def test_fused_flow_with_the_triton_gelu_gemm_equals_the_plain_blocks():
             out = model.forward_grouped(x, t, (0, 1))
         assert len(calls) == model.config.depth
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        print("OK")
+    """)
+
+
+def test_the_gelu_gemm_benchmarks_triton_rows_pass_under_the_interpreter():
+    """benchmarks/gelu_gemm.py's rows of flowtok's kernel, every launch shape of its sweep (16-bit and e4m3
+    operands), against fp32."""
+    bench = str(Path(__file__).parents[1] / "benchmarks")
+    _interpreted(f"""
+        import sys
+        sys.path.insert(0, {bench!r})
+        import gelu_gemm
+
+        data = gelu_gemm.main(["--device", "cpu", "--rows", "80", "--width", "64", "--hidden", "96", "--calls", "1"])
+        rows = [i for i in data["items"] if i["name"].startswith("triton linear_gelu")]
+        assert len(rows) == 2 * len(gelu_gemm.LAUNCHES), rows  # TMA and pointer loads
+        assert all(i["status"] == "ok" and i["rel_err"] < 1e-5 for i in rows), rows
+        # e4m3 operands, e4m3 out: within e4m3's rounding of the dequantised product's GELU
+        rows = [i for i in data["items"] if i["name"].startswith("fp8 triton linear_gelu")]
+        assert len(rows) == 2 * len(gelu_gemm.LAUNCHES_FP8), rows
+        assert all(i["status"] == "ok" and 0 < i["rel_err"] < 0.05 for i in rows), rows
+        print("OK")
+    """)
+
+
+def test_linear_gelu_kernel_takes_fp8_operands_and_writes_the_next_fp8_input():
+    """e4m3 input and weight with static (one) or per-row / per-column scales, as FP8Linear holds them: bf16 out
+    to one bf16 step of the dequantised product's GELU; with an output scale, the e4m3 bytes of PyTorch's cast of
+    that GELU (one e4m3 step at an fp32 tie)."""
+    _interpreted("""
+        import torch
+        import torch.nn.functional as F
+        from flowtok.nn import triton_ops as T
+        from flowtok.nn.fp8 import E4M3_MAX, quantize_rows, quantize_tensor, to_e4m3
+
+        torch.manual_seed(0)
+        m, k, n = 70, 64, 96
+        x, w, b = 2 * torch.randn(m, k), torch.randn(n, k) / 8, torch.randn(n)
+        for static in (True, False):
+            (qx, sx), (qw, sw) = (quantize_tensor(x), quantize_tensor(w)) if static else (quantize_rows(x),
+                                                                                          quantize_rows(w))
+            if not static:
+                sw = sw.reshape(1, -1)  # one scale an output column, as FP8Linear keeps it
+            ref = F.gelu((qx.float() * sx) @ (qw.float() * sw.reshape(-1, 1)).T + b, approximate="tanh")
+            for tma in (False, True):
+                out = T.linear_gelu(qx, qw, b, (32, 32, 32, 2, 4, 1), tma=tma, x_scale=sx, w_scale=sw)
+                assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+                assert ((out.float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-5).all()
+                out_scale = torch.tensor(float(ref.abs().max()) / 2 / E4M3_MAX)  # half the range: saturates
+                q = T.linear_gelu(qx, qw, b, (32, 32, 32, 2, 4, 1), tma=tma, x_scale=sx, w_scale=sw,
+                                  out_scale=out_scale)
+                r = to_e4m3(ref, out_scale).float()
+                assert q.dtype == torch.float8_e4m3fn and float(q.float().abs().max()) == E4M3_MAX
+                step = 2.0 ** (torch.floor(torch.log2(r.abs().clamp(min=2 ** -6))) - 3)
+                assert ((q.float() - r).abs() <= step).all() and float((q.float() == r).float().mean()) > 0.999
+        for bad in [dict(x_scale=torch.ones(())), dict(out_scale=torch.ones(()))]:
+            try:
+                T.linear_gelu(x, w, b, **bad)  # scales belong to e4m3 operands
+            except ValueError:
+                pass
+            else:
+                raise AssertionError(f"{bad} accepted for float operands")
+        print("OK")
+    """)
+
+
+def test_fused_fp8_flow_with_the_triton_gelu_gemm_is_the_fp8_blocks_without_their_bf16_roundings():
+    """Static scales: fc1's kernel writes fc2's e4m3 input itself; per-row scales: bf16 out, quantised after. The
+    kernel rounds fc1's accumulator once, where the plain FP8 block rounds to bf16 before its GELU and after it:
+    with those roundings taken out of the plain FP8 Linear (an fp32 product), the two agree to fp32 rounding; as
+    they are, the kernel's path is no further from the float model than the plain FP8 blocks are."""
+    _interpreted("""
+        import copy
+        import torch
+        from flowtok.nn import fp8, triton_ops
+
+        base = live_tiny_flow()
+        calls = []
+        fn = triton_ops.linear_gelu
+        triton_ops.linear_gelu = lambda *a, **k: calls.append(k.get("out_scale")) or fn(*a, **k)
+        x, t = torch.randn(6, 8, 4), torch.tensor(0.37)
+        nulls = torch.tensor([0, 0, 0, 1, 1, 1])
+        rel = lambda a, b: float((a - b).norm() / b.norm())
+
+        def fp8_flow(static):
+            model = copy.deepcopy(base)
+            model.quantize_fp8(emulate=True, calibrate=(lambda: model(x, t.expand(6), torch.tensor([0] * 6)))
+                               if static else None)
+            return model
+
+        def fused(model, gelu_gemm):
+            model.enable_fused_inference(min_rows=0, gelu_gemm=gelu_gemm)
+            return model.forward_grouped(x, t, (0, 1))
+
+        with torch.no_grad():
+            ref = base(x, t.expand(6), nulls)
+            for static in (True, False):
+                model = fp8_flow(static)
+                plain = model(x, t.expand(6), nulls)
+                calls.clear()
+                out = fused(model, "triton")
+                assert len(calls) == model.config.depth and all((s is not None) == static for s in calls)
+                assert rel(out, ref) <= 1.1 * rel(plain, ref) + 1e-3, (static, rel(out, ref), rel(plain, ref))
+
+            def matmul_fp32(self, q, scale, bias=True):  # the emulated FP8 product, not rounded to bf16
+                w = self.weight_fp8.float() * (self.weight_scale if self.static else self.weight_scale.t())
+                y = (q.float() * scale) @ w.t()
+                return y + self.bias if bias and self.bias is not None else y
+
+            fp8.FP8Linear.matmul = matmul_fp32
+            model = fp8_flow(True)
+            torch.testing.assert_close(fused(model, "triton"), fused(model, "pytorch"), rtol=1e-5, atol=1e-5)
         print("OK")
     """)

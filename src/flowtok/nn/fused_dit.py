@@ -53,11 +53,12 @@ from .fp8 import FP8Linear, fp8_supported, quantize_rows, to_e4m3
 
 log = logging.getLogger(__name__)
 
-# What computes a plain fc1 and its tanh-GELU on the fused path: "pytorch", cuBLASLt's GELU epilogue
-# (torch._addmm_activation) where it computes tanh-GELU, else a GEMM then the GELU; "triton", flowtok's GEMM with the
-# bias and GELU in its epilogue (triton_ops.linear_gelu) where Triton runs, else as "pytorch". (On an H200 the
-# cuBLASLt GEMM with the GELU epilogue ran at about 555 TFLOP/s against 630-685 for the same GEMMs with a bias
-# epilogue: fast_profile of 2026-12-04.)
+# What computes fc1 and its tanh-GELU on the fused path. "pytorch": cuBLASLt's GELU epilogue
+# (torch._addmm_activation) where it computes tanh-GELU, else a GEMM then the GELU; an FP8 fc1 runs _scaled_mm, then
+# the GELU and fc2's quantisation in one pass. "triton": flowtok's GEMM with the bias and GELU in its epilogue
+# (triton_ops.linear_gelu; an FP8 fc1's e4m3 operands too, writing an FP8 fc2's static-scale input in e4m3) where
+# Triton runs, else as "pytorch". (On an H200 the cuBLASLt GEMM with the GELU epilogue ran at about 555 TFLOP/s
+# against 630 for qkv's GEMM with a bias epilogue: the fused path's profile of 2026-12-04.)
 GELU_GEMMS = ("pytorch", "triton")
 
 _GELU_EPILOGUE: dict[tuple[str, torch.dtype], bool] = {}
@@ -222,6 +223,18 @@ def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool, triton_gelu: 
     return torch.ops.aten.gelu_(linear(a), approximate="tanh")
 
 
+def _fp8_gemm_gelu(fc1: FP8Linear, fc2: nn.Module, h: Quantized, dtype: torch.dtype) -> torch.Tensor | Quantized:
+    """An FP8 fc1 with its bias and GELU in the epilogue of flowtok's Triton GEMM, written as fc2's input: in e4m3
+    with fc2's static scale (no pass of its own), else in bf16 (then quantised per row for an FP8 fc2)."""
+    q, scale = h
+    fc2_scale = fc2.input_scale if isinstance(fc2, FP8Linear) else None
+    out = triton_ops.linear_gelu(q, fc1.weight_fp8, fc1.bias, x_scale=scale, w_scale=fc1.weight_scale,
+                                 out_scale=fc2_scale)
+    if fc2_scale is not None:
+        return out, fc2_scale
+    return _quantize_for(fc2, out) if isinstance(fc2, FP8Linear) else out.to(dtype)
+
+
 def _accumulate(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
     """``x[g] += a[g] @ w[g]^T`` for every group ``g`` as one batched GEMM with ``x`` its accumulator, one launch
     whose tiles cover both groups. (On an H200 the flow at batch 256 ran 1.4-1.7 points of ``mm`` faster this way
@@ -250,8 +263,9 @@ def _output(layer: nn.Module, x: torch.Tensor, a: torch.Tensor | Quantized, gate
 def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
            epilogue: bool, triton_gelu: bool = False) -> torch.Tensor:
     """One block on the stream ``x [G, R, D]`` (updated in place) with its adaLN output ``mod [G, 6 D]``; returns the
-    new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8. A plain fc1 runs with its bias and
-    GELU in the epilogue of flowtok's Triton GEMM if ``triton_gelu``, else of cuBLASLt's if ``epilogue``."""
+    new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8. fc1 runs with its bias and GELU in
+    the epilogue of flowtok's Triton GEMM if ``triton_gelu`` (an FP8 fc1: where Triton runs FP8; it then writes an
+    FP8 fc2's input in e4m3), else a plain one in cuBLASLt's if ``epilogue``."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp
@@ -266,7 +280,9 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
 
     h = _modulated_input(mlp.fc1, x, after_attn, shift_mlp, scale_mlp, block.norm2.eps)
     hidden: torch.Tensor | Quantized
-    if isinstance(mlp.fc1, FP8Linear):  # bias in the FP8 GEMM's epilogue; GELU (and fc2's quantisation) after it
+    if isinstance(mlp.fc1, FP8Linear) and triton_gelu and triton_ops.available_fp8(x):
+        hidden = _fp8_gemm_gelu(mlp.fc1, mlp.fc2, cast(Quantized, h), x.dtype)
+    elif isinstance(mlp.fc1, FP8Linear):  # bias in the FP8 GEMM's epilogue; GELU (and fc2's quantisation) after it
         pre = mlp.fc1.matmul(*h).to(x.dtype)
         hidden = _quantize_for(mlp.fc2, pre, "gelu") if isinstance(mlp.fc2, FP8Linear) \
             else torch.ops.aten.gelu_(pre, approximate="tanh")

@@ -152,29 +152,65 @@ if triton is not None:
                 pending += gate * bias
             tl.store(pending_out_ptr + g * n_out + rows, pending.to(pending_out_ptr.dtype.element_ty), mask=first)
 
+    @triton.jit
+    def _gelu_tanh(acc):
+        # tanh-GELU in fp32: 0.5 x (1 + tanh(u)) = x * sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3), through
+        # exp2 of -2 u log2(e). Saturates cleanly: exp2 -> inf gives -0, exp2 -> 0 gives x.
+        u2 = acc * (-2.0 * 0.7978845608028654 * 1.4426950408889634) * (1.0 + 0.044715 * acc * acc)
+        return acc / (1.0 + tl.exp2(u2))
 
     @triton.jit
-    def _linear_gelu_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, m, N: tl.constexpr, K: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr):
-        # out = tanh-GELU(a @ w^T + bias): a [m, K], w [N, K] (an nn.Linear's weight), out [m, N], all row-major.
-        # One output tile a program, tiles ordered in column strips GROUP_M tiles tall (a's rows stay in L2 while
-        # w's column blocks go by). Rows past m and columns past N read the tile's first rows / columns again
-        # (no load masks) and are not stored. fp32 accumulation, bias and GELU in fp32, one rounding at the store.
-        # UPCAST (the interpreter, whose bf16 dots return garbage in Triton 3.6) multiplies in fp32.
-        pid = tl.program_id(0)
+    def _tile_of(pid, m, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        # The program's output tile (pid_m, pid_n), tiles ordered in column strips GROUP_M tiles tall: a's rows stay
+        # in L2 while w's column blocks go by.
         tiles_m = tl.cdiv(m, BLOCK_M)
-        tiles_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        per_group = GROUP_M * tiles_n
+        per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
         first_m = (pid // per_group) * GROUP_M
         group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % group_rows
-        pid_n = (pid % per_group) // group_rows
+        return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+    @triton.jit
+    def _linear_gelu_epilogue(acc, rows, cols, m, N: tl.constexpr, bias_ptr, x_scale_ptr, w_scale_ptr,
+                              out_scale_ptr, out_ptr, HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr,
+                              W_SCALE: tl.constexpr, QUANT: tl.constexpr):
+        # acc [BLOCK_M, BLOCK_N] fp32 -> out[rows, cols]: FP8 operands' scales (X_SCALE / W_SCALE: 0 none, 1 one
+        # scale, 2 one a row of x / a column of the output), bias, tanh-GELU, then one rounding to the output's
+        # dtype (QUANT: to e4m3 as y / out_scale, saturating at +-448, rounded to the e4m3 grid first).
+        row_ok = rows < m
+        col_ok = cols < N
+        if X_SCALE == 1:
+            acc = acc * tl.load(x_scale_ptr).to(tl.float32)
+        if X_SCALE == 2:
+            acc = acc * tl.load(x_scale_ptr + rows, mask=row_ok, other=1.0).to(tl.float32)[:, None]
+        if W_SCALE == 1:
+            acc = acc * tl.load(w_scale_ptr).to(tl.float32)
+        if W_SCALE == 2:
+            acc = acc * tl.load(w_scale_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        out = _gelu_tanh(acc)
+        if QUANT:
+            out = _e4m3_grid(tl.minimum(tl.maximum(out / tl.load(out_scale_ptr).to(tl.float32), -448.0), 448.0))
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _linear_gelu_kernel(a_ptr, w_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, m,
+                            N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, QUANT: tl.constexpr,
+                            UPCAST: tl.constexpr):
+        # out = tanh-GELU(a @ w^T + bias): a [m, K], w [N, K] (an nn.Linear's weight), out [m, N], all row-major;
+        # a and w bf16 / fp16 / fp32, or e4m3 with their scales. One output tile a program (_tile_of). Rows past m
+        # and columns past N read the tile's first rows / columns again (no load masks) and are not stored. fp32
+        # accumulation; scales, bias and GELU in fp32 (_linear_gelu_epilogue). UPCAST (the interpreter, whose bf16
+        # and e4m3 dots return garbage in Triton 3.6) multiplies the same values in fp32.
+        pid_m, pid_n = _tile_of(tl.program_id(0), m, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
-        a_rows = tl.max_contiguous(tl.multiple_of(rows % m, BLOCK_M), BLOCK_M)
-        w_cols = tl.max_contiguous(tl.multiple_of(cols % N, BLOCK_N), BLOCK_N)
+        a_rows = rows % m
+        w_cols = cols % N
         a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * K + ks[None, :]
         w_ptrs = w_ptr + w_cols.to(tl.int64)[None, :] * K + ks[:, None]  # w^T's [BLOCK_K, BLOCK_N] tile
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -188,15 +224,27 @@ if triton is not None:
             acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST), acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + w_cols).to(tl.float32)[None, :]
-        # tanh-GELU: 0.5 x (1 + tanh(u)) = x * sigmoid(2 u), u = sqrt(2 / pi) (x + 0.044715 x^3); exp2 of
-        # -2 u log2(e). Saturates cleanly: exp2 -> inf gives -0, exp2 -> 0 gives x.
-        u2 = acc * (-2.0 * 0.7978845608028654 * 1.4426950408889634) * (1.0 + 0.044715 * acc * acc)
-        out = acc / (1.0 + tl.exp2(u2))
-        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rows < m)[:, None] & (cols < N)[None, :])
+        _linear_gelu_epilogue(acc, rows, cols, m, N, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr,
+                              HAS_BIAS, X_SCALE, W_SCALE, QUANT)
 
+    @triton.jit
+    def _linear_gelu_tma_kernel(a_desc, w_desc, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, m,
+                                N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, QUANT: tl.constexpr,
+                                UPCAST: tl.constexpr):
+        # _linear_gelu_kernel with a's and w's tiles loaded by the tensor-memory accelerator (Hopper and newer):
+        # host-made descriptors, tiles past the edges read as zeros; w's tile K-major, as FP8 dots need it.
+        pid_m, pid_n = _tile_of(tl.program_id(0), m, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k])
+            w = w_desc.load([pid_n * BLOCK_N, k])
+            acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST).T, acc)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _linear_gelu_epilogue(acc, rows, cols, m, N, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr,
+                              HAS_BIAS, X_SCALE, W_SCALE, QUANT)
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
     """(MAIN, TAIL, rows per program, warps) of the LayerNorm kernel for width ``d``: MAIN the largest power of two
@@ -292,17 +340,38 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
 
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) of :func:`linear_gelu` by default: the common Hopper shape for
-# a bf16 GEMM with wide tiles (not yet timed here; ``benchmarks/gelu_gemm.py`` sweeps the alternatives).
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) of :func:`linear_gelu` by default, for 16-bit and for e4m3
+# operands: the common Hopper shapes for those GEMMs with wide tiles (not yet timed here; ``benchmarks/gelu_gemm.py``
+# sweeps the alternatives).
 LINEAR_GELU_LAUNCH = (128, 256, 64, 8, 8, 3)
+LINEAR_GELU_LAUNCH_FP8 = (128, 256, 128, 8, 8, 3)
+
+
+def _scale_kind(scale: torch.Tensor | None, count: int, what: str) -> int:
+    """0 no scale, 1 one scale, 2 one a row / column (``count`` of them), for the GEMM's epilogue."""
+    if scale is None:
+        return 0
+    if scale.numel() == 1:
+        return 1
+    if scale.numel() == count:
+        return 2
+    raise ValueError(f"{what} must hold 1 or {count} values, got {list(scale.shape)}")
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                launch: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+                launch: tuple[int, int, int, int, int, int] | None = None, tma: bool | None = None,
+                x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+                out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``tanh-GELU(x @ weight^T + bias)`` in one GEMM whose epilogue adds the bias and applies the GELU in fp32
-    (an MLP's first Linear and its activation): ``x [M, K]``, ``weight [N, K]``, ``bias [N]`` or None; returns
-    ``[M, N]`` in ``x``'s dtype. ``launch``: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages), default
-    :data:`LINEAR_GELU_LAUNCH`. Needs :func:`available`."""
+    (an MLP's first Linear and its activation): ``x [M, K]``, ``weight [N, K]``, ``bias [N]`` or None.
+
+    16-bit or fp32 operands: returns ``[M, N]`` in ``x``'s dtype. e4m3 operands (an FP8 Linear's input and weight,
+    :class:`flowtok.nn.fp8.FP8Linear`) with their float32 scales ``x_scale`` (one, or ``[M, 1]``) and ``w_scale``
+    (one, or one an output column): returns bf16, or, given ``out_scale`` (one float32 scale), the e4m3 input of
+    the next FP8 Linear, ``GELU / out_scale`` saturating at +-448. ``launch``: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
+    warps, stages), default :data:`LINEAR_GELU_LAUNCH` (:data:`LINEAR_GELU_LAUNCH_FP8` for e4m3). ``tma``: load the
+    tiles through tensor descriptors (TMA); None: where the GPU has TMA (compute capability 9.0 or newer) and the
+    rows are 16-byte aligned. Needs :func:`available` (:func:`available_fp8` for e4m3)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_gelu takes x [M, K] and weight [N, K], got {list(x.shape)} and "
                          f"{list(weight.shape)}")
@@ -310,13 +379,39 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n = weight.shape[0]
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    fp8 = x.dtype == torch.float8_e4m3fn
+    scales = (x_scale is not None, w_scale is not None)
+    if fp8 != (weight.dtype == torch.float8_e4m3fn) or scales != (fp8, fp8):
+        raise ValueError("e4m3 operands go together, with both their scales (x_scale, w_scale)")
+    if out_scale is not None and (not fp8 or out_scale.numel() != 1):
+        raise ValueError("out_scale (one scale) writes e4m3 from e4m3 operands")
+    x_kind = _scale_kind(x_scale, m, "x_scale")
+    w_kind = _scale_kind(w_scale, n, "w_scale")
     x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out_dtype = torch.float8_e4m3fn if out_scale is not None else (torch.bfloat16 if fp8 else x.dtype)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, block_k, group_m, warps, stages = launch or LINEAR_GELU_LAUNCH
+    block_m, block_n, block_k, group_m, warps, stages = launch or (LINEAR_GELU_LAUNCH_FP8 if fp8
+                                                                   else LINEAR_GELU_LAUNCH)
+    if tma is None:  # TMA also needs 16-byte aligned rows
+        tma = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and (k * x.element_size()) % 16 == 0 \
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _linear_gelu_kernel[grid](x, weight, bias if bias is not None else weight, out, m, N=n, K=k, BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, HAS_BIAS=bias is not None,
-                              UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
+
+    def pointer(t: torch.Tensor | None) -> torch.Tensor:  # a scale as float32; an unused argument: any tensor
+        return t.float().contiguous() if t is not None else out
+
+    args = (bias if bias is not None else out, pointer(x_scale), pointer(w_scale), pointer(out_scale), out, m)
+    options = dict(N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+                   HAS_BIAS=bias is not None, X_SCALE=x_kind, W_SCALE=w_kind, QUANT=out_scale is not None,
+                   UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # type: ignore[import-untyped]
+
+        a_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+        w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+        _linear_gelu_tma_kernel[grid](a_desc, w_desc, *args, **options)
+    else:
+        _linear_gelu_kernel[grid](x, weight, *args, **options)
     return out
