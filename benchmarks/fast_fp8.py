@@ -13,10 +13,12 @@ epilogue, gate and residual in one pass after). Three forms (:data:`FORMS`): ``f
 2. the flow alone, 20 Euler steps with CFG and a CUDA graph, at ``--batch`` (256): fused bf16 (the baseline, in
    this run) and each fused FP8 form; TFLOP/s counted in the bf16 model's FLOPs ("bf16-equivalent") and its
    fraction of the bf16 ``mm`` rate;
-   where Triton runs FP8, the fastest form again with fc1, its GELU and fc2's e4m3 input in flowtok's Triton GEMM
-   (``gelu_gemm="triton"``; the numerics of item 1 check that path for every form too);
+   where Triton runs FP8, the fastest form again with flowtok's Triton GEMMs doing the epilogues
+   (``gemm_epilogues="triton"``: fc1's GELU written as fc2's e4m3 input, FP8 proj / fc2 adding their gated output
+   into the stream; the numerics of item 1 check that path for every form too);
 3. the 20-step pipeline at batch 64 and 256 (the fast path: fused flow, compiled decoder, one CUDA graph) with
-   the fastest FP8 form (and fc1's GEMM, unless ``--gelu-gemm`` fixes it), then with the decoder's blocks in FP8
+   the fastest FP8 form (and the faster epilogues, unless ``--gemm-epilogues`` fixes them), then with the decoder's
+   blocks in FP8
    too, against the PixArt-alpha-shaped pipeline at its best in the same run;
 4. if time is left: the flows at batch 64.
 
@@ -82,17 +84,17 @@ def check_numerics(flows: dict[str, FlowTransformer], device: torch.device) -> d
             plain = flow(x.to(dtype), t.expand(2 * b), ind)
             flow.enable_fused_inference(min_rows=0)
             fused = flow.forward_grouped(x.to(dtype), t, (0, 1))
-            flow.enable_fused_inference(min_rows=0, gelu_gemm="triton")  # as "pytorch" where Triton does not run
-            fused_triton_gelu = flow.forward_grouped(x.to(dtype), t, (0, 1))
+            flow.enable_fused_inference(min_rows=0, gemm_epilogues="triton")  # as "pytorch" where Triton does not run
+            fused_triton_epilogues = flow.forward_grouped(x.to(dtype), t, (0, 1))
             flow.enable_fused_inference(min_rows=0)
             flow.fused_min_rows = min_rows
             out[f"plain_{form}_vs_fp32"] = rel(plain, ref)
             out[f"fused_{form}_vs_fp32"] = rel(fused, ref)
             out[f"fused_vs_plain_{form}"] = rel(fused, plain)
-            out[f"fused_triton_gelu_{form}_vs_fp32"] = rel(fused_triton_gelu, ref)
+            out[f"fused_triton_epilogues_{form}_vs_fp32"] = rel(fused_triton_epilogues, ref)
             bound = 1.1 * out[f"plain_{form}_vs_fp32"] + 1e-3
             out[f"pass_{form}"] = out[f"fused_{form}_vs_fp32"] <= bound and \
-                out[f"fused_triton_gelu_{form}_vs_fp32"] <= bound
+                out[f"fused_triton_epilogues_{form}_vs_fp32"] <= bound
     out["pass"] = all(out[f"pass_{form}"] for form in FORMS)
     return out
 
@@ -162,23 +164,23 @@ def run(flow: FlowTransformer, projector, tokenizer, args, shapes, device: torch
         return
     best = max(rates, key=lambda k: rates[k])
     log(f"the faster FP8 flow at batch {args.batch}: {best}")
-    gelu = "pytorch" if args.gelu_gemm == "faster" else args.gelu_gemm
-    if triton_ops.available_fp8(torch.empty(0, device=device)) and args.gelu_gemm != "pytorch":
-        # that form with fc1, its GELU and fc2's e4m3 input in flowtok's Triton GEMM (gelu_gemm="triton")
-        flows[best].enable_fused_inference(min_rows=args.min_rows, gelu_gemm="triton")
-        variant = f"fused {best} triton-gelu+graph"
+    epilogues = "pytorch" if args.gemm_epilogues == "faster" else args.gemm_epilogues
+    if triton_ops.available_fp8(torch.empty(0, device=device)) and args.gemm_epilogues != "pytorch":
+        # that form with its GEMM epilogues in flowtok's Triton GEMMs (gemm_epilogues="triton")
+        flows[best].enable_fused_inference(min_rows=args.min_rows, gemm_epilogues="triton")
+        variant = f"fused {best} triton-epilogues+graph"
         item = results.run(f"flow {variant} b{args.batch}", lambda: measures[best](variant, args.batch), device,
                            budget, args.reserve, part="flow", variant=variant, batch=args.batch, fp8=True)
-        if args.gelu_gemm == "triton" or (item is not None and item["images_per_s"] > rates[best]):
-            gelu = "triton"
-    args.gelu_choice = gelu  # what fast_inference.quantize_decoder turns the fast path on with
-    log(f"the FP8 flow's fc1 + GELU from here on: {gelu}")
+        if args.gemm_epilogues == "triton" or (item is not None and item["images_per_s"] > rates[best]):
+            epilogues = "triton"
+    args.epilogue_choice = epilogues  # what fast_inference.quantize_decoder turns the fast path on with
+    log(f"the FP8 flow's GEMM epilogues from here on: {epilogues}")
     with tempfile.TemporaryDirectory() as folder:
         encoder = fi.clip_encoder(shapes, device, dtype, Path(folder))
     pipe = FlowTokPipeline(tokenizer, encoder, projector, flows[best])
-    pipe.enable_fast_inference(fused_flow=True, gelu_gemm=gelu)
-    flows[best].enable_fused_inference(min_rows=args.min_rows, gelu_gemm=gelu)
-    variant = f"fast+{best}-flow" + ("+triton-gelu" if gelu == "triton" else "")
+    pipe.enable_fast_inference(fused_flow=True, gemm_epilogues=epilogues)
+    flows[best].enable_fused_inference(min_rows=args.min_rows, gemm_epilogues=epilogues)
+    variant = f"fast+{best}-flow" + ("+triton-epilogues" if epilogues == "triton" else "")
     fi.pipeline_items(pipe, args, shapes, device, dtype, results, budget, variant=variant, parts=("pipelines",))
     fi.pixart_items(args, shapes, device, dtype, results, budget)
     if args.fp8_decoder and results.run("quantize decoder fp8", lambda: fi.quantize_decoder(pipe, args, device),

@@ -7,8 +7,8 @@ Measured, in this order (a time budget skips the last ones first; the JSON is re
    copy, fused and plain side by side, and whether cuBLASLt's GELU epilogue is tanh-GELU on this GPU;
 3. the FlowTok-XL flow alone, 20 Euler steps with CFG at batch 256: plain blocks compiled + CUDA graph
    (the earlier best) against the fused path + CUDA graph: images/s, TFLOP/s, fraction of ``mm``; where Triton
-   runs, the fused path again with fc1 and its GELU in flowtok's Triton GEMM (``gelu_gemm="triton"``), and the
-   pipelines below take the faster of the two (``--gelu-gemm`` fixes one);
+   runs, the fused path again with fc1 and its GELU in flowtok's Triton GEMM (``gemm_epilogues="triton"``), and
+   the pipelines below take the faster of the two (``--gemm-epilogues`` fixes one);
 4. the one-step FlowTok-XL pipeline at batch 256: text states -> projector -> 1 step -> decoder -> uint8,
    one CUDA graph (``FastTextToImage.runner(from_states=True)``), the definition of the earlier pipeline rows;
 5. one prompt -> one 256-px uint8 image on the host, 1 step, text encoder included (a random-weight CLIP-L
@@ -117,12 +117,12 @@ def check_numerics(flow, args, device: torch.device) -> dict[str, Any]:
     with torch.no_grad():
         ref = ref32(x, t.expand(2 * b), ind)
         plain = flow(x.to(flow.pos_embed.dtype), t.expand(2 * b), ind).float()
-        min_rows, gelu_gemm = flow.fused_min_rows, flow.fused_gelu_gemm
+        min_rows, gemm_epilogues = flow.fused_min_rows, flow.fused_gemm_epilogues
         flow.enable_fused_inference(min_rows=0)
         fused = flow.forward_grouped(x.to(flow.pos_embed.dtype), t, (0, 1)).float()
-        flow.enable_fused_inference(min_rows=0, gelu_gemm="triton")  # the same where Triton does not run
-        fused_triton_gelu = flow.forward_grouped(x.to(flow.pos_embed.dtype), t, (0, 1)).float()
-        flow.fused_min_rows, flow.fused_gelu_gemm = min_rows, gelu_gemm
+        flow.enable_fused_inference(min_rows=0, gemm_epilogues="triton")  # the same where Triton does not run
+        fused_triton_epilogues = flow.forward_grouped(x.to(flow.pos_embed.dtype), t, (0, 1)).float()
+        flow.fused_min_rows, flow.fused_gemm_epilogues = min_rows, gemm_epilogues
         ref32.enable_fused_inference(min_rows=0)
         fused32 = ref32.forward_grouped(x, t, (0, 1))
     del ref32
@@ -132,11 +132,11 @@ def check_numerics(flow, args, device: torch.device) -> dict[str, Any]:
 
     out = {"fused_bf16_vs_fp32": rel(fused, ref), "plain_bf16_vs_fp32": rel(plain, ref),
            "fused_vs_plain_bf16": rel(fused, plain), "fused_fp32_vs_plain_fp32": rel(fused32, ref),
-           "fused_triton_gelu_bf16_vs_fp32": rel(fused_triton_gelu, ref),
+           "fused_triton_epilogues_bf16_vs_fp32": rel(fused_triton_epilogues, ref),
            "gelu_epilogue_tanh": gelu_epilogue_is_tanh(device, flow.pos_embed.dtype)}
     # bf16 tolerance: the fused path may not be further from fp32 than twice the plain bf16 path is.
     bound = 2 * out["plain_bf16_vs_fp32"] + 1e-3
-    out["pass"] = out["fused_bf16_vs_fp32"] <= bound and out["fused_triton_gelu_bf16_vs_fp32"] <= bound and \
+    out["pass"] = out["fused_bf16_vs_fp32"] <= bound and out["fused_triton_epilogues_bf16_vs_fp32"] <= bound and \
         out["fused_fp32_vs_plain_fp32"] < 1e-4
     return out
 
@@ -167,8 +167,8 @@ def flow_measurer(flow, per_sample: float, args, device, dtype, results: Results
 
 
 def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budget: Budget):
-    """Items 3; returns the measuring function for the extra at the end. Sets ``args.gelu_choice``, the
-    ``gelu_gemm`` of the fused flow from here on: ``--gelu-gemm``, or the faster of the two fused rows."""
+    """Items 3; returns the measuring function for the extra at the end. Sets ``args.epilogue_choice``, the
+    ``gemm_epilogues`` of the fused flow from here on: ``--gemm-epilogues``, or the faster of the two fused rows."""
     measure = flow_measurer(flow, flow_flops(flow, device, dtype), args, device, dtype, results)
     plain = "plain" if args.tiny else "compile+graph"
     if not args.tiny:
@@ -182,14 +182,15 @@ def flow_items(flow, args, shapes: Shapes, device, dtype, results: Results, budg
                        budget, args.reserve, part="flow", variant="fused+graph", batch=args.batch)
     rates["pytorch"] = item["images_per_s"] if item else 0.0
     if triton_ops.available(torch.empty(0, device=device)):
-        flow.enable_fused_inference(min_rows=args.min_rows, gelu_gemm="triton")
-        variant = "fused triton-gelu+graph"
+        flow.enable_fused_inference(min_rows=args.min_rows, gemm_epilogues="triton")
+        variant = "fused triton-epilogues+graph"
         item = results.run(f"flow {variant} b{args.batch}", lambda: measure(variant, args.batch), device, budget,
                            args.reserve_compile, part="flow", variant=variant, batch=args.batch)
         rates["triton"] = item["images_per_s"] if item else 0.0
-    args.gelu_choice = max(rates, key=lambda k: rates[k]) if args.gelu_gemm == "faster" else args.gelu_gemm
-    flow.enable_fused_inference(min_rows=args.min_rows, gelu_gemm=args.gelu_choice)
-    log(f"fused flow's fc1 + GELU from here on: {args.gelu_choice}")
+    faster = max(rates, key=lambda k: rates[k])
+    args.epilogue_choice = faster if args.gemm_epilogues == "faster" else args.gemm_epilogues
+    flow.enable_fused_inference(min_rows=args.min_rows, gemm_epilogues=args.epilogue_choice)
+    log(f"the fused flow's GEMM epilogues from here on: {args.epilogue_choice}")
     return measure
 
 
@@ -281,9 +282,9 @@ def quantize_decoder(pipe: FlowTokPipeline, args, device) -> dict[str, Any]:
     pipe.quantize_decoder_fp8(calibration_prompts=[f"calibration prompt {i}: {PROMPT}" for i in range(16)],
                               emulate=not fp8_supported(device))
     calibrate_s = time.perf_counter() - t0
-    pipe.enable_fast_inference(fused_flow=True, gelu_gemm=args.gelu_choice)
+    pipe.enable_fast_inference(fused_flow=True, gemm_epilogues=args.epilogue_choice)
     assert pipe.t2i_flow is not None
-    pipe.t2i_flow.enable_fused_inference(min_rows=args.min_rows, gelu_gemm=args.gelu_choice)
+    pipe.t2i_flow.enable_fused_inference(min_rows=args.min_rows, gemm_epilogues=args.epilogue_choice)
     layers = [m for m in pipe.image_tokenizer.decoder.blocks.modules() if isinstance(m, FP8Linear)]
     return {"calibrate_s": calibrate_s, "fp8_layers": len(layers), "static": all(m.static for m in layers),
             "emulated": any(m.emulate for m in layers)}
@@ -362,8 +363,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float, default=None, help="seconds from now; default $BENCH_DEADLINE")
     p.add_argument("--reserve", type=float, default=15.0, help="seconds an item without compiling needs")
     p.add_argument("--reserve-compile", type=float, default=50.0, help="seconds an item that compiles needs")
-    p.add_argument("--gelu-gemm", choices=("pytorch", "triton", "faster"), default="faster",
-                   help="the fused flow's fc1 + GELU in the pipeline rows: cuBLASLt's epilogue, flowtok's Triton "
+    p.add_argument("--gemm-epilogues", choices=("pytorch", "triton", "faster"), default="faster",
+                   help="the fused flow's GEMM epilogues in the pipeline rows: PyTorch's (cuBLASLt), flowtok's Triton "
                         "GEMM, or the faster of the two in this run's flow rows")
     p.add_argument("--no-fp8-decoder", dest="fp8_decoder", action="store_false",
                    help="skip the rows with the decoder's blocks in FP8 (after PixArt's; emulated on a CPU)")
@@ -379,7 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch = args.batch or (3 if args.tiny else 256)
     args.pipeline_batches = [int(b) for b in (args.pipeline_batches or ("2,3" if args.tiny else "64,256")).split(",")]
     args.steps = args.steps or (2 if args.tiny else 20)
-    args.gelu_choice = "pytorch" if args.gelu_gemm == "faster" else args.gelu_gemm  # until the flow rows say
+    # until the flow rows say which is faster
+    args.epilogue_choice = "pytorch" if args.gemm_epilogues == "faster" else args.gemm_epilogues
     if args.tiny:
         args.min_rows = 0  # the tiny shapes would otherwise never take the fused path
         args.latency_iters = min(args.latency_iters, 3)
@@ -421,9 +423,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         encoder = clip_encoder(shapes, device, dtype, Path(folder))
     pipe = FlowTokPipeline(tokenizer, encoder, projector, flow)
-    pipe.enable_fast_inference(fused_flow=True, gelu_gemm=args.gelu_choice)
-    flow.enable_fused_inference(min_rows=args.min_rows, gelu_gemm=args.gelu_choice)
-    variant = "fast" if args.gelu_choice == "pytorch" else "fast+triton-gelu"
+    pipe.enable_fast_inference(fused_flow=True, gemm_epilogues=args.epilogue_choice)
+    flow.enable_fused_inference(min_rows=args.min_rows, gemm_epilogues=args.epilogue_choice)
+    variant = "fast" if args.epilogue_choice == "pytorch" else "fast+triton-epilogues"
     from_prompts = pipeline_items(pipe, args, shapes, device, dtype, results, budget, variant=variant)
     pixart_items(args, shapes, device, dtype, results, budget)
     if args.fp8_decoder:

@@ -49,7 +49,8 @@ from flowtok.sampling import GraphedSampler, euler_sample
 
 CATEGORIES = ("GEMM", "attention", "layernorm/elementwise", "fold", "other")
 FOLD_RANGE = "flowtok::fold"
-VARIANTS = ("no-epilogue", "per-group", "no-triton", "fold-in", "sdpa-flash", "sdpa-efficient", "triton-gelu")
+VARIANTS = ("no-epilogue", "per-group", "no-triton", "fold-in", "sdpa-flash", "sdpa-efficient",
+            "triton-epilogues")
 
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|_mha|mha_")
 _GEMM = re.compile(r"gemm|xmma|cutlass|nvjet|cublas|splitk|matmul|triton_tem"
@@ -129,9 +130,9 @@ def _accumulate_per_group(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> 
 
 
 def _block_fold_in(block, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
-                   epilogue: bool, triton_gelu: bool = False) -> torch.Tensor:
+                   epilogue: bool, triton_epilogues: bool = False) -> torch.Tensor:
     """The fused block as of 2026-12-02: every adaLN vector folded into the weights, per-group GEMMs (cuBLASLt's
-    GELU epilogue whatever ``triton_gelu`` says)."""
+    GELU epilogue whatever ``triton_epilogues`` says)."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp
@@ -179,8 +180,8 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
         fd._accumulate = _accumulate_per_group  # type: ignore[assignment]
     elif name == "fold-in":
         fd._block = _block_fold_in  # type: ignore[assignment]
-    elif name == "triton-gelu":  # fc1 + GELU in flowtok's Triton GEMM (gelu_gemm="triton"), where Triton runs
-        fd._gemm_gelu = lambda a, linear, epilogue, triton_gelu=False: saved_gemm_gelu(  # type: ignore[assignment]
+    elif name == "triton-epilogues":  # bf16 fc1 + GELU in flowtok's Triton GEMM (gemm_epilogues="triton")
+        fd._gemm_gelu = lambda a, linear, epilogue, triton_epilogues=False: saved_gemm_gelu(  # type: ignore[assignment]
             a, linear, epilogue, triton_ops.available(a))
     try:
         with attention:

@@ -63,24 +63,24 @@ def test_fused_path_falls_back_to_the_plain_forward_where_it_does_not_apply():
         model.forward_grouped(torch.randn(3, 8, 4), t, (0, 1))
     with pytest.raises(InvalidInputError, match="min_rows"):
         model.enable_fused_inference(min_rows=-1)
-    with pytest.raises(InvalidInputError, match="gelu_gemm must be one of pytorch, triton"):
-        model.enable_fused_inference(gelu_gemm="cutlass")
+    with pytest.raises(InvalidInputError, match="gemm_epilogues must be one of pytorch, triton"):
+        model.enable_fused_inference(gemm_epilogues="cutlass")
 
 
-def test_the_triton_gelu_gemm_falls_back_to_pytorch_where_triton_does_not_run():
-    """Outside the interpreter a CPU tensor cannot take the Triton GEMM: ``gelu_gemm="triton"`` computes what
+def test_the_triton_gemm_epilogues_falls_back_to_pytorch_where_triton_does_not_run():
+    """Outside the interpreter a CPU tensor cannot take the Triton GEMM: ``gemm_epilogues="triton"`` computes what
     ``"pytorch"`` does, bitwise. (The kernel itself is checked under the interpreter in test_triton_ops.py.)"""
     model = _flow()
     x, t = torch.randn(4, 8, 4), torch.tensor(0.3)
     with torch.no_grad():
         ref = model.enable_fused_inference(min_rows=0).forward_grouped(x, t, (0, 1))
-        out = model.enable_fused_inference(min_rows=0, gelu_gemm="triton").forward_grouped(x, t, (0, 1))
-    assert model.fused_gelu_gemm == "triton"
+        out = model.enable_fused_inference(min_rows=0, gemm_epilogues="triton").forward_grouped(x, t, (0, 1))
+    assert model.fused_gemm_epilogues == "triton"
     assert torch.equal(out, ref)
     width = model.config.width
-    with pytest.raises(ValueError, match="gelu_gemm must be one of"):
+    with pytest.raises(ValueError, match="gemm_epilogues must be one of"):
         fused_dit.fused_blocks_forward(model.blocks, model.final_layer, torch.randn(2, 8, width),
-                                       torch.randn(1, width), gelu_gemm="cutlass")
+                                       torch.randn(1, width), gemm_epilogues="cutlass")
 
 
 @pytest.mark.parametrize("solver,guidance", [(euler_sample, 3.0), (euler_sample, 1.0), (heun_sample, 2.0)])

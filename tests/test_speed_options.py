@@ -206,18 +206,18 @@ def test_attention_variants_benchmark_on_a_cpu(tmp_path):
     assert data["env"]["floor_bytes"] == 2 * 77 * 4 * (3 * 16 * 72 + 16 * 72)
 
 
-def test_gelu_gemm_benchmark_on_a_cpu(tmp_path):
-    bench = _bench("gelu_gemm")
+def test_gemm_epilogues_benchmark_on_a_cpu(tmp_path):
+    bench = _bench("gemm_epilogues")
     data = bench.main(["--device", "cpu", "--rows", "96", "--width", "32", "--hidden", "64", "--calls", "1",
                        "--out", str(tmp_path / "g.json")])
     items = {i["name"]: i for i in data["items"]}
-    # no Triton and no inductor rows without a GPU (or the interpreter); the three PyTorch forms, each checked
-    # against fp32: the bias-only GEMM against the linear, the others against tanh-GELU (the CPU's
-    # _addmm_activation applies exact GELU: about 2e-4 away)
-    assert set(items) == {"addmm, bias epilogue (no GELU)", "cuBLASLt GELU epilogue (_addmm_activation)",
-                          "addmm then GELU in place"}
+    # no Triton, FP8 or inductor rows without a GPU (or the interpreter): the PyTorch forms, each checked against
+    # fp32 (the CPU's _addmm_activation applies exact GELU: about 2e-4 from tanh-GELU)
+    assert set(items) == {"fc1 addmm, bias epilogue (no GELU)", "fc1 cuBLASLt GELU epilogue (_addmm_activation)",
+                          "fc1 addmm then GELU in place", "fc2 cuBLAS baddbmm into the stream (gate folded)"}
     assert all(i["status"] == "ok" and i["us"] > 0 and i["tflops"] > 0 for i in items.values())
-    assert items["addmm then GELU in place"]["rel_err"] < 1e-6
-    assert items["addmm, bias epilogue (no GELU)"]["rel_err"] < 1e-6
-    assert 1e-5 < items["cuBLASLt GELU epilogue (_addmm_activation)"]["rel_err"] < 1e-2
+    assert items["fc1 addmm then GELU in place"]["rel_err"] < 1e-6
+    assert items["fc1 addmm, bias epilogue (no GELU)"]["rel_err"] < 1e-6
+    assert 1e-5 < items["fc1 cuBLASLt GELU epilogue (_addmm_activation)"]["rel_err"] < 1e-2
+    assert items["fc2 cuBLAS baddbmm into the stream (gate folded)"]["rel_err"] < 1e-6
     assert (tmp_path / "g.json").is_file()

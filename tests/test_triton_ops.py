@@ -263,7 +263,7 @@ def test_linear_gelu_kernel_equals_linear_then_tanh_gelu():
     """)
 
 
-def test_fused_flow_with_the_triton_gelu_gemm_equals_the_plain_blocks():
+def test_fused_flow_with_the_triton_gemm_epilogues_equals_the_plain_blocks():
     _interpreted("""
         import torch
         from flowtok.nn import triton_ops
@@ -275,7 +275,7 @@ def test_fused_flow_with_the_triton_gelu_gemm_equals_the_plain_blocks():
         x, t = torch.randn(6, 8, 4), torch.tensor(0.37)
         with torch.no_grad():
             ref = model(x, t.expand(6), torch.tensor([0, 0, 0, 1, 1, 1]))
-            model.enable_fused_inference(min_rows=0, gelu_gemm="triton")
+            model.enable_fused_inference(min_rows=0, gemm_epilogues="triton")
             out = model.forward_grouped(x, t, (0, 1))
         assert len(calls) == model.config.depth
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -283,23 +283,27 @@ def test_fused_flow_with_the_triton_gelu_gemm_equals_the_plain_blocks():
     """)
 
 
-def test_the_gelu_gemm_benchmarks_triton_rows_pass_under_the_interpreter():
-    """benchmarks/gelu_gemm.py's rows of flowtok's kernel, every launch shape of its sweep (16-bit and e4m3
+def test_the_gemm_epilogues_benchmarks_triton_rows_pass_under_the_interpreter():
+    """benchmarks/gemm_epilogues.py's rows of flowtok's kernels, every launch shape of its sweeps (16-bit and e4m3
     operands), against fp32."""
     bench = str(Path(__file__).parents[1] / "benchmarks")
     _interpreted(f"""
         import sys
         sys.path.insert(0, {bench!r})
-        import gelu_gemm
+        import gemm_epilogues as G
 
-        data = gelu_gemm.main(["--device", "cpu", "--rows", "80", "--width", "64", "--hidden", "96", "--calls", "1"])
-        rows = [i for i in data["items"] if i["name"].startswith("triton linear_gelu")]
-        assert len(rows) == 2 * len(gelu_gemm.LAUNCHES), rows  # TMA and pointer loads
-        assert all(i["status"] == "ok" and i["rel_err"] < 1e-5 for i in rows), rows
-        # e4m3 operands, e4m3 out: within e4m3's rounding of the dequantised product's GELU
-        rows = [i for i in data["items"] if i["name"].startswith("fp8 triton linear_gelu")]
-        assert len(rows) == 2 * len(gelu_gemm.LAUNCHES_FP8), rows
-        assert all(i["status"] == "ok" and 0 < i["rel_err"] < 0.05 for i in rows), rows
+        data = G.main(["--device", "cpu", "--rows", "80", "--width", "64", "--hidden", "96", "--calls", "1"])
+        rows = {{i["name"]: i for i in data["items"]}}
+        assert all(i["status"] == "ok" for i in rows.values()), rows
+        def errors(prefix):
+            return [i["rel_err"] for name, i in rows.items() if name.startswith(prefix)]
+        # fc1: TMA and pointer loads at every launch; e4m3 out within e4m3's rounding of the dequantised GELU
+        assert len(errors("fc1 triton")) == 2 * len(G.LAUNCHES) and max(errors("fc1 triton")) < 1e-5
+        assert len(errors("fc1 fp8 triton")) == 2 * len(G.LAUNCHES_FP8)
+        assert 0 < min(errors("fc1 fp8 triton")) and max(errors("fc1 fp8 triton")) < 0.05
+        # fc2 into the stream: the same sums in fp32
+        assert len(errors("fc2 triton")) == 2 and max(errors("fc2 triton")) < 1e-5
+        assert len(errors("fc2 fp8 triton")) == 2 * len(G.LAUNCHES_FP8) and max(errors("fc2 fp8 triton")) < 1e-5
         print("OK")
     """)
 
@@ -345,20 +349,22 @@ def test_linear_gelu_kernel_takes_fp8_operands_and_writes_the_next_fp8_input():
     """)
 
 
-def test_fused_fp8_flow_with_the_triton_gelu_gemm_is_the_fp8_blocks_without_their_bf16_roundings():
-    """Static scales: fc1's kernel writes fc2's e4m3 input itself; per-row scales: bf16 out, quantised after. The
-    kernel rounds fc1's accumulator once, where the plain FP8 block rounds to bf16 before its GELU and after it:
-    with those roundings taken out of the plain FP8 Linear (an fp32 product), the two agree to fp32 rounding; as
-    they are, the kernel's path is no further from the float model than the plain FP8 blocks are."""
+def test_fused_fp8_flow_with_the_triton_gemm_epilogues_is_the_fp8_blocks_without_their_bf16_roundings():
+    """Static scales: fc1's kernel writes fc2's e4m3 input itself; per-row scales: bf16 out, quantised after; FP8
+    proj and fc2 add their gated output into the stream in their epilogue. The kernels round each accumulator
+    once, where the plain FP8 block rounds the products to bf16 (and fc1's again after its GELU): with those
+    roundings taken out of the plain FP8 Linear (an fp32 product), the two agree to fp32 rounding; as they are,
+    the kernels' path is no further from the float model than the plain FP8 blocks are."""
     _interpreted("""
         import copy
         import torch
         from flowtok.nn import fp8, triton_ops
 
         base = live_tiny_flow()
-        calls = []
-        fn = triton_ops.linear_gelu
+        calls, residuals = [], []
+        fn, residual = triton_ops.linear_gelu, triton_ops.linear_residual
         triton_ops.linear_gelu = lambda *a, **k: calls.append(k.get("out_scale")) or fn(*a, **k)
+        triton_ops.linear_residual = lambda *a, **k: residuals.append(1) or residual(*a, **k)
         x, t = torch.randn(6, 8, 4), torch.tensor(0.37)
         nulls = torch.tensor([0, 0, 0, 1, 1, 1])
         rel = lambda a, b: float((a - b).norm() / b.norm())
@@ -369,8 +375,8 @@ def test_fused_fp8_flow_with_the_triton_gelu_gemm_is_the_fp8_blocks_without_thei
                                if static else None)
             return model
 
-        def fused(model, gelu_gemm):
-            model.enable_fused_inference(min_rows=0, gelu_gemm=gelu_gemm)
+        def fused(model, gemm_epilogues):
+            model.enable_fused_inference(min_rows=0, gemm_epilogues=gemm_epilogues)
             return model.forward_grouped(x, t, (0, 1))
 
         with torch.no_grad():
@@ -379,8 +385,10 @@ def test_fused_fp8_flow_with_the_triton_gelu_gemm_is_the_fp8_blocks_without_thei
                 model = fp8_flow(static)
                 plain = model(x, t.expand(6), nulls)
                 calls.clear()
+                residuals.clear()
                 out = fused(model, "triton")
                 assert len(calls) == model.config.depth and all((s is not None) == static for s in calls)
+                assert len(residuals) == 2 * model.config.depth  # proj and fc2
                 assert rel(out, ref) <= 1.1 * rel(plain, ref) + 1e-3, (static, rel(out, ref), rel(plain, ref))
 
             def matmul_fp32(self, q, scale, bias=True):  # the emulated FP8 product, not rounded to bf16
@@ -391,5 +399,54 @@ def test_fused_fp8_flow_with_the_triton_gelu_gemm_is_the_fp8_blocks_without_thei
             fp8.FP8Linear.matmul = matmul_fp32
             model = fp8_flow(True)
             torch.testing.assert_close(fused(model, "triton"), fused(model, "pytorch"), rtol=1e-5, atol=1e-5)
+        print("OK")
+    """)
+
+
+
+def test_linear_residual_kernel_adds_each_groups_gated_product_into_the_stream():
+    """``stream[g] += gate[g] * (x[g] @ W^T + b)`` in place: float operands (bf16 to one bf16 step), e4m3 ones with
+    static or per-row / per-column scales against the dequantised arithmetic; both load paths; bad shapes refused."""
+    _interpreted("""
+        import torch
+        from flowtok.nn import triton_ops as T
+        from flowtok.nn.fp8 import quantize_rows, quantize_tensor
+
+        torch.manual_seed(0)
+        g, r, k, n = 2, 37, 64, 96
+        stream, x = torch.randn(g, r, n), torch.randn(g * r, k)
+        w, b = torch.randn(n, k) / 8, torch.randn(n)
+        gate = torch.randn(g, 3 * n)[:, n:2 * n]  # a chunk of the adaLN output: strided rows
+
+        def expected(product):
+            return stream + gate.unsqueeze(1) * product.view(g, r, n)
+
+        launch = (32, 32, 32, 2, 4, 1)
+        for tma in (False, True):
+            s = stream.clone()
+            assert T.linear_residual(s, x, w, b, gate, launch, tma=tma) is None
+            torch.testing.assert_close(s, expected(x @ w.T + b), rtol=1e-5, atol=1e-5)
+            s16 = stream.bfloat16()
+            T.linear_residual(s16, x.bfloat16(), w.bfloat16(), None, gate.bfloat16(), launch, tma=tma)
+            ref16 = stream.bfloat16().float() + gate.bfloat16().float().unsqueeze(1) * (
+                x.bfloat16().float() @ w.bfloat16().float().T).view(g, r, n)
+            assert ((s16.float() - ref16).abs() <= ref16.abs() * 2 ** -7 + 1e-5).all()
+            for static in (True, False):
+                (qx, sx), (qw, sw) = (quantize_tensor(x), quantize_tensor(w)) if static else (quantize_rows(x),
+                                                                                              quantize_rows(w))
+                sw = sw if static else sw.reshape(1, -1)
+                s = stream.clone()
+                T.linear_residual(s, qx, qw, b, gate, launch, tma=tma, x_scale=sx, w_scale=sw)
+                deq = (qx.float() * sx) @ (qw.float() * sw.reshape(-1, 1)).T + b
+                torch.testing.assert_close(s, expected(deq), rtol=1e-5, atol=1e-5)
+        for bad in [dict(stream=torch.zeros(g, r + 1, n)), dict(gate=torch.zeros(3, n)),
+                    dict(stream=torch.zeros(g, n, r).transpose(1, 2))]:
+            args = {**dict(stream=stream.clone(), x=x, weight=w, bias=b, gate=gate), **bad}
+            try:
+                T.linear_residual(**args)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError(f"{list(bad)} accepted")
         print("OK")
     """)

@@ -54,13 +54,13 @@ class FastTextToImage:
     one graph serves every call. None: one graph per chunk size seen. ``compile`` / ``cuda_graph`` default to
     True on CUDA and False elsewhere; ``fused_flow`` enables the fused DiT path of the text-to-image flow
     from ``fused_min_rows`` tokens per condition group (batch x num_tokens; default
-    :data:`DEFAULT_FUSED_MIN_ROWS`), its fc1 and GELU computed as ``gelu_gemm`` says (``"pytorch"`` or
+    :data:`DEFAULT_FUSED_MIN_ROWS`), its GEMM epilogues computed as ``gemm_epilogues`` says (``"pytorch"`` or
     ``"triton"``: :meth:`flowtok.flow.FlowTransformer.enable_fused_inference`).
     """
 
     def __init__(self, pipe: FlowTokPipeline, batch_size: int | None = None, compile: bool | None = None,
                  cuda_graph: bool | None = None, fused_flow: bool = True, fused_min_rows: int | None = None,
-                 compile_options: dict[str, Any] | None = None, gelu_gemm: str = "pytorch") -> None:
+                 compile_options: dict[str, Any] | None = None, gemm_epilogues: str = "pytorch") -> None:
         if pipe.t2i_flow is None:
             raise InvalidInputError("this pipeline has no text-to-image flow model")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
@@ -77,8 +77,8 @@ class FastTextToImage:
         self._fused = fused_flow
         self.fused_min_rows = DEFAULT_FUSED_MIN_ROWS if fused_min_rows is None else fused_min_rows
         if fused_flow:
-            flow.enable_fused_inference(min_rows=self.fused_min_rows, gelu_gemm=gelu_gemm)
-        self.gelu_gemm = gelu_gemm
+            flow.enable_fused_inference(min_rows=self.fused_min_rows, gemm_epilogues=gemm_epilogues)
+        self.gemm_epilogues = gemm_epilogues
         if self.compile:
             options = compile_options or {}
             if any(getattr(b, "_compiled_call_impl", None) is None for b in flow.blocks):
@@ -103,7 +103,7 @@ class FastTextToImage:
                 "fp8_flow": fp8(cast(nn.Module, cast(nn.Module, self.pipe.t2i_flow).blocks)),
                 "fp8_decoder": fp8(self.pipe.image_tokenizer.decoder.blocks),
                 "fused_min_rows": self.fused_min_rows if self._fused else None,
-                "gelu_gemm": self.gelu_gemm if self._fused else None,
+                "gemm_epilogues": self.gemm_epilogues if self._fused else None,
                 "fused_min_batch": self.fused_min_batch(), "batch_size": self.batch_size,
                 "text_encoder_in_graph": self.text_encoder_in_graph if self.cuda_graph else None}
 

@@ -235,20 +235,21 @@ class FlowTokPipeline:
 
     def enable_fast_inference(self, batch_size: int | None = None, compile: bool | None = None,
                               cuda_graph: bool | None = None, fused_flow: bool = True,
-                              gelu_gemm: str = "pytorch") -> FlowTokPipeline:
+                              gemm_epilogues: str = "pytorch") -> FlowTokPipeline:
         """Make :meth:`text_to_image` fast (:mod:`flowtok.fast`): the fused DiT path for the flow at large
         batches, regionally compiled flow and decoder blocks, and on CUDA the whole call after tokenisation
         (text encoder, projector, every step, decoder) replayed from one CUDA graph per batch shape.
         ``batch_size``: prompts per replay (shorter calls are padded: one graph serves all); None, one graph
         per batch size seen. Same images as before up to kernel rounding. The first call of each shape pays
-        the compile and capture. ``gelu_gemm``: what computes the fused flow's fc1 and GELU, ``"pytorch"``
-        (cuBLASLt's GELU epilogue) or ``"triton"`` (flowtok's GEMM with the GELU in its epilogue). Returns self;
+        the compile and capture. ``gemm_epilogues``: ``"pytorch"`` (cuBLASLt's GELU epilogue for fc1) or
+        ``"triton"`` (flowtok's GEMMs with fc1's GELU, and an FP8 flow's gated residual adds, in their epilogues:
+        :meth:`flowtok.flow.FlowTransformer.enable_fused_inference`). Returns self;
         :meth:`disable_fast_inference` undoes it."""
         from .fast import FastTextToImage
 
         self.disable_fast_inference()
         self.fast = FastTextToImage(self, batch_size=batch_size, compile=compile, cuda_graph=cuda_graph,
-                                    fused_flow=fused_flow, gelu_gemm=gelu_gemm)
+                                    fused_flow=fused_flow, gemm_epilogues=gemm_epilogues)
         return self
 
     def disable_fast_inference(self) -> FlowTokPipeline:

@@ -132,7 +132,7 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         )
         self.final_layer = FinalLayer(d, config.in_channels)
         self.fused_min_rows: int | None = None  # set by enable_fused_inference
-        self.fused_gelu_gemm = "pytorch"  # likewise: what computes fc1 and its GELU on the fused path
+        self.fused_gemm_epilogues = "pytorch"  # likewise: who computes the fused path's GEMM epilogues
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -199,7 +199,7 @@ class FlowTransformer(nn.Module, PretrainedMixin):
             self.fused_min_rows = min_rows
         return self.requires_grad_(False)
 
-    def enable_fused_inference(self, min_rows: int = 4096, gelu_gemm: str = "pytorch") -> FlowTransformer:
+    def enable_fused_inference(self, min_rows: int = 4096, gemm_epilogues: str = "pytorch") -> FlowTransformer:
         """Sample through :func:`flowtok.nn.fused_dit.fused_blocks_forward`: LayerNorm and the adaLN shift /
         scale in one pass (a Triton kernel on a GPU), the gates folded into the output Linears once per step and
         distinct condition, residual adds inside the GEMMs, bias + GELU in the GEMM epilogue. Used by the
@@ -207,20 +207,23 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         ``min_rows`` tokens (batch x num_tokens); below that, folding the gates costs more than it saves and the
         plain (or compiled) blocks run. Training and :meth:`forward` are
         unchanged. FP8 blocks (:meth:`quantize_fp8`) run fused too: the LayerNorm pass writes qkv's and fc1's
-        input in e4m3 and the gates scale the FP8 output GEMMs' products in the residual add. ``gelu_gemm``: what
-        computes a plain fc1 with its GELU, ``"pytorch"`` (cuBLASLt's GELU epilogue) or ``"triton"`` (flowtok's
-        GEMM with the GELU in its epilogue, where Triton runs). Returns self."""
-        from ..nn.fused_dit import GELU_GEMMS, fused_block_supported
+        input in e4m3 and the gates scale the FP8 output GEMMs' products in the residual add. ``gemm_epilogues``:
+        ``"pytorch"`` (cuBLASLt's GELU epilogue for fc1; FP8 GEMMs through ``_scaled_mm`` with a pass after them)
+        or ``"triton"``, where Triton runs: flowtok's GEMMs compute fc1 with its bias and GELU (an FP8 fc1 writing
+        fc2's e4m3 input) and FP8 proj / fc2 with the gated residual add in their epilogues
+        (:data:`flowtok.nn.fused_dit.GEMM_EPILOGUES`). Returns self."""
+        from ..nn.fused_dit import GEMM_EPILOGUES, fused_block_supported
 
         if not all(fused_block_supported(cast(DiTBlock, b)) for b in self.blocks):
             raise InvalidInputError("fused inference needs the standard blocks: plain or FP8 Linears, tanh-GELU MLP, "
                                     "no q/k norm")
         if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 0:
             raise InvalidInputError(f"min_rows must be a non-negative integer, got {min_rows!r}")
-        if gelu_gemm not in GELU_GEMMS:
-            raise InvalidInputError(f"gelu_gemm must be one of {', '.join(GELU_GEMMS)}, got {gelu_gemm!r}")
+        if gemm_epilogues not in GEMM_EPILOGUES:
+            raise InvalidInputError(f"gemm_epilogues must be one of {', '.join(GEMM_EPILOGUES)}, "
+                                    f"got {gemm_epilogues!r}")
         self.fused_min_rows = min_rows
-        self.fused_gelu_gemm = gelu_gemm
+        self.fused_gemm_epilogues = gemm_epilogues
         return self
 
     def disable_fused_inference(self) -> FlowTransformer:
@@ -254,7 +257,7 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)
         null = torch.stack([self.null_embedder.weight[int(v)] for v in null_groups])
         c = self.t_embedder(t.reshape(1)) + null
-        return fused_blocks_forward(self.blocks, self.final_layer, h, c, gelu_gemm=self.fused_gelu_gemm)
+        return fused_blocks_forward(self.blocks, self.final_layer, h, c, gemm_epilogues=self.fused_gemm_epilogues)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, null_indicator: torch.Tensor) -> torch.Tensor:
         """x: [B, K, C]; t: [B] flow time in [0, 1]; null_indicator: [B] bool/long, 1 = null (CFG).

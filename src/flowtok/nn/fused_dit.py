@@ -53,13 +53,15 @@ from .fp8 import FP8Linear, fp8_supported, quantize_rows, to_e4m3
 
 log = logging.getLogger(__name__)
 
-# What computes fc1 and its tanh-GELU on the fused path. "pytorch": cuBLASLt's GELU epilogue
-# (torch._addmm_activation) where it computes tanh-GELU, else a GEMM then the GELU; an FP8 fc1 runs _scaled_mm, then
-# the GELU and fc2's quantisation in one pass. "triton": flowtok's GEMM with the bias and GELU in its epilogue
-# (triton_ops.linear_gelu; an FP8 fc1's e4m3 operands too, writing an FP8 fc2's static-scale input in e4m3) where
-# Triton runs, else as "pytorch". (On an H200 the cuBLASLt GEMM with the GELU epilogue ran at about 555 TFLOP/s
-# against 630 for qkv's GEMM with a bias epilogue: the fused path's profile of 2026-12-04.)
-GELU_GEMMS = ("pytorch", "triton")
+# Who computes the fused path's GEMMs whose epilogues carry more than a bias. "pytorch": fc1 and its tanh-GELU in
+# cuBLASLt's GELU epilogue (torch._addmm_activation) where it computes tanh-GELU, else a GEMM then the GELU; an FP8
+# fc1 is _scaled_mm, then the GELU and fc2's quantisation in one pass; an FP8 proj / fc2 is _scaled_mm, then the
+# gated residual add in one pass. "triton", where Triton runs: flowtok's GEMMs (triton_ops.linear_gelu,
+# linear_residual) do those epilogues themselves: fc1's bias and GELU (an FP8 fc1 writing an FP8 fc2's static-scale
+# input in e4m3), and an FP8 output Linear's gated residual add into the stream. Plain proj / fc2 stay cuBLAS GEMMs
+# accumulating into the stream either way. (On an H200 the cuBLASLt GEMM with the GELU epilogue ran at about 555
+# TFLOP/s against 630 for qkv's GEMM with a bias epilogue: the fused path's profile of 2026-12-04.)
+GEMM_EPILOGUES = ("pytorch", "triton")
 
 _GELU_EPILOGUE: dict[tuple[str, torch.dtype], bool] = {}
 _COMPILED: dict[tuple[str, str], Callable[..., Any] | None] = {}
@@ -211,11 +213,11 @@ def _fold_out(linear: nn.Linear, gate: torch.Tensor, pending: torch.Tensor) -> t
     return folded, (pending + (gate * bias).unsqueeze(1) if bias is not None else pending)
 
 
-def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool, triton_gelu: bool = False) -> torch.Tensor:
-    """``tanh-GELU(a @ W^T + b)``: flowtok's Triton GEMM with the bias and GELU in its epilogue if ``triton_gelu``,
-    else in cuBLASLt's epilogue if ``epilogue``, else a GEMM then an in-place GELU."""
+def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool, triton_epilogues: bool = False) -> torch.Tensor:
+    """``tanh-GELU(a @ W^T + b)``: flowtok's Triton GEMM with the bias and GELU in its epilogue if
+    ``triton_epilogues``, else in cuBLASLt's epilogue if ``epilogue``, else a GEMM then an in-place GELU."""
     w, bias = linear.weight, linear.bias
-    if triton_gelu:
+    if triton_epilogues:
         return triton_ops.linear_gelu(a, w, bias)
     if epilogue:
         return torch._addmm_activation(bias if bias is not None else w.new_zeros(w.shape[0]), a, w.t(),
@@ -243,15 +245,20 @@ def _accumulate(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def _output(layer: nn.Module, x: torch.Tensor, a: torch.Tensor | Quantized, gate: torch.Tensor,
-            pending: torch.Tensor) -> torch.Tensor:
+            pending: torch.Tensor, triton_epilogues: bool = False) -> torch.Tensor:
     """``x += gate_g * (a @ W^T + b)`` for an output Linear (proj, fc2) with ``a`` its input rows (quantised for
     an :class:`FP8Linear`); returns the pending bias vector. A plain Linear takes the gate folded into its weight
     and ``x`` as the GEMM's accumulator, and moves its gated bias into the pending vector; an FP8 one adds its
     bias in the GEMM's epilogue, as the plain FP8 block does, and scales the product by the gate in the residual
-    add (one pass: ``_scaled_mm`` has no accumulator)."""
+    add (one pass: ``_scaled_mm`` has no accumulator), or, if ``triton_epilogues`` where Triton runs FP8, in the
+    epilogue of flowtok's Triton GEMM, which reads and writes the stream itself."""
     groups, rows, d = x.shape
     if isinstance(layer, FP8Linear):
         q, q_scale = cast(Quantized, a)
+        if triton_epilogues and triton_ops.available_fp8(x):
+            triton_ops.linear_residual(x, q, layer.weight_fp8, layer.bias, gate, x_scale=q_scale,
+                                       w_scale=layer.weight_scale)
+            return pending
         y = layer.matmul(q, q_scale).view(groups, rows, d)
         x.addcmul_(y.to(x.dtype), gate.unsqueeze(1))
         return pending
@@ -261,11 +268,11 @@ def _output(layer: nn.Module, x: torch.Tensor, a: torch.Tensor | Quantized, gate
 
 
 def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
-           epilogue: bool, triton_gelu: bool = False) -> torch.Tensor:
+           epilogue: bool, triton_epilogues: bool = False) -> torch.Tensor:
     """One block on the stream ``x [G, R, D]`` (updated in place) with its adaLN output ``mod [G, 6 D]``; returns the
-    new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8. fc1 runs with its bias and GELU in
-    the epilogue of flowtok's Triton GEMM if ``triton_gelu`` (an FP8 fc1: where Triton runs FP8; it then writes an
-    FP8 fc2's input in e4m3), else a plain one in cuBLASLt's if ``epilogue``."""
+    new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8. ``triton_epilogues``: fc1 with its
+    bias and GELU, and FP8 output Linears with their gated residual add, in flowtok's Triton GEMMs (FP8 ones where
+    Triton runs FP8); else a plain fc1 in cuBLASLt's GELU epilogue if ``epilogue``."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp
@@ -276,21 +283,21 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
     q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v)  # [G * b, H, N, dh]
     after_attn = _output(attn.proj, x, _quantize_for(attn.proj, o, "heads") if isinstance(attn.proj, FP8Linear)
-                         else _heads_to_rows(o), gate_msa, pending)
+                         else _heads_to_rows(o), gate_msa, pending, triton_epilogues)
 
     h = _modulated_input(mlp.fc1, x, after_attn, shift_mlp, scale_mlp, block.norm2.eps)
     hidden: torch.Tensor | Quantized
-    if isinstance(mlp.fc1, FP8Linear) and triton_gelu and triton_ops.available_fp8(x):
+    if isinstance(mlp.fc1, FP8Linear) and triton_epilogues and triton_ops.available_fp8(x):
         hidden = _fp8_gemm_gelu(mlp.fc1, mlp.fc2, cast(Quantized, h), x.dtype)
     elif isinstance(mlp.fc1, FP8Linear):  # bias in the FP8 GEMM's epilogue; GELU (and fc2's quantisation) after it
         pre = mlp.fc1.matmul(*h).to(x.dtype)
         hidden = _quantize_for(mlp.fc2, pre, "gelu") if isinstance(mlp.fc2, FP8Linear) \
             else torch.ops.aten.gelu_(pre, approximate="tanh")
     else:
-        hidden = _gemm_gelu(cast(torch.Tensor, h), _linear(mlp.fc1), epilogue, triton_gelu)
+        hidden = _gemm_gelu(cast(torch.Tensor, h), _linear(mlp.fc1), epilogue, triton_epilogues)
         if isinstance(mlp.fc2, FP8Linear):
             hidden = _quantize_for(mlp.fc2, hidden)
-    return _output(mlp.fc2, x, hidden, gate_mlp, after_attn)
+    return _output(mlp.fc2, x, hidden, gate_mlp, after_attn, triton_epilogues)
 
 
 def _modulation(module: nn.Module, silu_cond: torch.Tensor) -> torch.Tensor:
@@ -311,13 +318,13 @@ def fused_block_supported(block: DiTBlock) -> bool:
 
 @torch.no_grad()
 def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torch.Tensor,
-                         cond: torch.Tensor, gelu_gemm: str = "pytorch") -> torch.Tensor:
+                         cond: torch.Tensor, gemm_epilogues: str = "pytorch") -> torch.Tensor:
     """The DiT blocks and final layer over ``h [G * b, N, D]`` whose ``G`` contiguous groups of ``b`` samples
     each share one condition row of ``cond [G, D]``. Inference only; ``h`` is not modified. Equals
-    ``final_layer(blocks(h, c), c)`` with ``c`` each group's row repeated, up to rounding. ``gelu_gemm``: which
-    GEMM computes a plain fc1 with its GELU, one of :data:`GELU_GEMMS`."""
-    if gelu_gemm not in GELU_GEMMS:
-        raise ValueError(f"gelu_gemm must be one of {', '.join(GELU_GEMMS)}, got {gelu_gemm!r}")
+    ``final_layer(blocks(h, c), c)`` with ``c`` each group's row repeated, up to rounding. ``gemm_epilogues``: who
+    computes the GEMMs with more than a bias in their epilogue, one of :data:`GEMM_EPILOGUES`."""
+    if gemm_epilogues not in GEMM_EPILOGUES:
+        raise ValueError(f"gemm_epilogues must be one of {', '.join(GEMM_EPILOGUES)}, got {gemm_epilogues!r}")
     groups = cond.shape[0]
     if h.shape[0] % groups:
         raise ValueError(f"batch {h.shape[0]} does not split into {groups} equal groups")
@@ -325,14 +332,14 @@ def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torc
     x = h.reshape(groups, batch * n, d).clone()
     pending = x.new_zeros(groups, 1, d)
     epilogue = gelu_epilogue_is_tanh(x.device, x.dtype)
-    triton_gelu = gelu_gemm == "triton" and triton_ops.available(x)
+    triton_epilogues = gemm_epilogues == "triton" and triton_ops.available(x)
     silu_cond = F.silu(cond)
     for block in blocks:
         blk = cast(DiTBlock, block)
         if not fused_block_supported(blk):
             raise ValueError("the fused path needs plain or FP8 Linears and the tanh-GELU MLP")
         pending = _block(blk, x, pending, _modulation(blk.adaLN_modulation, silu_cond), batch, epilogue,
-                         triton_gelu)
+                         triton_epilogues)
     shift, scale = _modulation(final_layer.adaLN_modulation, silu_cond).chunk(2, dim=1)
     y = modulated_layer_norm(x, pending, shift, scale, final_layer.norm_final.eps).view(groups * batch * n, d)
     out = final_layer.linear(y)

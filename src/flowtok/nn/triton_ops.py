@@ -170,12 +170,14 @@ if triton is not None:
         return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
 
     @triton.jit
-    def _linear_gelu_epilogue(acc, rows, cols, m, N: tl.constexpr, bias_ptr, x_scale_ptr, w_scale_ptr,
-                              out_scale_ptr, out_ptr, HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr,
-                              W_SCALE: tl.constexpr, QUANT: tl.constexpr):
-        # acc [BLOCK_M, BLOCK_N] fp32 -> out[rows, cols]: FP8 operands' scales (X_SCALE / W_SCALE: 0 none, 1 one
-        # scale, 2 one a row of x / a column of the output), bias, tanh-GELU, then one rounding to the output's
-        # dtype (QUANT: to e4m3 as y / out_scale, saturating at +-448, rounded to the e4m3 grid first).
+    def _linear_epilogue(acc, rows, cols, m, N: tl.constexpr, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr,
+                         out_ptr, gate_ptr, gate_stride, rows_per_group, HAS_BIAS: tl.constexpr,
+                         X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, QUANT: tl.constexpr,
+                         RESIDUAL: tl.constexpr):
+        # acc [BLOCK_M, BLOCK_N] fp32 -> out[rows, cols]. First the FP8 operands' scales (X_SCALE / W_SCALE: 0 none,
+        # 1 one scale, 2 one a row of x / a column of the output) and the bias. Then either tanh-GELU, rounded once
+        # to the output's dtype (QUANT: to e4m3 as y / out_scale, saturating at +-448, on the e4m3 grid first), or
+        # (RESIDUAL) out += gate[g] * y in place, g = row // rows_per_group, in fp32 with one rounding.
         row_ok = rows < m
         col_ok = cols < N
         if X_SCALE == 1:
@@ -188,31 +190,36 @@ if triton is not None:
             acc = acc * tl.load(w_scale_ptr + cols, mask=col_ok, other=1.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out = _gelu_tanh(acc)
-        if QUANT:
-            out = _e4m3_grid(tl.minimum(tl.maximum(out / tl.load(out_scale_ptr).to(tl.float32), -448.0), 448.0))
+        mask = row_ok[:, None] & col_ok[None, :]
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        if RESIDUAL:
+            group = (rows // rows_per_group)[:, None]
+            gate = tl.load(gate_ptr + group * gate_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            out = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32) + gate * acc
+        else:
+            out = _gelu_tanh(acc)
+            if QUANT:
+                out = _e4m3_grid(tl.minimum(tl.maximum(out / tl.load(out_scale_ptr).to(tl.float32), -448.0),
+                                            448.0))
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _linear_gelu_kernel(a_ptr, w_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, m,
-                            N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, QUANT: tl.constexpr,
-                            UPCAST: tl.constexpr):
-        # out = tanh-GELU(a @ w^T + bias): a [m, K], w [N, K] (an nn.Linear's weight), out [m, N], all row-major;
-        # a and w bf16 / fp16 / fp32, or e4m3 with their scales. One output tile a program (_tile_of). Rows past m
-        # and columns past N read the tile's first rows / columns again (no load masks) and are not stored. fp32
-        # accumulation; scales, bias and GELU in fp32 (_linear_gelu_epilogue). UPCAST (the interpreter, whose bf16
-        # and e4m3 dots return garbage in Triton 3.6) multiplies the same values in fp32.
+    def _linear_kernel(a_ptr, w_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr,
+                       gate_stride, rows_per_group, m, N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, QUANT: tl.constexpr, RESIDUAL: tl.constexpr,
+                       UPCAST: tl.constexpr):
+        # a @ w^T with an epilogue (_linear_epilogue): a [m, K], w [N, K] (an nn.Linear's weight), out [m, N], all
+        # row-major; a and w bf16 / fp16 / fp32, or e4m3 with their scales. One output tile a program (_tile_of).
+        # Rows past m and columns past N read the tile's first rows / columns again (no load masks) and are not
+        # stored. fp32 accumulation. UPCAST (the interpreter, whose bf16 and e4m3 dots return garbage in Triton
+        # 3.6) multiplies the same values in fp32.
         pid_m, pid_n = _tile_of(tl.program_id(0), m, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
-        a_rows = rows % m
-        w_cols = cols % N
-        a_ptrs = a_ptr + a_rows.to(tl.int64)[:, None] * K + ks[None, :]
-        w_ptrs = w_ptr + w_cols.to(tl.int64)[None, :] * K + ks[:, None]  # w^T's [BLOCK_K, BLOCK_N] tile
+        a_ptrs = a_ptr + (rows % m).to(tl.int64)[:, None] * K + ks[None, :]
+        w_ptrs = w_ptr + (cols % N).to(tl.int64)[None, :] * K + ks[:, None]  # w^T's [BLOCK_K, BLOCK_N] tile
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):  # K a constant: a fixed trip count
             if K % BLOCK_K == 0:
@@ -224,16 +231,16 @@ if triton is not None:
             acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST), acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        _linear_gelu_epilogue(acc, rows, cols, m, N, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr,
-                              HAS_BIAS, X_SCALE, W_SCALE, QUANT)
+        _linear_epilogue(acc, rows, cols, m, N, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr,
+                         gate_stride, rows_per_group, HAS_BIAS, X_SCALE, W_SCALE, QUANT, RESIDUAL)
 
     @triton.jit
-    def _linear_gelu_tma_kernel(a_desc, w_desc, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, m,
-                                N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, QUANT: tl.constexpr,
-                                UPCAST: tl.constexpr):
-        # _linear_gelu_kernel with a's and w's tiles loaded by the tensor-memory accelerator (Hopper and newer):
+    def _linear_tma_kernel(a_desc, w_desc, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr,
+                           gate_stride, rows_per_group, m, N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                           QUANT: tl.constexpr, RESIDUAL: tl.constexpr, UPCAST: tl.constexpr):
+        # _linear_kernel with a's and w's tiles loaded by the tensor-memory accelerator (Hopper and newer):
         # host-made descriptors, tiles past the edges read as zeros; w's tile K-major, as FP8 dots need it.
         pid_m, pid_n = _tile_of(tl.program_id(0), m, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -243,8 +250,8 @@ if triton is not None:
             acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST).T, acc)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _linear_gelu_epilogue(acc, rows, cols, m, N, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr,
-                              HAS_BIAS, X_SCALE, W_SCALE, QUANT)
+        _linear_epilogue(acc, rows, cols, m, N, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr,
+                         gate_stride, rows_per_group, HAS_BIAS, X_SCALE, W_SCALE, QUANT, RESIDUAL)
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
     """(MAIN, TAIL, rows per program, warps) of the LayerNorm kernel for width ``d``: MAIN the largest power of two
@@ -341,10 +348,10 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) of :func:`linear_gelu` by default, for 16-bit and for e4m3
-# operands: the common Hopper shapes for those GEMMs with wide tiles (not yet timed here; ``benchmarks/gelu_gemm.py``
+# operands: the common Hopper shapes for those GEMMs with wide tiles (not yet timed here; ``benchmarks/gemm_epilogues.py``
 # sweeps the alternatives).
-LINEAR_GELU_LAUNCH = (128, 256, 64, 8, 8, 3)
-LINEAR_GELU_LAUNCH_FP8 = (128, 256, 128, 8, 8, 3)
+LINEAR_LAUNCH = (128, 256, 64, 8, 8, 3)
+LINEAR_LAUNCH_FP8 = (128, 256, 128, 8, 8, 3)
 
 
 def _scale_kind(scale: torch.Tensor | None, count: int, what: str) -> int:
@@ -358,6 +365,58 @@ def _scale_kind(scale: torch.Tensor | None, count: int, what: str) -> int:
     raise ValueError(f"{what} must hold 1 or {count} values, got {list(scale.shape)}")
 
 
+def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    x_scale: torch.Tensor | None, w_scale: torch.Tensor | None) -> tuple[int, int, int, bool]:
+    """(M, K, N, e4m3) of a GEMM's operands, or a ValueError naming what does not fit."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"the GEMM takes x [M, K] and weight [N, K], got {list(x.shape)} and {list(weight.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
+    fp8 = x.dtype == torch.float8_e4m3fn
+    if fp8 != (weight.dtype == torch.float8_e4m3fn) or (x_scale is not None, w_scale is not None) != (fp8, fp8):
+        raise ValueError("e4m3 operands go together, with both their scales (x_scale, w_scale)")
+    return m, k, n, fp8
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            launch: tuple[int, int, int, int, int, int], tma: bool | None, x_scale: torch.Tensor | None,
+            w_scale: torch.Tensor | None, out_scale: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+            rows_per_group: int = 1) -> None:
+    """Launch the GEMM ``x @ weight^T`` into ``out`` with the GELU epilogue, or the gated residual one if
+    ``gate [G, N]`` is given (operands checked by the caller)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m == 0:
+        return
+    x, weight = x.contiguous(), weight.contiguous()
+    block_m, block_n, block_k, group_m, warps, stages = launch
+    if tma is None:  # TMA also needs 16-byte aligned rows
+        tma = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and (k * x.element_size()) % 16 == 0 \
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+
+    def pointer(t: torch.Tensor | None) -> torch.Tensor:  # a scale as float32; an unused argument: any tensor
+        return t.float().contiguous() if t is not None else out
+
+    gate_t, gate_stride = _row_stride(gate, gate.shape[0], n) if gate is not None else (out, 0)
+    args = (bias if bias is not None else out, pointer(x_scale), pointer(w_scale), pointer(out_scale), out, gate_t,
+            gate_stride, rows_per_group, m)
+    options = dict(N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+                   HAS_BIAS=bias is not None, X_SCALE=_scale_kind(x_scale, m, "x_scale"),
+                   W_SCALE=_scale_kind(w_scale, n, "w_scale"), QUANT=out_scale is not None,
+                   RESIDUAL=gate is not None, UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # type: ignore[import-untyped]
+
+        a_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+        w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+        _linear_tma_kernel[grid](a_desc, w_desc, *args, **options)
+    else:
+        _linear_kernel[grid](x, weight, *args, **options)
+
+
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 launch: tuple[int, int, int, int, int, int] | None = None, tma: bool | None = None,
                 x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
@@ -369,49 +428,35 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     :class:`flowtok.nn.fp8.FP8Linear`) with their float32 scales ``x_scale`` (one, or ``[M, 1]``) and ``w_scale``
     (one, or one an output column): returns bf16, or, given ``out_scale`` (one float32 scale), the e4m3 input of
     the next FP8 Linear, ``GELU / out_scale`` saturating at +-448. ``launch``: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    warps, stages), default :data:`LINEAR_GELU_LAUNCH` (:data:`LINEAR_GELU_LAUNCH_FP8` for e4m3). ``tma``: load the
+    warps, stages), default :data:`LINEAR_LAUNCH` (:data:`LINEAR_LAUNCH_FP8` for e4m3). ``tma``: load the
     tiles through tensor descriptors (TMA); None: where the GPU has TMA (compute capability 9.0 or newer) and the
     rows are 16-byte aligned. Needs :func:`available` (:func:`available_fp8` for e4m3)."""
-    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_gelu takes x [M, K] and weight [N, K], got {list(x.shape)} and "
-                         f"{list(weight.shape)}")
-    m, k = x.shape
-    n = weight.shape[0]
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must be [{n}], got {list(bias.shape)}")
-    fp8 = x.dtype == torch.float8_e4m3fn
-    scales = (x_scale is not None, w_scale is not None)
-    if fp8 != (weight.dtype == torch.float8_e4m3fn) or scales != (fp8, fp8):
-        raise ValueError("e4m3 operands go together, with both their scales (x_scale, w_scale)")
+    m, _, n, fp8 = _check_operands(x, weight, bias, x_scale, w_scale)
     if out_scale is not None and (not fp8 or out_scale.numel() != 1):
         raise ValueError("out_scale (one scale) writes e4m3 from e4m3 operands")
-    x_kind = _scale_kind(x_scale, m, "x_scale")
-    w_kind = _scale_kind(w_scale, n, "w_scale")
-    x, weight = x.contiguous(), weight.contiguous()
     out_dtype = torch.float8_e4m3fn if out_scale is not None else (torch.bfloat16 if fp8 else x.dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    if m == 0:
-        return out
-    block_m, block_n, block_k, group_m, warps, stages = launch or (LINEAR_GELU_LAUNCH_FP8 if fp8
-                                                                   else LINEAR_GELU_LAUNCH)
-    if tma is None:  # TMA also needs 16-byte aligned rows
-        tma = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and (k * x.element_size()) % 16 == 0 \
-            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-
-    def pointer(t: torch.Tensor | None) -> torch.Tensor:  # a scale as float32; an unused argument: any tensor
-        return t.float().contiguous() if t is not None else out
-
-    args = (bias if bias is not None else out, pointer(x_scale), pointer(w_scale), pointer(out_scale), out, m)
-    options = dict(N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-                   HAS_BIAS=bias is not None, X_SCALE=x_kind, W_SCALE=w_kind, QUANT=out_scale is not None,
-                   UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # type: ignore[import-untyped]
-
-        a_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
-        w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-        _linear_gelu_tma_kernel[grid](a_desc, w_desc, *args, **options)
-    else:
-        _linear_gelu_kernel[grid](x, weight, *args, **options)
+    _linear(x, weight, bias, out, launch or (LINEAR_LAUNCH_FP8 if fp8 else LINEAR_LAUNCH), tma, x_scale,
+            w_scale, out_scale)
     return out
+
+
+def linear_residual(stream: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    gate: torch.Tensor, launch: tuple[int, int, int, int, int, int] | None = None,
+                    tma: bool | None = None, x_scale: torch.Tensor | None = None,
+                    w_scale: torch.Tensor | None = None) -> None:
+    """``stream[g] += gate[g] * (x[g] @ weight^T + bias)`` in place, in one GEMM whose epilogue reads and writes the
+    stream (an adaLN-Zero block's gated output Linear and its residual add): ``stream [G, R, N]`` contiguous,
+    ``x [G * R, K]``, ``weight [N, K]``, ``bias [N]`` or None, ``gate [G, N]`` (any row stride). e4m3 operands with
+    their scales as :func:`linear_gelu` takes them. The sum is formed in fp32 and rounded once to the stream's
+    dtype. ``launch`` / ``tma`` as for :func:`linear_gelu` (default :data:`LINEAR_LAUNCH` /
+    :data:`LINEAR_LAUNCH_FP8`). Needs :func:`available` (:func:`available_fp8` for e4m3)."""
+    m, _, n, fp8 = _check_operands(x, weight, bias, x_scale, w_scale)
+    if stream.dim() != 3 or stream.shape[0] * stream.shape[1] != m or stream.shape[2] != n \
+            or not stream.is_contiguous():
+        raise ValueError(f"the stream must be a contiguous [G, R, {n}] with G * R = {m} rows, got "
+                         f"{list(stream.shape)}")
+    if gate.numel() != stream.shape[0] * n:
+        raise ValueError(f"gate must be [{stream.shape[0]}, {n}], got {list(gate.shape)}")
+    _linear(x, weight, bias, stream, launch or (LINEAR_LAUNCH_FP8 if fp8 else LINEAR_LAUNCH), tma,
+            x_scale, w_scale, gate=gate, rows_per_group=stream.shape[1])
