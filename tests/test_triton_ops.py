@@ -237,7 +237,8 @@ def test_linear_gelu_kernel_equals_linear_then_tanh_gelu():
                                           (300, 128, 64, True, None)]:
             x, w = torch.randn(m, k), torch.randn(n, k) / k ** 0.5
             bias = torch.randn(n) if has_bias else None
-            for tma in (False, True):  # pointer loads, and tiles through tensor descriptors (zeros past the edges)
+            for tma, split in [(False, True), (True, True), (True, False)]:  # pointer or TMA loads; the epilogue
+                T.LINEAR_SPLIT = split                                     # in column halves or whole
                 out = T.linear_gelu(x, w, bias, launch, tma=tma)
                 assert out.shape == (m, n) and out.dtype == torch.float32
                 torch.testing.assert_close(out, F.gelu(F.linear(x, w, bias), approximate="tanh"), rtol=1e-5,
@@ -439,6 +440,14 @@ def test_linear_residual_kernel_adds_each_groups_gated_product_into_the_stream()
                 T.linear_residual(s, qx, qw, b, gate, launch, tma=tma, x_scale=sx, w_scale=sw)
                 deq = (qx.float() * sx) @ (qw.float() * sw.reshape(-1, 1)).T + b
                 torch.testing.assert_close(s, expected(deq), rtol=1e-5, atol=1e-5)
+        # a tile of 64 rows spans the two groups of 37 rows and more: a gate per element, not two gate rows; and
+        # the epilogue over the whole tile rather than in two column halves
+        T.LINEAR_SPLIT = False
+        for launch in [(64, 32, 32, 2, 4, 1), (32, 32, 32, 2, 4, 1)]:
+            s = stream.clone()
+            T.linear_residual(s, x, w, b, gate, launch)
+            torch.testing.assert_close(s, expected(x @ w.T + b), rtol=1e-5, atol=1e-5)
+        T.LINEAR_SPLIT = True
         for bad in [dict(stream=torch.zeros(g, r + 1, n)), dict(gate=torch.zeros(3, n)),
                     dict(stream=torch.zeros(g, n, r).transpose(1, 2))]:
             args = {**dict(stream=stream.clone(), x=x, weight=w, bias=b, gate=gate), **bad}
@@ -450,3 +459,24 @@ def test_linear_residual_kernel_adds_each_groups_gated_product_into_the_stream()
                 raise AssertionError(f"{list(bad)} accepted")
         print("OK")
     """)
+
+
+
+def test_the_gemms_compile_for_hopper_pipelined_without_spills():
+    """benchmarks/kernel_compile.py on this machine: Triton compiles the GEMMs for sm_90 without a GPU, and ptxas
+    counts their registers. At the default launches, both epilogues, bf16 and e4m3: wgmma, a pipelined main loop
+    (shared memory for every stage of both operands' tiles, within the 227 KB a block may use) and at most a few
+    bytes of spills (an unsplit residual epilogue spilled about 1 KB a thread)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import kernel_compile
+
+    from flowtok.nn import triton_ops
+
+    for dtype, launch in [("bf16", triton_ops.LINEAR_LAUNCH), ("fp8e4nv", triton_ops.LINEAR_LAUNCH_FP8)]:
+        block_m, block_n, block_k, _, _, stages = launch
+        tile_bytes = (block_m + block_n) * block_k * (2 if dtype == "bf16" else 1)
+        for residual in (False, True):
+            row = kernel_compile.compile_linear(dtype, launch, residual)
+            assert row["wgmma"] and row["shared_fits"], row
+            assert row["shared_bytes"] >= stages * tile_bytes, row
+            assert row["spill_store_bytes"] is not None and row["spill_store_bytes"] <= 64, row

@@ -170,14 +170,16 @@ if triton is not None:
         return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
 
     @triton.jit
-    def _linear_epilogue(acc, rows, cols, m, N: tl.constexpr, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr,
-                         out_ptr, gate_ptr, gate_stride, rows_per_group, HAS_BIAS: tl.constexpr,
-                         X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, QUANT: tl.constexpr,
-                         RESIDUAL: tl.constexpr):
-        # acc [BLOCK_M, BLOCK_N] fp32 -> out[rows, cols]. First the FP8 operands' scales (X_SCALE / W_SCALE: 0 none,
-        # 1 one scale, 2 one a row of x / a column of the output) and the bias. Then either tanh-GELU, rounded once
-        # to the output's dtype (QUANT: to e4m3 as y / out_scale, saturating at +-448, on the e4m3 grid first), or
-        # (RESIDUAL) out += gate[g] * y in place, g = row // rows_per_group, in fp32 with one rounding.
+    def _linear_epilogue_part(acc, row0, rows, cols, m, N: tl.constexpr, bias_ptr, x_scale_ptr, w_scale_ptr,
+                              out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group, BLOCK_M: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
+                              QUANT: tl.constexpr, RESIDUAL: tl.constexpr, GATE_ROWS: tl.constexpr):
+        # acc [BLOCK_M, len(cols)] fp32 -> out[rows, cols]. First the FP8 operands' scales (X_SCALE / W_SCALE: 0
+        # none, 1 one scale, 2 one a row of x / a column of the output) and the bias. Then either tanh-GELU, rounded
+        # once to the output's dtype (QUANT: to e4m3 as y / out_scale, saturating at +-448, on the e4m3 grid
+        # first), or (RESIDUAL) out += gate[g] * y in place, g = row // rows_per_group, in fp32 with one rounding.
+        # GATE_ROWS: the tile's rows span at most two groups (rows_per_group >= BLOCK_M), so two gate rows are
+        # loaded instead of a gate per element.
         row_ok = rows < m
         col_ok = cols < N
         if X_SCALE == 1:
@@ -193,8 +195,16 @@ if triton is not None:
         mask = row_ok[:, None] & col_ok[None, :]
         out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
         if RESIDUAL:
-            group = (rows // rows_per_group)[:, None]
-            gate = tl.load(gate_ptr + group * gate_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            group = rows // rows_per_group
+            if GATE_ROWS:
+                first = row0 // rows_per_group
+                last = tl.minimum(row0 + BLOCK_M - 1, m - 1) // rows_per_group
+                gate_first = tl.load(gate_ptr + first * gate_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+                gate_last = tl.load(gate_ptr + last * gate_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+                gate = tl.where((group == first)[:, None], gate_first[None, :], gate_last[None, :])
+            else:
+                gate = tl.load(gate_ptr + group[:, None] * gate_stride + cols[None, :], mask=mask,
+                               other=0.0).to(tl.float32)
             out = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32) + gate * acc
         else:
             out = _gelu_tanh(acc)
@@ -204,11 +214,34 @@ if triton is not None:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _linear_epilogue(acc, row0, col0, m, N: tl.constexpr, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr,
+                         out_ptr, gate_ptr, gate_stride, rows_per_group, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr,
+                         W_SCALE: tl.constexpr, QUANT: tl.constexpr, RESIDUAL: tl.constexpr,
+                         GATE_ROWS: tl.constexpr, SPLIT: tl.constexpr):
+        # The tile [row0:row0 + BLOCK_M, col0:col0 + BLOCK_N] through _linear_epilogue_part, in two column halves if
+        # SPLIT: what the epilogue loads and computes beside the accumulator then takes half the registers.
+        rows = row0 + tl.arange(0, BLOCK_M)
+        if SPLIT:
+            half: tl.constexpr = BLOCK_N // 2
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, half)), (0, 2, 1)))
+            _linear_epilogue_part(left, row0, rows, col0 + tl.arange(0, half), m, N, bias_ptr, x_scale_ptr,
+                                  w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group,
+                                  BLOCK_M, HAS_BIAS, X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS)
+            _linear_epilogue_part(right, row0, rows, col0 + half + tl.arange(0, half), m, N, bias_ptr, x_scale_ptr,
+                                  w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group,
+                                  BLOCK_M, HAS_BIAS, X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS)
+        else:
+            _linear_epilogue_part(acc, row0, rows, col0 + tl.arange(0, BLOCK_N), m, N, bias_ptr, x_scale_ptr,
+                                  w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group,
+                                  BLOCK_M, HAS_BIAS, X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS)
+
+    @triton.jit
     def _linear_kernel(a_ptr, w_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr,
                        gate_stride, rows_per_group, m, N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
                        X_SCALE: tl.constexpr, W_SCALE: tl.constexpr, QUANT: tl.constexpr, RESIDUAL: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       GATE_ROWS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
         # a @ w^T with an epilogue (_linear_epilogue): a [m, K], w [N, K] (an nn.Linear's weight), out [m, N], all
         # row-major; a and w bf16 / fp16 / fp32, or e4m3 with their scales. One output tile a program (_tile_of).
         # Rows past m and columns past N read the tile's first rows / columns again (no load masks) and are not
@@ -231,15 +264,17 @@ if triton is not None:
             acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST), acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        _linear_epilogue(acc, rows, cols, m, N, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr,
-                         gate_stride, rows_per_group, HAS_BIAS, X_SCALE, W_SCALE, QUANT, RESIDUAL)
+        _linear_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m, N, bias_ptr, x_scale_ptr, w_scale_ptr,
+                         out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group, BLOCK_M, BLOCK_N, HAS_BIAS,
+                         X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS, SPLIT)
 
     @triton.jit
     def _linear_tma_kernel(a_desc, w_desc, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr,
                            gate_stride, rows_per_group, m, N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                            HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
-                           QUANT: tl.constexpr, RESIDUAL: tl.constexpr, UPCAST: tl.constexpr):
+                           QUANT: tl.constexpr, RESIDUAL: tl.constexpr, GATE_ROWS: tl.constexpr,
+                           SPLIT: tl.constexpr, UPCAST: tl.constexpr):
         # _linear_kernel with a's and w's tiles loaded by the tensor-memory accelerator (Hopper and newer):
         # host-made descriptors, tiles past the edges read as zeros; w's tile K-major, as FP8 dots need it.
         pid_m, pid_n = _tile_of(tl.program_id(0), m, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -248,10 +283,9 @@ if triton is not None:
             a = a_desc.load([pid_m * BLOCK_M, k])
             w = w_desc.load([pid_n * BLOCK_N, k])
             acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST).T, acc)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _linear_epilogue(acc, rows, cols, m, N, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr,
-                         gate_stride, rows_per_group, HAS_BIAS, X_SCALE, W_SCALE, QUANT, RESIDUAL)
+        _linear_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m, N, bias_ptr, x_scale_ptr, w_scale_ptr,
+                         out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group, BLOCK_M, BLOCK_N, HAS_BIAS,
+                         X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS, SPLIT)
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
     """(MAIN, TAIL, rows per program, warps) of the LayerNorm kernel for width ``d``: MAIN the largest power of two
@@ -352,6 +386,8 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
 # sweeps the alternatives).
 LINEAR_LAUNCH = (128, 256, 64, 8, 8, 3)
 LINEAR_LAUNCH_FP8 = (128, 256, 128, 8, 8, 3)
+# Whether the GEMMs' epilogues run in two column halves by default (fewer registers beside the accumulator).
+LINEAR_SPLIT = True
 
 
 def _scale_kind(scale: torch.Tensor | None, count: int, what: str) -> int:
@@ -383,9 +419,10 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             launch: tuple[int, int, int, int, int, int], tma: bool | None, x_scale: torch.Tensor | None,
             w_scale: torch.Tensor | None, out_scale: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-            rows_per_group: int = 1) -> None:
+            rows_per_group: int = 1, split: bool | None = None) -> None:
     """Launch the GEMM ``x @ weight^T`` into ``out`` with the GELU epilogue, or the gated residual one if
-    ``gate [G, N]`` is given (operands checked by the caller)."""
+    ``gate [G, N]`` is given (operands checked by the caller); ``split``: the epilogue in two column halves
+    (default :data:`LINEAR_SPLIT`)."""
     m, k = x.shape
     n = weight.shape[0]
     if m == 0:
@@ -406,7 +443,9 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     options = dict(N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
                    HAS_BIAS=bias is not None, X_SCALE=_scale_kind(x_scale, m, "x_scale"),
                    W_SCALE=_scale_kind(w_scale, n, "w_scale"), QUANT=out_scale is not None,
-                   RESIDUAL=gate is not None, UPCAST=INTERPRET, num_warps=warps, num_stages=stages)
+                   RESIDUAL=gate is not None, GATE_ROWS=rows_per_group >= block_m,
+                   SPLIT=split if split is not None else LINEAR_SPLIT and block_n >= 32, UPCAST=INTERPRET,
+                   num_warps=warps, num_stages=stages)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor  # type: ignore[import-untyped]
 
