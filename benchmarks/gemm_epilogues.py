@@ -13,19 +13,19 @@ against the same inputs, its output checked against fp32. fc1 + GELU:
 * ``inductor``: ``GELU(linear)`` compiled by ``torch.compile``, default mode and ``max-autotune-no-cudagraphs``
   (Triton GEMM templates with the GELU fused, against cuBLAS, picked by timing; persistent TMA templates on);
 * ``triton linear_gelu``: flowtok's kernel (``gemm_epilogues="triton"``) at its default launch and others, its tiles
-  loaded through tensor descriptors (TMA) and by pointers.
+  loaded through tensor descriptors (TMA) and by pointers (ten launches).
 
 Then the same in FP8 (static per-tensor scales, as the fused path's FP8 blocks with calibrated scales; on a GPU
 with FP8 matmuls, or under Triton's interpreter): ``_scaled_mm`` with its bias epilogue alone; ``_scaled_mm`` then
 the GELU and fc2's e4m3 quantisation in one compiled pass (what the fused FP8 path runs); ``linear_gelu`` on the e4m3
-operands writing fc2's e4m3 input itself, at six launch shapes.
+operands writing fc2's e4m3 input itself, at eight launch shapes.
 
 fc2 (4,608 -> 1,152) into the residual stream of two CFG groups, ``x[g] += gate[g] * (a @ W^T + b)``:
 
 * bf16, ``cuBLAS baddbmm``: the gate folded into the weight per group, one batched GEMM accumulating into the
   stream (what the fused path runs for a plain fc2; the fold not timed); ``triton linear_residual`` at two launches;
 * FP8: ``_scaled_mm then addcmul_`` (what the fused path runs for an FP8 fc2), and ``triton linear_residual``
-  reading and writing the stream in its epilogue, at six launch shapes.
+  reading and writing the stream in its epilogue, at eight launch shapes.
 
 The FP8 rows are checked against the same arithmetic on the dequantised operands in fp32; their TFLOP/s are FP8
 FLOPs.
@@ -52,12 +52,15 @@ from fp8_gemm import timer  # noqa: E402
 from flowtok.nn import triton_ops  # noqa: E402
 from flowtok.nn.fp8 import E4M3_MAX, fp8_supported, quantize_tensor, to_e4m3  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages): the default first, then wider, narrower and deeper tiles
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages): the default first, then wider, narrower and deeper tiles, and
+# last those small enough for two blocks an SM (one block's epilogue then overlaps the other's main loop;
+# kernel_compile.py estimates the blocks an SM)
 LAUNCHES = [triton_ops.LINEAR_LAUNCH, (128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 3),
             (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4), (128, 256, 32, 8, 8, 5), (64, 256, 64, 8, 4, 4),
-            (128, 128, 128, 8, 8, 3)]
+            (128, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 3)]
 LAUNCHES_FP8 = [triton_ops.LINEAR_LAUNCH_FP8, (128, 256, 128, 8, 8, 4), (128, 128, 128, 8, 4, 4),
-                (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 256, 64, 8, 8, 4)]
+                (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 256, 64, 8, 8, 4),
+                (128, 128, 128, 8, 4, 3), (128, 256, 128, 8, 8, 2)]
 Check = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (output, fp32 reference)
 
 

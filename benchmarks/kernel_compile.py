@@ -8,7 +8,8 @@ Triton compiles for a named target without a device (``triton.compile`` with a `
 * whether the kernel compiles for the target (default ``sm_90``, an H100 / H200) and uses ``wgmma``;
 * its shared memory (a pipelined main loop holds ``stages`` tiles of each operand), against the 227 KB an H100 /
   H200 block may use;
-* its registers and spill bytes (``ptxas -v``): spills in the epilogue cost memory traffic on every tile.
+* its registers and spill bytes (``ptxas -v``): spills in the epilogue cost memory traffic on every tile;
+* the blocks an SM can hold at once by those two (two let one block's epilogue overlap the other's main loop).
 
 Pointers are declared 16-byte aligned, as the JIT specialises them for PyTorch's allocations.
 
@@ -38,6 +39,7 @@ from gemm_epilogues import LAUNCHES, LAUNCHES_FP8  # noqa: E402
 from flowtok.nn import triton_ops  # noqa: E402
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100 / H200
+SM_SHARED, SM_REGISTERS = 228 * 1024, 65536  # an H100 / H200 SM's shared memory and 32-bit registers
 
 
 def compile_linear(dtype: str, launch: tuple[int, ...], residual: bool, tma: bool = True, arch: int = 90,
@@ -71,6 +73,11 @@ def compile_linear(dtype: str, launch: tuple[int, ...], residual: bool, tma: boo
               "loads": "tma" if tma else "ptr", "split": split, "shared_bytes": compiled.metadata.shared,
               "shared_fits": compiled.metadata.shared <= SHARED_LIMIT, "wgmma": "wgmma" in ptx}
     report.update(ptxas_report(ptx, arch))
+    if report["registers"]:  # blocks an SM can hold at once (registers allocated per warp in units of 256)
+        per_warp = -(-report["registers"] * 32 // 256) * 256
+        by_registers = SM_REGISTERS // (per_warp * warps)
+        by_shared = SM_SHARED // max(1, compiled.metadata.shared + 1024)  # + the 1 KB the runtime reserves
+        report["blocks_per_sm"] = min(by_registers, by_shared)
     return report
 
 
