@@ -12,20 +12,27 @@ against the same inputs, its output checked against fp32. fc1 + GELU:
 * ``addmm then GELU in place``: two kernels;
 * ``inductor``: ``GELU(linear)`` compiled by ``torch.compile``, default mode and ``max-autotune-no-cudagraphs``
   (Triton GEMM templates with the GELU fused, against cuBLAS, picked by timing; persistent TMA templates on);
-* ``triton linear_gelu``: flowtok's kernel (``gemm_epilogues="triton"``) at its default launch and others, its tiles
-  loaded through tensor descriptors (TMA) and by pointers (ten launches).
+* ``triton linear_gelu``: flowtok's kernel (``gemm_epilogues="triton"``) at ten launch shapes, each with its tiles
+  loaded through tensor descriptors (TMA) and scheduled a program a tile (``tiles``), a program an SM
+  (``persistent``: a tile's epilogue overlapping the next tile's loads) or a program an SM with warp
+  specialisation (``persistent-ws``, 8 warps); the default launch also by pointer loads.
 
 Then the same in FP8 (static per-tensor scales, as the fused path's FP8 blocks with calibrated scales; on a GPU
 with FP8 matmuls, or under Triton's interpreter): ``_scaled_mm`` with its bias epilogue alone; ``_scaled_mm`` then
 the GELU and fc2's e4m3 quantisation in one compiled pass (what the fused FP8 path runs); ``linear_gelu`` on the e4m3
-operands writing fc2's e4m3 input itself, at eight launch shapes.
+operands writing fc2's e4m3 input itself, at eight launch shapes in the same forms.
 
 fc2 (4,608 -> 1,152) into the residual stream of two CFG groups, ``x[g] += gate[g] * (a @ W^T + b)``:
 
 * bf16, ``cuBLAS baddbmm``: the gate folded into the weight per group, one batched GEMM accumulating into the
-  stream (what the fused path runs for a plain fc2; the fold not timed); ``triton linear_residual`` at two launches;
+  stream (what the fused path runs for a plain fc2; the fold not timed); ``triton linear_residual`` at its default
+  launch in each form;
 * FP8: ``_scaled_mm then addcmul_`` (what the fused path runs for an FP8 fc2), and ``triton linear_residual``
-  reading and writing the stream in its epilogue, at eight launch shapes.
+  reading and writing the stream in its epilogue, at eight launch shapes in each form.
+
+Rows run in order of what they tell: what runs now and each kernel's default launch first, the launch sweeps next,
+inductor's rows last (max-autotune compiles for a minute or more); a deadline (``--deadline`` or
+``$BENCH_DEADLINE``) skips the rest.
 
 The FP8 rows are checked against the same arithmetic on the dequantised operands in fp32; their TFLOP/s are FP8
 FLOPs.
@@ -62,15 +69,31 @@ LAUNCHES_FP8 = [triton_ops.LINEAR_LAUNCH_FP8, (128, 256, 128, 8, 8, 4), (128, 12
                 (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 256, 64, 8, 8, 4),
                 (128, 128, 128, 8, 4, 3), (128, 256, 128, 8, 8, 2)]
 Check = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (output, fp32 reference)
+Row = tuple[str, Callable[[], Any], Check, dict[str, Any]]  # name, timed call, check, tags
+Form = tuple[tuple[int, ...], str, str]  # launch, loads ("tma" / "ptr"), schedule (triton_ops.LINEAR_SCHEDULES)
 
 
-def launch_name(launch: tuple[int, ...], load: str) -> str:
-    return f"{load} {'x'.join(map(str, launch[:3]))} g{launch[3]} w{launch[4]} s{launch[5]}"
+def forms(launches: list[tuple[int, ...]], device: torch.device) -> tuple[list[Form], list[Form]]:
+    """The kernel forms to time, in two lists: the default launch in every form first (tiles loaded through TMA and
+    by pointers, persistent, and warp-specialised at 8 warps), then the other launches (tiles through TMA,
+    persistent, warp-specialised at 8 warps). TMA and the persistent schedules need Hopper (or the interpreter)."""
+    hopper = device.type != "cuda" or torch.cuda.get_device_capability(device) >= (9, 0)
+
+    def of(launch: tuple[int, ...], first: bool) -> list[Form]:
+        if not hopper:
+            return [(launch, "ptr", "tiles")]
+        out = [(launch, "tma", "tiles")] + ([(launch, "ptr", "tiles")] if first else [])
+        out.append((launch, "tma", "persistent"))
+        if launch[4] == 8:  # warp specialisation did not compile with 4 warps (Triton 3.6, kernel_compile.py)
+            out.append((launch, "tma", "persistent-ws"))
+        return out
+
+    return of(launches[0], True), [f for launch in launches[1:] for f in of(launch, False)]
 
 
-def loads_for(x: torch.Tensor) -> tuple[str, ...]:
-    """Tiles through tensor descriptors (TMA: Hopper and newer, and the interpreter) and by pointer loads."""
-    return ("tma", "ptr") if not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0) else ("ptr",)
+def form_name(form: Form) -> str:
+    launch, load, schedule = form
+    return f"{schedule} {load} {'x'.join(map(str, launch[:3]))} g{launch[3]} w{launch[4]} s{launch[5]}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -81,17 +104,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--hidden", type=int, default=4608)
     p.add_argument("--calls", type=int, default=30, help="timed calls (median; after 3 warm-ups)")
     p.add_argument("--no-autotune", dest="autotune", action="store_false", help="skip inductor's max-autotune")
+    p.add_argument("--deadline", type=float, default=None, help="seconds from now; default $BENCH_DEADLINE")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = pick_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     results = Results(args.out, env_info(device), vars(args))
     results.data["env"]["bf16_mm_tflops"] = matmul_tflops(device, n=256 if device.type != "cuda" else 8192)
-    budget = Budget(None)
+    budget = Budget(args.deadline)
     flops = 2 * args.rows * args.width * args.hidden
-
-    def item(name: str, fn: Callable[[], Any], check: Check, **tags: Any) -> None:
-        def measure() -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(0)
+    first, sweep, compiled = [], [], []
+    for rows in (fc1_rows(args, device, dtype, gen), fc2_rows(args, device, dtype, gen)):
+        first += rows[0]
+        sweep += rows[1]
+        compiled += rows[2]
+    # what runs now and each kernel's default launch first, the launch sweeps after, inductor's autotuning last: a
+    # deadline cuts the least telling rows
+    for name, fn, check, tags in first + sweep + compiled:
+        def measure(fn: Callable[[], Any] = fn, check: Check = check) -> dict[str, Any]:
             with torch.no_grad():
                 out, target = check()
                 err = float((out.float() - target).norm() / target.norm())
@@ -100,23 +131,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return {"us": 1e6 * seconds, "tflops": tflops, "rel_err": err,
                     "frac_of_mm": tflops / results.data["env"]["bf16_mm_tflops"]}
 
-        results.run(name, measure, device, budget, **tags)
-
-    gen = torch.Generator().manual_seed(0)
-    fc1_items(args, device, dtype, gen, item)
-    fc2_items(args, device, dtype, gen, item)
+        results.run(name, measure, device, budget, reserve_s=5.0 if "inductor" not in name else 60.0, **tags)
     results.save()
     for it in results.data["items"]:
         if it.get("status") == "ok":
-            log(f"{it['name']:<56} {it['us']:8.1f} us  {it['tflops']:6.1f} TFLOP/s  err {it['rel_err']:.2e}")
+            log(f"{it['name']:<64} {it['us']:8.1f} us  {it['tflops']:6.1f} TFLOP/s  err {it['rel_err']:.2e}")
         else:
-            log(f"{it['name']:<56} {it.get('status')}: {it.get('error', '')[:200]}")
+            log(f"{it['name']:<64} {it.get('status')}: {str(it.get('error', it.get('reason', '')))[:200]}")
     return results.data
 
 
-def fc1_items(args, device: torch.device, dtype: torch.dtype, gen: torch.Generator,
-              item: Callable[..., None]) -> None:
-    """fc1 and its GELU: the bf16 (fp32 on a CPU) rows, then the FP8 ones."""
+def fc1_rows(args, device: torch.device, dtype: torch.dtype,
+             gen: torch.Generator) -> tuple[list[Row], list[Row], list[Row]]:
+    """fc1 and its GELU, bf16 (fp32 on a CPU) then FP8: (first rows, launch sweep, inductor rows)."""
     m, k, n = args.rows, args.width, args.hidden
     x = torch.randn(m, k, generator=gen).to(device, dtype)
     w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(device, dtype)
@@ -124,12 +151,10 @@ def fc1_items(args, device: torch.device, dtype: torch.dtype, gen: torch.Generat
     with torch.no_grad():
         product = F.linear(x.float(), w.float(), b.float())
         ref = F.gelu(product, approximate="tanh")
+    tags = {"gemm": "fc1"}
 
     def plain(fn: Callable[[], torch.Tensor], target: torch.Tensor = ref) -> Check:
         return lambda: (fn(), target)
-
-    def gelu_after(y: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.gelu_(y, approximate="tanh")
 
     def bias_only() -> torch.Tensor:
         return torch.addmm(b, x, w.t())
@@ -138,44 +163,53 @@ def fc1_items(args, device: torch.device, dtype: torch.dtype, gen: torch.Generat
         return torch._addmm_activation(b, x, w.t(), use_gelu=True)
 
     def two_kernels() -> torch.Tensor:
-        return gelu_after(torch.addmm(b, x, w.t()))
+        return torch.ops.aten.gelu_(torch.addmm(b, x, w.t()), approximate="tanh")
 
-    item("fc1 addmm, bias epilogue (no GELU)", bias_only, plain(bias_only, product), gemm="fc1")
-    item("fc1 cuBLASLt GELU epilogue (_addmm_activation)", epilogue, plain(epilogue), gemm="fc1")
-    item("fc1 addmm then GELU in place", two_kernels, plain(two_kernels), gemm="fc1")
+    first: list[Row] = [("fc1 addmm, bias epilogue (no GELU)", bias_only, plain(bias_only, product), tags),
+                        ("fc1 cuBLASLt GELU epilogue (_addmm_activation)", epilogue, plain(epilogue), tags),
+                        ("fc1 addmm then GELU in place", two_kernels, plain(two_kernels), tags)]
+    sweep: list[Row] = []
+    compiled: list[Row] = []
 
-    def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return F.gelu(F.linear(x, w, b), approximate="tanh")
+    def kernel_rows(prefix: str, launches: list[tuple[int, ...]], call: Callable[[Form], torch.Tensor],
+                    check: Callable[[Callable[[], torch.Tensor]], Check]) -> None:
+        head, rest = forms(launches, device)
+        for rows, group in ((first, head), (sweep, rest)):
+            for form in group:
+                def fn(form: Form = form) -> torch.Tensor:
+                    return call(form)
 
+                rows.append((f"{prefix} {form_name(form)}", fn, check(fn),
+                             {**tags, "launch": list(form[0]), "loads": form[1], "schedule": form[2]}))
+
+    if triton_ops.available(x):
+        kernel_rows("fc1 triton linear_gelu", LAUNCHES, lambda f: triton_ops.linear_gelu(
+            x, w, b, f[0], tma=f[1] == "tma", schedule=f[2]), plain)
     if device.type == "cuda":
-        compiled = torch.compile(linear_gelu, dynamic=False, fullgraph=True)
-        item("fc1 inductor default", lambda: compiled(x, w, b), plain(lambda: compiled(x, w, b)), gemm="fc1")
+        def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+        inductor = torch.compile(linear_gelu, dynamic=False, fullgraph=True)
+        compiled.append(("fc1 inductor default", lambda: inductor(x, w, b), plain(lambda: inductor(x, w, b)), tags))
         if args.autotune:
             import torch._inductor.config as inductor_config
 
             if hasattr(inductor_config.triton, "enable_persistent_tma_matmul"):
                 inductor_config.triton.enable_persistent_tma_matmul = True
             tuned = torch.compile(linear_gelu, mode="max-autotune-no-cudagraphs", dynamic=False, fullgraph=True)
-            item("fc1 inductor max-autotune", lambda: tuned(x, w, b), plain(lambda: tuned(x, w, b)), gemm="fc1")
-    if triton_ops.available(x):
-        for launch in LAUNCHES:
-            for load in loads_for(x):
-                def kernel(launch=launch, load=load) -> torch.Tensor:
-                    return triton_ops.linear_gelu(x, w, b, launch, tma=load == "tma")
-
-                item(f"fc1 triton linear_gelu {launch_name(launch, load)}", kernel, plain(kernel), gemm="fc1",
-                     launch=list(launch), loads=load)
+            compiled.append(("fc1 inductor max-autotune", lambda: tuned(x, w, b), plain(lambda: tuned(x, w, b)),
+                             tags))
     cuda_fp8 = fp8_supported(device)
     if not cuda_fp8 and not triton_ops.available_fp8(x):
-        return
+        return first, sweep, compiled
     (qx, sx), (qw, sw) = quantize_tensor(x), quantize_tensor(w)
     with torch.no_grad():
-        product = (qx.float() * sx) @ (qw.float() * sw).t() + b.float()
-        ref = F.gelu(product, approximate="tanh")
-    out_scale = (ref.abs().amax() / E4M3_MAX).float()
+        product8 = (qx.float() * sx) @ (qw.float() * sw).t() + b.float()
+        ref8 = F.gelu(product8, approximate="tanh")
+    out_scale = (ref8.abs().amax() / E4M3_MAX).float()
 
     def dequantised(fn: Callable[[], torch.Tensor]) -> Check:
-        return lambda: (fn().float() * out_scale, ref)
+        return lambda: (fn().float() * out_scale, ref8)
 
     if cuda_fp8:
         b16 = b.to(torch.bfloat16)
@@ -188,26 +222,23 @@ def fc1_items(args, device: torch.device, dtype: torch.dtype, gen: torch.Generat
             return to_e4m3(F.gelu(y, approximate="tanh"), out_scale)
 
         quantize = torch.compile(gelu_quantize, dynamic=False, fullgraph=True)
-        item("fc1 fp8 _scaled_mm, bias epilogue (no GELU)", scaled_mm, plain(scaled_mm, product), gemm="fc1")
+
         def two_passes() -> torch.Tensor:
             return quantize(scaled_mm())
 
-        item("fc1 fp8 _scaled_mm then GELU + e4m3 (compiled)", two_passes, dequantised(two_passes), gemm="fc1")
+        first.append(("fc1 fp8 _scaled_mm, bias epilogue (no GELU)", scaled_mm, plain(scaled_mm, product8), tags))
+        first.append(("fc1 fp8 _scaled_mm then GELU + e4m3 (compiled)", two_passes, dequantised(two_passes), tags))
     if triton_ops.available_fp8(x):
-        for launch in LAUNCHES_FP8:
-            for load in loads_for(x):
-                def kernel8(launch=launch, load=load) -> torch.Tensor:
-                    return triton_ops.linear_gelu(qx, qw, b, launch, tma=load == "tma", x_scale=sx, w_scale=sw,
-                                                  out_scale=out_scale)
-
-                item(f"fc1 fp8 triton linear_gelu -> e4m3 {launch_name(launch, load)}", kernel8,
-                     dequantised(kernel8), gemm="fc1", launch=list(launch), loads=load)
+        kernel_rows("fc1 fp8 triton linear_gelu -> e4m3", LAUNCHES_FP8, lambda f: triton_ops.linear_gelu(
+            qx, qw, b, f[0], tma=f[1] == "tma", x_scale=sx, w_scale=sw, out_scale=out_scale, schedule=f[2]),
+            dequantised)
+    return first, sweep, compiled
 
 
-def fc2_items(args, device: torch.device, dtype: torch.dtype, gen: torch.Generator,
-              item: Callable[..., None]) -> None:
-    """fc2 into the residual stream of two CFG groups: the bf16 rows, then the FP8 ones. Each timed call adds to a
-    stream of its own; the check runs once on a fresh copy."""
+def fc2_rows(args, device: torch.device, dtype: torch.dtype,
+             gen: torch.Generator) -> tuple[list[Row], list[Row], list[Row]]:
+    """fc2 into the residual stream of two CFG groups, bf16 then FP8: (first rows, launch sweep, no inductor rows).
+    Each timed call adds to a stream of its own; the check runs once on a fresh copy."""
     m, k, n = args.rows, args.hidden, args.width
     groups = 2
     stream0 = torch.randn(groups, m // groups, n, generator=gen).to(device, dtype)
@@ -217,11 +248,10 @@ def fc2_items(args, device: torch.device, dtype: torch.dtype, gen: torch.Generat
     b = (0.1 * torch.randn(n, generator=gen)).to(device, dtype)
     gate = (0.5 * torch.randn(groups, 3 * n, generator=gen)).to(device, dtype)[:, n:2 * n]  # an adaLN chunk
     folded = w.unsqueeze(0) * gate.unsqueeze(2)  # what the fused path's fold writes, once a step
+    tags = {"gemm": "fc2"}
 
     def expected(product: torch.Tensor) -> torch.Tensor:
         return stream0.float() + gate.float().unsqueeze(1) * product.view(groups, -1, n)
-
-    ref = expected(F.linear(a.float(), w.float(), b.float()))
 
     def into(update: Callable[[torch.Tensor], Any], target: torch.Tensor, bias_after: bool = False) -> Check:
         def check() -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,26 +263,35 @@ def fc2_items(args, device: torch.device, dtype: torch.dtype, gen: torch.Generat
         return check
 
     timed = stream0.clone()
+    ref = expected(F.linear(a.float(), w.float(), b.float()))
 
     def baddbmm(s: torch.Tensor) -> torch.Tensor:
         return s.baddbmm_(a.view(groups, -1, k), folded.transpose(1, 2))
 
-    item("fc2 cuBLAS baddbmm into the stream (gate folded)", lambda: baddbmm(timed), into(baddbmm, ref, True),
-         gemm="fc2")
-    if triton_ops.available(a):
-        for launch in LAUNCHES[:2]:
-            load = loads_for(a)[0]
+    first: list[Row] = [("fc2 cuBLAS baddbmm into the stream (gate folded)", lambda: baddbmm(timed),
+                         into(baddbmm, ref, True), tags)]
+    sweep: list[Row] = []
 
-            def residual(s: torch.Tensor, launch=launch, load=load) -> None:
-                triton_ops.linear_residual(s, a, w, b, gate, launch, tma=load == "tma")
+    def kernel_rows(prefix: str, launches: list[tuple[int, ...]], call: Callable[[torch.Tensor, Form], None],
+                    target: torch.Tensor, head_only: bool = False) -> None:
+        head, rest = forms(launches, device)
+        for rows_, group in ((first, head), (sweep, [] if head_only else rest)):
+            for form in group:
+                def update(s: torch.Tensor, form: Form = form) -> None:
+                    call(s, form)
 
-            item(f"fc2 triton linear_residual {launch_name(launch, load)}", lambda residual=residual: residual(timed),
-                 into(residual, ref), gemm="fc2", launch=list(launch), loads=load)
+                rows_.append((f"{prefix} {form_name(form)}", lambda update=update: update(timed),
+                              into(update, target), {**tags, "launch": list(form[0]), "loads": form[1],
+                                                     "schedule": form[2]}))
+
+    if triton_ops.available(a):  # bf16: the default launch only (cuBLAS accumulating into the stream is the bar)
+        kernel_rows("fc2 triton linear_residual", LAUNCHES, lambda s, f: triton_ops.linear_residual(
+            s, a, w, b, gate, f[0], tma=f[1] == "tma", schedule=f[2]), ref, head_only=True)
     cuda_fp8 = fp8_supported(device)
     if not cuda_fp8 and not triton_ops.available_fp8(a):
-        return
+        return first, sweep, []
     (qa, sa), (qw, sw) = quantize_tensor(a), quantize_tensor(w)
-    ref = expected((qa.float() * sa) @ (qw.float() * sw).t() + b.float())
+    ref8 = expected((qa.float() * sa) @ (qw.float() * sw).t() + b.float())
     if cuda_fp8:
         b16 = b.to(torch.bfloat16)
 
@@ -261,18 +300,12 @@ def fc2_items(args, device: torch.device, dtype: torch.dtype, gen: torch.Generat
                                  use_fast_accum=True)
             return s.addcmul_(y.view(groups, -1, n), gate.unsqueeze(1))
 
-        item("fc2 fp8 _scaled_mm then addcmul_", lambda: scaled_addcmul(timed), into(scaled_addcmul, ref),
-             gemm="fc2")
+        first.append(("fc2 fp8 _scaled_mm then addcmul_", lambda: scaled_addcmul(timed), into(scaled_addcmul, ref8),
+                      tags))
     if triton_ops.available_fp8(a):
-        for launch in LAUNCHES_FP8:
-            for load in loads_for(a):
-                def residual8(s: torch.Tensor, launch=launch, load=load) -> None:
-                    triton_ops.linear_residual(s, qa, qw, b, gate, launch, tma=load == "tma", x_scale=sa,
-                                               w_scale=sw)
-
-                item(f"fc2 fp8 triton linear_residual {launch_name(launch, load)}",
-                     lambda residual8=residual8: residual8(timed), into(residual8, ref), gemm="fc2",
-                     launch=list(launch), loads=load)
+        kernel_rows("fc2 fp8 triton linear_residual", LAUNCHES_FP8, lambda s, f: triton_ops.linear_residual(
+            s, qa, qw, b, gate, f[0], tma=f[1] == "tma", x_scale=sa, w_scale=sw, schedule=f[2]), ref8)
+    return first, sweep, []
 
 
 if __name__ == "__main__":

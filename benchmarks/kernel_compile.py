@@ -43,15 +43,20 @@ SM_SHARED, SM_REGISTERS = 228 * 1024, 65536  # an H100 / H200 SM's shared memory
 
 
 def compile_linear(dtype: str, launch: tuple[int, ...], residual: bool, tma: bool = True, arch: int = 90,
-                   split: bool = triton_ops.LINEAR_SPLIT, width: int = 1152, hidden: int = 4608) -> dict[str, Any]:
+                   split: bool = triton_ops.LINEAR_SPLIT, schedule: str = "tiles", width: int = 1152,
+                   hidden: int = 4608) -> dict[str, Any]:
     """Compile the GEMM of ``triton_ops`` for ``sm_{arch}``: ``dtype`` ``"bf16"`` or ``"fp8e4nv"`` (e4m3 operands
     with one scale each; the GELU epilogue then writes e4m3), the GELU epilogue (fc1: width -> hidden) or the
     gated residual one (fc2: hidden -> width, two CFG groups: two gate rows a tile), the epilogue in two column
-    halves if ``split``. Returns what the compiler and ptxas report."""
+    halves if ``split``, its tiles scheduled as ``schedule`` says (``triton_ops.LINEAR_SCHEDULES``; the persistent
+    ones as 132 programs, an H100 SXM's / H200's SMs). Returns what the compiler and ptxas report."""
     fp8 = dtype == "fp8e4nv"
     block_m, block_n, block_k, group_m, warps, stages = launch
     n, k = (width, hidden) if residual else (hidden, width)
-    kernel = triton_ops._linear_tma_kernel if tma else triton_ops._linear_kernel
+    persistent = schedule != "tiles"
+    tma = tma or persistent
+    kernel = (triton_ops._linear_persistent_kernel if persistent else
+              triton_ops._linear_tma_kernel if tma else triton_ops._linear_kernel)
     operands = ({"a_desc": f"tensordesc<{dtype}[{block_m},{block_k}]>",
                  "w_desc": f"tensordesc<{dtype}[{block_n},{block_k}]>"} if tma
                 else {"a_ptr": f"*{dtype}", "w_ptr": f"*{dtype}"})
@@ -62,6 +67,8 @@ def compile_linear(dtype: str, launch: tuple[int, ...], residual: bool, tma: boo
     constants = dict(N=n, K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, HAS_BIAS=True,
                      X_SCALE=1 if fp8 else 0, W_SCALE=1 if fp8 else 0, QUANT=fp8 and not residual,
                      RESIDUAL=residual, GATE_ROWS=True, SPLIT=split, UPCAST=False)
+    if persistent:
+        constants.update(PROGRAMS=132, FLATTEN=schedule == "persistent", WARP_SPECIALIZE=schedule == "persistent-ws")
     aligned = [name for name, kind in signature.items() if kind.startswith("*")]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in constants}},
@@ -70,7 +77,8 @@ def compile_linear(dtype: str, launch: tuple[int, ...], residual: bool, tma: boo
                               options={"num_warps": warps, "num_stages": stages})
     ptx = compiled.asm["ptx"]
     report = {"dtype": dtype, "launch": list(launch), "epilogue": "residual" if residual else "gelu",
-              "loads": "tma" if tma else "ptr", "split": split, "shared_bytes": compiled.metadata.shared,
+              "loads": "tma" if tma else "ptr", "split": split, "schedule": schedule,
+              "shared_bytes": compiled.metadata.shared,
               "shared_fits": compiled.metadata.shared <= SHARED_LIMIT, "wgmma": "wgmma" in ptx}
     report.update(ptxas_report(ptx, arch))
     if report["registers"]:  # blocks an SM can hold at once (registers allocated per warp in units of 256)
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--loads", choices=("tma", "ptr", "both"), default="tma")
     p.add_argument("--split", choices=("default", "both"), default="default",
                    help="the epilogue as triton_ops.LINEAR_SPLIT says, or both in halves and whole")
+    p.add_argument("--schedules", default="tiles", help="comma-separated triton_ops.LINEAR_SCHEDULES")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     rows = []
@@ -113,14 +122,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for residual in (False, True):
                 for tma in {"tma": (True,), "ptr": (False,), "both": (True, False)}[args.loads]:
                     for split in (triton_ops.LINEAR_SPLIT,) if args.split == "default" else (True, False):
-                        try:
-                            row = compile_linear(dtype, launch, residual, tma, args.arch, split)
-                        except Exception as exc:  # noqa: BLE001 - a launch that does not compile is a result too
-                            row = {"dtype": dtype, "launch": list(launch), "loads": "tma" if tma else "ptr",
-                                   "epilogue": "residual" if residual else "gelu", "split": split,
-                                   "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
+                        for schedule in args.schedules.split(","):
+                            if schedule != "tiles" and not tma:
+                                continue  # the persistent kernels load through TMA only
+                            try:
+                                row = compile_linear(dtype, launch, residual, tma, args.arch, split, schedule)
+                            except Exception as exc:  # noqa: BLE001 - a launch that fails to compile is a result
+                                row = {"dtype": dtype, "launch": list(launch), "loads": "tma" if tma else "ptr",
+                                       "epilogue": "residual" if residual else "gelu", "split": split,
+                                       "schedule": schedule, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                            rows.append(row)
+                            print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "kernels": rows},

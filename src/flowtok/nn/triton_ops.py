@@ -286,6 +286,28 @@ if triton is not None:
         _linear_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m, N, bias_ptr, x_scale_ptr, w_scale_ptr,
                          out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group, BLOCK_M, BLOCK_N, HAS_BIAS,
                          X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS, SPLIT)
+    @triton.jit
+    def _linear_persistent_kernel(a_desc, w_desc, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr,
+                                  gate_ptr, gate_stride, rows_per_group, m, N: tl.constexpr, K: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr,
+                                  W_SCALE: tl.constexpr, QUANT: tl.constexpr, RESIDUAL: tl.constexpr,
+                                  GATE_ROWS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+                                  PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+        # _linear_tma_kernel as PROGRAMS programs (one an SM) that each take every PROGRAMS-th tile in turn. With
+        # FLATTEN the tile loop and the K loop are one software-pipelined loop, so a tile's epilogue overlaps the
+        # next tile's loads; WARP_SPECIALIZE gives loads, MMAs and the epilogue warps of their own.
+        tiles = tl.cdiv(m, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+            pid_m, pid_n = _tile_of(tile, m, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                a = a_desc.load([pid_m * BLOCK_M, k])
+                w = w_desc.load([pid_n * BLOCK_N, k])
+                acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST).T, acc)
+            _linear_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m, N, bias_ptr, x_scale_ptr, w_scale_ptr,
+                             out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group, BLOCK_M, BLOCK_N,
+                             HAS_BIAS, X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS, SPLIT)
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
     """(MAIN, TAIL, rows per program, warps) of the LayerNorm kernel for width ``d``: MAIN the largest power of two
@@ -388,6 +410,11 @@ LINEAR_LAUNCH = (128, 256, 64, 8, 8, 3)
 LINEAR_LAUNCH_FP8 = (128, 256, 128, 8, 8, 3)
 # Whether the GEMMs' epilogues run in two column halves by default (fewer registers beside the accumulator).
 LINEAR_SPLIT = True
+# How the GEMMs' tiles are scheduled: "tiles", a program a tile; "persistent", a program an SM looping over tiles in
+# one software-pipelined loop (a tile's epilogue overlapping the next one's loads); "persistent-ws", the same with
+# warp specialisation (loads, MMAs and epilogue in warps of their own). Both persistent ones load through TMA.
+LINEAR_SCHEDULES = ("tiles", "persistent", "persistent-ws")
+LINEAR_SCHEDULE = "tiles"
 
 
 def _scale_kind(scale: torch.Tensor | None, count: int, what: str) -> int:
@@ -419,10 +446,11 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
             launch: tuple[int, int, int, int, int, int], tma: bool | None, x_scale: torch.Tensor | None,
             w_scale: torch.Tensor | None, out_scale: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-            rows_per_group: int = 1, split: bool | None = None) -> None:
+            rows_per_group: int = 1, split: bool | None = None, schedule: str | None = None) -> None:
     """Launch the GEMM ``x @ weight^T`` into ``out`` with the GELU epilogue, or the gated residual one if
     ``gate [G, N]`` is given (operands checked by the caller); ``split``: the epilogue in two column halves
-    (default :data:`LINEAR_SPLIT`)."""
+    (default :data:`LINEAR_SPLIT`); ``schedule``: one of :data:`LINEAR_SCHEDULES` (default
+    :data:`LINEAR_SCHEDULE`)."""
     m, k = x.shape
     n = weight.shape[0]
     if m == 0:
@@ -432,7 +460,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     if tma is None:  # TMA also needs 16-byte aligned rows
         tma = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and (k * x.element_size()) % 16 == 0 \
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    schedule = schedule or LINEAR_SCHEDULE
+    if schedule not in LINEAR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(LINEAR_SCHEDULES)}, got {schedule!r}")
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    grid = (tiles,)
 
     def pointer(t: torch.Tensor | None) -> torch.Tensor:  # a scale as float32; an unused argument: any tensor
         return t.float().contiguous() if t is not None else out
@@ -446,12 +478,19 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
                    RESIDUAL=gate is not None, GATE_ROWS=rows_per_group >= block_m,
                    SPLIT=split if split is not None else LINEAR_SPLIT and block_n >= 32, UPCAST=INTERPRET,
                    num_warps=warps, num_stages=stages)
-    if tma:
+    if tma or schedule != "tiles":
         from triton.tools.tensor_descriptor import TensorDescriptor  # type: ignore[import-untyped]
 
         a_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
         w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-        _linear_tma_kernel[grid](a_desc, w_desc, *args, **options)
+        if schedule == "tiles":
+            _linear_tma_kernel[grid](a_desc, w_desc, *args, **options)
+        else:
+            programs = min(tiles, torch.cuda.get_device_properties(x.device).multi_processor_count
+                           if x.is_cuda else 4)
+            _linear_persistent_kernel[(programs,)](a_desc, w_desc, *args, PROGRAMS=programs,
+                                                   FLATTEN=schedule == "persistent",
+                                                   WARP_SPECIALIZE=schedule == "persistent-ws", **options)
     else:
         _linear_kernel[grid](x, weight, *args, **options)
 
@@ -459,7 +498,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 launch: tuple[int, int, int, int, int, int] | None = None, tma: bool | None = None,
                 x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-                out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                out_scale: torch.Tensor | None = None, schedule: str | None = None) -> torch.Tensor:
     """``tanh-GELU(x @ weight^T + bias)`` in one GEMM whose epilogue adds the bias and applies the GELU in fp32
     (an MLP's first Linear and its activation): ``x [M, K]``, ``weight [N, K]``, ``bias [N]`` or None.
 
@@ -469,26 +508,27 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     the next FP8 Linear, ``GELU / out_scale`` saturating at +-448. ``launch``: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
     warps, stages), default :data:`LINEAR_LAUNCH` (:data:`LINEAR_LAUNCH_FP8` for e4m3). ``tma``: load the
     tiles through tensor descriptors (TMA); None: where the GPU has TMA (compute capability 9.0 or newer) and the
-    rows are 16-byte aligned. Needs :func:`available` (:func:`available_fp8` for e4m3)."""
+    rows are 16-byte aligned. ``schedule``: how tiles map to programs, one of :data:`LINEAR_SCHEDULES` (default
+    :data:`LINEAR_SCHEDULE`). Needs :func:`available` (:func:`available_fp8` for e4m3)."""
     m, _, n, fp8 = _check_operands(x, weight, bias, x_scale, w_scale)
     if out_scale is not None and (not fp8 or out_scale.numel() != 1):
         raise ValueError("out_scale (one scale) writes e4m3 from e4m3 operands")
     out_dtype = torch.float8_e4m3fn if out_scale is not None else (torch.bfloat16 if fp8 else x.dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     _linear(x, weight, bias, out, launch or (LINEAR_LAUNCH_FP8 if fp8 else LINEAR_LAUNCH), tma, x_scale,
-            w_scale, out_scale)
+            w_scale, out_scale, schedule=schedule)
     return out
 
 
 def linear_residual(stream: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     gate: torch.Tensor, launch: tuple[int, int, int, int, int, int] | None = None,
                     tma: bool | None = None, x_scale: torch.Tensor | None = None,
-                    w_scale: torch.Tensor | None = None) -> None:
+                    w_scale: torch.Tensor | None = None, schedule: str | None = None) -> None:
     """``stream[g] += gate[g] * (x[g] @ weight^T + bias)`` in place, in one GEMM whose epilogue reads and writes the
     stream (an adaLN-Zero block's gated output Linear and its residual add): ``stream [G, R, N]`` contiguous,
     ``x [G * R, K]``, ``weight [N, K]``, ``bias [N]`` or None, ``gate [G, N]`` (any row stride). e4m3 operands with
     their scales as :func:`linear_gelu` takes them. The sum is formed in fp32 and rounded once to the stream's
-    dtype. ``launch`` / ``tma`` as for :func:`linear_gelu` (default :data:`LINEAR_LAUNCH` /
+    dtype. ``launch`` / ``tma`` / ``schedule`` as for :func:`linear_gelu` (default :data:`LINEAR_LAUNCH` /
     :data:`LINEAR_LAUNCH_FP8`). Needs :func:`available` (:func:`available_fp8` for e4m3)."""
     m, _, n, fp8 = _check_operands(x, weight, bias, x_scale, w_scale)
     if stream.dim() != 3 or stream.shape[0] * stream.shape[1] != m or stream.shape[2] != n \
@@ -498,4 +538,4 @@ def linear_residual(stream: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if gate.numel() != stream.shape[0] * n:
         raise ValueError(f"gate must be [{stream.shape[0]}, {n}], got {list(gate.shape)}")
     _linear(x, weight, bias, stream, launch or (LINEAR_LAUNCH_FP8 if fp8 else LINEAR_LAUNCH), tma,
-            x_scale, w_scale, gate=gate, rows_per_group=stream.shape[1])
+            x_scale, w_scale, gate=gate, rows_per_group=stream.shape[1], schedule=schedule)
