@@ -30,8 +30,8 @@ fc2 (4,608 -> 1,152) into the residual stream of two CFG groups, ``x[g] += gate[
 * FP8: ``_scaled_mm then addcmul_`` (what the fused path runs for an FP8 fc2), and ``triton linear_residual``
   reading and writing the stream in its epilogue, at eight launch shapes in each form.
 
-Rows run in order of what they tell: what runs now and each kernel's default launch first, the launch sweeps next,
-inductor's rows last (max-autotune compiles for a minute or more); a deadline (``--deadline`` or
+Rows run in order of what they tell: what runs now and each kernel's default launch first, inductor's rows next
+(max-autotune compiles for a minute or more), the launch sweeps last; a deadline (``--deadline`` or
 ``$BENCH_DEADLINE``) skips the rest.
 
 The FP8 rows are checked against the same arithmetic on the dequantised operands in fp32; their TFLOP/s are FP8
@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         first += rows[0]
         sweep += rows[1]
         compiled += rows[2]
-    # what runs now and each kernel's default launch first, the launch sweeps after, inductor's autotuning last: a
-    # deadline cuts the least telling rows
-    for name, fn, check, tags in first + sweep + compiled:
+    # what runs now and each kernel's default launch first, inductor next, the launch sweeps last: a deadline cuts
+    # the least telling rows
+    for name, fn, check, tags in first + compiled + sweep:
         def measure(fn: Callable[[], Any] = fn, check: Check = check) -> dict[str, Any]:
             with torch.no_grad():
                 out, target = check()

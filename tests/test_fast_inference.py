@@ -398,6 +398,11 @@ def test_cli_eval_t2i_fast_records_what_ran(saved_pipe, tmp_path, monkeypatch, c
     plain, fast = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "fast"))
     assert "fast" not in plain and fast["fast"]["fused_flow_used"] and fast["options"]["fast"]
     assert fast["accuracy"] == plain["accuracy"] and fast["protocol"] == plain["protocol"]
+    assert fast["fast"]["gemm_epilogues"] == "pytorch"
+    # flowtok's Triton epilogues asked for: recorded; on a CPU without Triton's interpreter the PyTorch kernels run
+    assert main([*args, "--out", str(tmp_path / "triton.json"), "--fast", "--gemm-epilogues", "triton"]) == 0
+    triton = json.loads((tmp_path / "triton.json").read_text())
+    assert triton["fast"]["gemm_epilogues"] == "triton" and triton["accuracy"] == plain["accuracy"]
     capsys.readouterr()
     # --fast and --fp8 combine now; on a CPU it is FP8 that is refused, in one line
     assert main([*args, "--fast", "--fp8", "--out", str(tmp_path / "x.json")]) == 2
@@ -525,7 +530,7 @@ def test_fp8_calibration_is_reproducible():
         assert first and scales(decoder, 2) == first
 
 
-def test_cli_fp8_layers_are_checked_before_anything_runs(saved_pipe, tmp_path, capsys):
+def test_cli_fp8_layers_and_gemm_epilogues_are_checked_before_anything_runs(saved_pipe, tmp_path, capsys):
     from flowtok.cli import main
 
     base = ["--model", str(saved_pipe), "--device", "cpu"]
@@ -533,7 +538,10 @@ def test_cli_fp8_layers_are_checked_before_anything_runs(saved_pipe, tmp_path, c
     for args, message in (([*eval_args, "--fp8-layers", "qkv"], "--fp8-layers needs --fp8"),
                           (["generate", "x", *base, "-o", str(tmp_path / "x.png"), "--fp8-layers", "qkv,fc1"],
                            "--fp8-layers needs --fp8"),
-                          ([*eval_args, "--fast", "--fp8", "--fp8-layers", "qkv,attn"], "layers must name")):
+                          ([*eval_args, "--fast", "--fp8", "--fp8-layers", "qkv,attn"], "layers must name"),
+                          ([*eval_args, "--gemm-epilogues", "triton"], "--gemm-epilogues needs --fast"),
+                          (["generate", "x", *base, "-o", str(tmp_path / "x.png"), "--gemm-epilogues", "triton"],
+                           "--gemm-epilogues needs --fast")):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err

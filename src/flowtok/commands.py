@@ -88,13 +88,29 @@ def add_fp8_layers_arg(p: argparse.ArgumentParser) -> None:
                         "(default: all four)")
 
 
-def enable_fast(pipe, batch_size: int) -> None:
+def gemm_epilogues(args: argparse.Namespace) -> str:
+    """``--gemm-epilogues triton``: the fast path's GEMM epilogues in flowtok's Triton GEMMs (default ``pytorch``);
+    refused without ``--fast`` (before the model loads)."""
+    choice = getattr(args, "gemm_epilogues", None)
+    if choice is not None and not getattr(args, "fast", False):
+        raise InvalidInputError("--gemm-epilogues needs --fast")
+    return choice or "pytorch"
+
+
+def add_gemm_epilogues_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gemm-epilogues", choices=["pytorch", "triton"], default=None,
+                   help="with --fast: who computes the fused flow's GEMM epilogues (fc1's GELU; an FP8 flow's fc2 "
+                        "input and gated residual adds): PyTorch's cuBLAS kernels (default) or flowtok's Triton "
+                        "GEMMs (experimental, not yet timed on a GPU)")
+
+
+def enable_fast(pipe, batch_size: int, epilogues: str = "pytorch") -> None:
     """``--fast``: :meth:`FlowTokPipeline.enable_fast_inference` with one CUDA graph per ``batch_size``
-    (shorter batches are padded). On a CPU (or MPS) nothing is compiled or captured: only the fused flow
-    path, for batches large enough, and one stderr line says so."""
+    (shorter batches are padded) and ``epilogues`` as its ``gemm_epilogues``. On a CPU (or MPS) nothing is
+    compiled or captured: only the fused flow path, for batches large enough, and one stderr line says so."""
     import sys
 
-    pipe.enable_fast_inference(batch_size=batch_size)
+    pipe.enable_fast_inference(batch_size=batch_size, gemm_epilogues=epilogues)
     fast = pipe.fast
     if not fast.cuda_graph:
         print(f"flowtok: --fast on {pipe.device.type}: torch.compile and the CUDA graph need a CUDA GPU; only the "
@@ -138,9 +154,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--steps must be at least 1, got {args.steps}")
     if Path(args.output).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise InvalidInputError(f"output file must end in .png, .jpg or .webp: {args.output}")
+    epilogues = gemm_epilogues(args)
     pipe = _pipeline(args)
     if args.fast:
-        enable_fast(pipe, min(args.n, args.batch_size))
+        enable_fast(pipe, min(args.n, args.batch_size), epilogues)
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
     paths = _output_paths(args.output, args.n)
     # Batch by batch: memory stays that of one batch whatever --n is, and each file appears (and is
@@ -161,9 +178,10 @@ def _generate_from_file(args: argparse.Namespace) -> int:
     next(iter_prompts(args.prompts_file), None)  # a missing file fails before the model loads
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    epilogues = gemm_epilogues(args)
     pipe = _pipeline(args)
     if args.fast:
-        enable_fast(pipe, args.batch_size)
+        enable_fast(pipe, args.batch_size, epilogues)
     done, failed = generate_from_file(pipe, args.prompts_file, args.out_dir, _atomic_save_image,
                                       batch_size=args.batch_size, seed=args.seed, num_inference_steps=args.steps,
                                       guidance_scale=args.guidance, sampler=args.sampler)
@@ -361,6 +379,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ODE solver (default: the model's); euler-upstream: the FlowTok release's grid, "
                         "to reproduce its samples")
     p.add_argument("--fast", action="store_true", help=FAST_HELP)
+    add_gemm_epilogues_arg(p)
     p.add_argument("--fp8-decoder", nargs="?", const="static", choices=["static", "dynamic"], default=None,
                    help="the image decoder's blocks in FP8 (needs a Hopper / Ada GPU; combines with --fast); "
                         "static (default): scales calibrated on this run's prompt, one extra pass (with "

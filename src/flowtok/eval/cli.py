@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..commands import add_fp8_layers_arg, fp8_layers
+from ..commands import add_fp8_layers_arg, add_gemm_epilogues_arg, fp8_layers, gemm_epilogues
 from ..config import atomic_write_text
 from ..errors import DataError, InvalidInputError
 
@@ -187,6 +187,7 @@ def cmd_t2i(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {args.batch_size}")
     layers = fp8_layers(args)
+    epilogues = gemm_epilogues(args)
     pipe = load_pipeline(args.model, args.device)
     if args.fp8:
         _quantize_fp8(pipe, args.fp8, args.seed, layers)
@@ -194,7 +195,7 @@ def cmd_t2i(args: argparse.Namespace) -> int:
         pipe.quantize_decoder_fp8(calibration_prompts=_calibration_captions(args.seed, 9)
                                   if args.fp8_decoder == "static" else None)
     if args.fast:
-        enable_fast(pipe, args.batch_size)
+        enable_fast(pipe, args.batch_size, epilogues)
 
     def generate(prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         return pipe.text_to_image(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -402,6 +403,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="generate through the fast path (pipe.enable_fast_inference; one CUDA graph per --batch-size "
                         "on a GPU; on a CPU only the fused flow path, from large batches); the JSON's 'fast' block "
                         "says what ran")
+    add_gemm_epilogues_arg(p)
     p.add_argument("--fp8-decoder", nargs="?", const="static", choices=["static", "dynamic"], default=None,
                    help="the image decoder's blocks in FP8 (needs a Hopper / Ada GPU; combines with --fast); static "
                         "(default): scales calibrated on 32 training-split captions' images; dynamic: per-token")
