@@ -345,6 +345,36 @@ def summarise(results: Results) -> dict[str, Any]:
     return out
 
 
+def use_fastest_launches(path: str) -> dict[str, Any]:
+    """Set :mod:`flowtok.nn.triton_ops`'s default GEMM launches and schedules to the fastest of a
+    ``gemm_epilogues.py`` run (rows loaded through TMA): bf16 by fc1 + GELU alone (the only Triton GEMM of a bf16
+    flow), e4m3 by fc1 + GELU and fc2 into the stream together (an FP8 flow runs both). Returns what was set."""
+    import json
+
+    items = [i for i in json.loads(Path(path).read_text())["items"]
+             if i.get("status") == "ok" and i.get("loads") == "tma" and "launch" in i]
+
+    def fastest(prefixes: tuple[str, ...]) -> tuple[tuple[int, ...], str] | None:
+        totals: dict[tuple[tuple[int, ...], str], list[float]] = {}
+        for prefix in prefixes:
+            for i in items:
+                if i["name"].startswith(prefix):
+                    totals.setdefault((tuple(i["launch"]), i["schedule"]), []).append(i["us"])
+        complete = {k: sum(v) for k, v in totals.items() if len(v) == len(prefixes)}
+        return min(complete, key=lambda k: complete[k]) if complete else None
+
+    chosen: dict[str, Any] = {}
+    bf16 = fastest(("fc1 triton linear_gelu",))
+    if bf16:
+        triton_ops.LINEAR_LAUNCH, triton_ops.LINEAR_SCHEDULE = bf16
+        chosen["bf16"] = {"launch": list(bf16[0]), "schedule": bf16[1]}
+    fp8 = fastest(("fc1 fp8 triton linear_gelu", "fc2 fp8 triton linear_residual"))
+    if fp8:
+        triton_ops.LINEAR_LAUNCH_FP8, triton_ops.LINEAR_SCHEDULE_FP8 = fp8
+        chosen["fp8"] = {"launch": list(fp8[0]), "schedule": fp8[1]}
+    return chosen
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None)
@@ -366,6 +396,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gemm-epilogues", choices=("pytorch", "triton", "faster"), default="faster",
                    help="the fused flow's GEMM epilogues in the pipeline rows: PyTorch's (cuBLASLt), flowtok's Triton "
                         "GEMM, or the faster of the two in this run's flow rows")
+    p.add_argument("--gemm-launches", default=None, metavar="JSON",
+                   help="a gemm_epilogues.py result: the Triton GEMMs' default launches and schedules become its "
+                        "fastest (bf16: fc1's rows; e4m3: fc1's and fc2's together)")
     p.add_argument("--no-fp8-decoder", dest="fp8_decoder", action="store_false",
                    help="skip the rows with the decoder's blocks in FP8 (after PixArt's; emulated on a CPU)")
     p.add_argument("--fp8-flow", action="store_true",
@@ -396,6 +429,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shapes = tiny_shapes() if args.tiny else Shapes(tiny=False)
     budget = Budget(args.deadline)
     results = Results(args.out, env_info(device), {k: v for k, v in vars(args).items() if k not in ("out",)})
+    if args.gemm_launches:
+        results.data["env"]["triton_gemm_defaults"] = use_fastest_launches(args.gemm_launches)
+        log(f"Triton GEMM defaults from {args.gemm_launches}: {results.data['env']['triton_gemm_defaults']}")
     mm_rate = matmul_tflops(device, n=256 if args.tiny else 8192)
     results.data["env"]["bf16_mm_tflops"] = mm_rate
     log(f"bf16 mm rate: {mm_rate:.1f} TFLOP/s on {results.data['env'].get('gpu', device)}")

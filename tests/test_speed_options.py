@@ -221,3 +221,33 @@ def test_gemm_epilogues_benchmark_on_a_cpu(tmp_path):
     assert 1e-5 < items["fc1 cuBLASLt GELU epilogue (_addmm_activation)"]["rel_err"] < 1e-2
     assert items["fc2 cuBLAS baddbmm into the stream (gate folded)"]["rel_err"] < 1e-6
     assert (tmp_path / "g.json").is_file()
+
+
+def test_fast_inference_takes_the_fastest_triton_launches_of_a_gemm_epilogues_run(tmp_path, monkeypatch):
+    import json
+
+    from flowtok.nn import triton_ops
+
+    bench = _bench("fast_inference")
+    for name in ("LINEAR_LAUNCH", "LINEAR_SCHEDULE", "LINEAR_LAUNCH_FP8", "LINEAR_SCHEDULE_FP8"):
+        monkeypatch.setattr(triton_ops, name, getattr(triton_ops, name))  # restored after the test
+    a, b = [128, 256, 64, 8, 8, 3], [128, 128, 64, 8, 4, 3]
+
+    def row(name, launch, schedule, us, loads="tma", status="ok"):
+        return {"name": f"{name} {schedule}", "launch": launch, "schedule": schedule, "loads": loads, "us": us,
+                "status": status}
+
+    items = [row("fc1 triton linear_gelu", a, "tiles", 700.0), row("fc1 triton linear_gelu", b, "persistent", 650.0),
+             row("fc1 triton linear_gelu", b, "tiles", 600.0, loads="ptr"),  # pointer loads are not taken
+             row("fc1 triton linear_gelu", a, "persistent-ws", 1.0, status="error"),
+             row("fc1 fp8 triton linear_gelu -> e4m3", a, "tiles", 400.0),
+             row("fc1 fp8 triton linear_gelu -> e4m3", b, "tiles", 380.0),
+             row("fc2 fp8 triton linear_residual", a, "tiles", 300.0),
+             row("fc2 fp8 triton linear_residual", b, "tiles", 390.0),  # b is faster for fc1, slower in sum
+             row("fc2 fp8 triton linear_residual", b, "persistent", 100.0)]  # no fc1 row of that form: not taken
+    path = tmp_path / "gemm.json"
+    path.write_text(json.dumps({"items": items}))
+    chosen = bench.use_fastest_launches(str(path))
+    assert chosen == {"bf16": {"launch": b, "schedule": "persistent"}, "fp8": {"launch": a, "schedule": "tiles"}}
+    assert triton_ops.LINEAR_LAUNCH == tuple(b) and triton_ops.LINEAR_SCHEDULE == "persistent"
+    assert triton_ops.LINEAR_LAUNCH_FP8 == tuple(a) and triton_ops.LINEAR_SCHEDULE_FP8 == "tiles"

@@ -414,7 +414,8 @@ LINEAR_SPLIT = True
 # one software-pipelined loop (a tile's epilogue overlapping the next one's loads); "persistent-ws", the same with
 # warp specialisation (loads, MMAs and epilogue in warps of their own). Both persistent ones load through TMA.
 LINEAR_SCHEDULES = ("tiles", "persistent", "persistent-ws")
-LINEAR_SCHEDULE = "tiles"
+LINEAR_SCHEDULE = "tiles"  # 16-bit operands
+LINEAR_SCHEDULE_FP8 = "tiles"  # e4m3 operands
 
 
 def _scale_kind(scale: torch.Tensor | None, count: int, what: str) -> int:
@@ -450,7 +451,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     """Launch the GEMM ``x @ weight^T`` into ``out`` with the GELU epilogue, or the gated residual one if
     ``gate [G, N]`` is given (operands checked by the caller); ``split``: the epilogue in two column halves
     (default :data:`LINEAR_SPLIT`); ``schedule``: one of :data:`LINEAR_SCHEDULES` (default
-    :data:`LINEAR_SCHEDULE`)."""
+    :data:`LINEAR_SCHEDULE`, :data:`LINEAR_SCHEDULE_FP8` for e4m3)."""
     m, k = x.shape
     n = weight.shape[0]
     if m == 0:
@@ -460,7 +461,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
     if tma is None:  # TMA also needs 16-byte aligned rows
         tma = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and (k * x.element_size()) % 16 == 0 \
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-    schedule = schedule or LINEAR_SCHEDULE
+    schedule = schedule or (LINEAR_SCHEDULE_FP8 if x.dtype == torch.float8_e4m3fn else LINEAR_SCHEDULE)
     if schedule not in LINEAR_SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(LINEAR_SCHEDULES)}, got {schedule!r}")
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
@@ -509,7 +510,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     warps, stages), default :data:`LINEAR_LAUNCH` (:data:`LINEAR_LAUNCH_FP8` for e4m3). ``tma``: load the
     tiles through tensor descriptors (TMA); None: where the GPU has TMA (compute capability 9.0 or newer) and the
     rows are 16-byte aligned. ``schedule``: how tiles map to programs, one of :data:`LINEAR_SCHEDULES` (default
-    :data:`LINEAR_SCHEDULE`). Needs :func:`available` (:func:`available_fp8` for e4m3)."""
+    :data:`LINEAR_SCHEDULE`, :data:`LINEAR_SCHEDULE_FP8` for e4m3). Needs :func:`available` (:func:`available_fp8` for e4m3)."""
     m, _, n, fp8 = _check_operands(x, weight, bias, x_scale, w_scale)
     if out_scale is not None and (not fp8 or out_scale.numel() != 1):
         raise ValueError("out_scale (one scale) writes e4m3 from e4m3 operands")
