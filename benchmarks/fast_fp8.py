@@ -13,11 +13,11 @@ epilogue, gate and residual in one pass after). Three forms (:data:`FORMS`): ``f
 2. the flow alone, 20 Euler steps with CFG and a CUDA graph, at ``--batch`` (256): fused bf16 (the baseline, in
    this run) and each fused FP8 form; TFLOP/s counted in the bf16 model's FLOPs ("bf16-equivalent") and its
    fraction of the bf16 ``mm`` rate;
-   where Triton runs FP8, the fastest form again with flowtok's Triton GEMMs doing the epilogues
+   where Triton runs FP8, each form again with flowtok's Triton GEMMs doing the epilogues
    (``gemm_epilogues="triton"``: fc1's GELU written as fc2's e4m3 input, FP8 proj / fc2 adding their gated output
    into the stream; the numerics of item 1 check that path for every form too);
 3. the 20-step pipeline at batch 64 and 256 (the fast path: fused flow, compiled decoder, one CUDA graph) with
-   the fastest FP8 form (and the faster epilogues, unless ``--gemm-epilogues`` fixes them), then with the decoder's
+   the fastest FP8 form and epilogues (``--gemm-epilogues`` may fix the epilogues), then with the decoder's
    blocks in FP8
    too, against the PixArt-alpha-shaped pipeline at its best in the same run;
 4. if time is left: the flows at batch 64.
@@ -159,20 +159,24 @@ def run(flow: FlowTransformer, projector, tokenizer, args, shapes, device: torch
                 rates[name] = item["images_per_s"]
         return rates
 
-    rates = {k: v for k, v in flow_rows(args.batch).items() if k != "bf16"}
+    rates = {(k, "pytorch"): v for k, v in flow_rows(args.batch).items() if k != "bf16"}
     if not rates:
         return
-    best = max(rates, key=lambda k: rates[k])
-    log(f"the faster FP8 flow at batch {args.batch}: {best}")
-    epilogues = "pytorch" if args.gemm_epilogues == "faster" else args.gemm_epilogues
     if triton_ops.available_fp8(torch.empty(0, device=device)) and args.gemm_epilogues != "pytorch":
-        # that form with its GEMM epilogues in flowtok's Triton GEMMs (gemm_epilogues="triton")
-        flows[best].enable_fused_inference(min_rows=args.min_rows, gemm_epilogues="triton")
-        variant = f"fused {best} triton-epilogues+graph"
-        item = results.run(f"flow {variant} b{args.batch}", lambda: measures[best](variant, args.batch), device,
-                           budget, args.reserve, part="flow", variant=variant, batch=args.batch, fp8=True)
-        if args.gemm_epilogues == "triton" or (item is not None and item["images_per_s"] > rates[best]):
-            epilogues = "triton"
+        for form in FORMS:  # each form with its GEMM epilogues in flowtok's Triton GEMMs (gemm_epilogues="triton")
+            flows[form].enable_fused_inference(min_rows=args.min_rows, gemm_epilogues="triton")
+            variant = f"fused {form} triton-epilogues+graph"
+            item = results.run(f"flow {variant} b{args.batch}", lambda form=form, variant=variant:
+                               measures[form](variant, args.batch), device, budget, args.reserve, part="flow",
+                               variant=variant, batch=args.batch, fp8=True)
+            if item is not None:
+                rates[(form, "triton")] = item["images_per_s"]
+            flows[form].enable_fused_inference(min_rows=args.min_rows)  # the rows below: PyTorch's epilogues
+    if args.gemm_epilogues != "faster":  # the epilogues fixed: the fastest form with them
+        rates = {k: v for k, v in rates.items() if k[1] == args.gemm_epilogues} or rates
+    best, epilogues = max(rates, key=lambda k: rates[k])
+    flows[best].enable_fused_inference(min_rows=args.min_rows, gemm_epilogues=epilogues)
+    log(f"the fastest FP8 flow at batch {args.batch}: {best}, GEMM epilogues {epilogues}")
     args.epilogue_choice = epilogues  # what fast_inference.quantize_decoder turns the fast path on with
     log(f"the FP8 flow's GEMM epilogues from here on: {epilogues}")
     with tempfile.TemporaryDirectory() as folder:
@@ -189,6 +193,7 @@ def run(flow: FlowTransformer, projector, tokenizer, args, shapes, device: torch
                           parts=("pipelines",))
     small = min(args.pipeline_batches)
     if small != args.batch:
+        flows[best].enable_fused_inference(min_rows=args.min_rows)  # each form as labelled: PyTorch's epilogues
         flow_rows(small)
 
 
