@@ -130,9 +130,9 @@ def _accumulate_per_group(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> 
 
 
 def _block_fold_in(block, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
-                   epilogue: bool, triton_epilogues: bool = False) -> torch.Tensor:
+                   epilogue: bool, triton_plain: bool = False, triton_fp8: bool = False) -> torch.Tensor:
     """The fused block as of 2026-12-02: every adaLN vector folded into the weights, per-group GEMMs (cuBLASLt's
-    GELU epilogue whatever ``triton_epilogues`` says)."""
+    GELU epilogue whatever ``triton_plain`` / ``triton_fp8`` say: plain blocks only)."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp
@@ -181,7 +181,7 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
     elif name == "fold-in":
         fd._block = _block_fold_in  # type: ignore[assignment]
     elif name == "triton-epilogues":  # bf16 fc1 + GELU in flowtok's Triton GEMM (gemm_epilogues="triton")
-        fd._gemm_gelu = lambda a, linear, epilogue, triton_epilogues=False: saved_gemm_gelu(  # type: ignore[assignment]
+        fd._gemm_gelu = lambda a, linear, epilogue, triton_plain=False: saved_gemm_gelu(  # type: ignore[assignment]
             a, linear, epilogue, triton_ops.available(a))
     try:
         with attention:

@@ -59,15 +59,17 @@ from fp8_gemm import timer  # noqa: E402
 from flowtok.nn import triton_ops  # noqa: E402
 from flowtok.nn.fp8 import E4M3_MAX, fp8_supported, quantize_tensor, to_e4m3  # noqa: E402
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages): the default first, then wider, narrower and deeper tiles, and
-# last those small enough for two blocks an SM (one block's epilogue then overlaps the other's main loop;
-# kernel_compile.py estimates the blocks an SM)
-LAUNCHES = [triton_ops.LINEAR_LAUNCH, (128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 3),
-            (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 4), (128, 256, 32, 8, 8, 5), (64, 256, 64, 8, 4, 4),
-            (128, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 3)]
-LAUNCHES_FP8 = [triton_ops.LINEAR_LAUNCH_FP8, (128, 256, 128, 8, 8, 4), (128, 128, 128, 8, 4, 4),
-                (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 256, 64, 8, 8, 4),
-                (128, 128, 128, 8, 4, 3), (128, 256, 128, 8, 8, 2)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages): the default first, then the other candidates (wider,
+# narrower and deeper tiles, and last those small enough for two blocks an SM, where one block's epilogue overlaps
+# the other's main loop; kernel_compile.py estimates the blocks an SM)
+_CANDIDATES = [(128, 256, 64, 8, 8, 3), (128, 256, 64, 8, 8, 4), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4),
+               (128, 128, 64, 8, 8, 4), (128, 256, 32, 8, 8, 5), (64, 256, 64, 8, 4, 4), (128, 128, 128, 8, 8, 3),
+               (128, 128, 64, 8, 4, 3), (128, 128, 64, 8, 8, 3)]
+_CANDIDATES_FP8 = [(128, 256, 128, 8, 8, 3), (128, 256, 128, 8, 8, 4), (128, 128, 128, 8, 4, 4),
+                   (128, 128, 128, 8, 8, 4), (256, 128, 128, 8, 8, 3), (128, 256, 64, 8, 8, 4),
+                   (128, 128, 128, 8, 4, 3), (128, 256, 128, 8, 8, 2)]
+LAUNCHES = [triton_ops.LINEAR_LAUNCH] + [c for c in _CANDIDATES if c != triton_ops.LINEAR_LAUNCH]
+LAUNCHES_FP8 = [triton_ops.LINEAR_LAUNCH_FP8] + [c for c in _CANDIDATES_FP8 if c != triton_ops.LINEAR_LAUNCH_FP8]
 Check = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # -> (output, fp32 reference)
 Row = tuple[str, Callable[[], Any], Check, dict[str, Any]]  # name, timed call, check, tags
 Form = tuple[tuple[int, ...], str, str]  # launch, loads ("tma" / "ptr"), schedule (triton_ops.LINEAR_SCHEDULES)

@@ -15,8 +15,11 @@ OUT=${OUT:-results/gpu5}
 gpu_log fast5.log
 timeout "$(left 150)" python3 benchmarks/attention_variants.py --out "$OUT/attention.json" 2>&1 | tee -a "$LOG"
 echo "attention done at $(( $(date +%s) - start )) s" | tee -a "$LOG"
-launches=()  # the Triton GEMMs' fastest launches, if run_fast_gpu6.sh ran on this machine before
-if [ -f /tmp/keep/gemm_epilogues.json ]; then launches=(--gemm-launches /tmp/keep/gemm_epilogues.json); fi
+# the Triton GEMMs' fastest launches: $GEMM_LAUNCHES (a gemm_epilogues.py JSON carried along), else the one
+# run_fast_gpu6.sh left if it ran on this warm machine before
+GEMM_LAUNCHES=${GEMM_LAUNCHES:-/tmp/keep/gemm_epilogues.json}
+launches=()
+if [ -f "$GEMM_LAUNCHES" ]; then launches=(--gemm-launches "$GEMM_LAUNCHES"); fi
 BENCH_DEADLINE=$((start + 570)) timeout "$(left 585)" python3 benchmarks/fast_inference.py --fp8-flow \
   "${launches[@]}" --out "$OUT/fp8flow.json" 2>&1 | tee -a "$LOG"
 kill $smi 2>/dev/null

@@ -63,7 +63,7 @@ def test_fused_path_falls_back_to_the_plain_forward_where_it_does_not_apply():
         model.forward_grouped(torch.randn(3, 8, 4), t, (0, 1))
     with pytest.raises(InvalidInputError, match="min_rows"):
         model.enable_fused_inference(min_rows=-1)
-    with pytest.raises(InvalidInputError, match="gemm_epilogues must be one of pytorch, triton"):
+    with pytest.raises(InvalidInputError, match="gemm_epilogues must be one of auto, pytorch, triton"):
         model.enable_fused_inference(gemm_epilogues="cutlass")
 
 
@@ -398,7 +398,7 @@ def test_cli_eval_t2i_fast_records_what_ran(saved_pipe, tmp_path, monkeypatch, c
     plain, fast = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("plain", "fast"))
     assert "fast" not in plain and fast["fast"]["fused_flow_used"] and fast["options"]["fast"]
     assert fast["accuracy"] == plain["accuracy"] and fast["protocol"] == plain["protocol"]
-    assert fast["fast"]["gemm_epilogues"] == "pytorch"
+    assert fast["fast"]["gemm_epilogues"] == "auto"
     # flowtok's Triton epilogues asked for: recorded; on a CPU without Triton's interpreter the PyTorch kernels run
     assert main([*args, "--out", str(tmp_path / "triton.json"), "--fast", "--gemm-epilogues", "triton"]) == 0
     triton = json.loads((tmp_path / "triton.json").read_text())

@@ -89,22 +89,22 @@ def add_fp8_layers_arg(p: argparse.ArgumentParser) -> None:
 
 
 def gemm_epilogues(args: argparse.Namespace) -> str:
-    """``--gemm-epilogues triton``: the fast path's GEMM epilogues in flowtok's Triton GEMMs (default ``pytorch``);
-    refused without ``--fast`` (before the model loads)."""
+    """``--gemm-epilogues``: who computes the fast path's GEMM epilogues (default ``auto``); refused without
+    ``--fast`` (before the model loads)."""
     choice = getattr(args, "gemm_epilogues", None)
     if choice is not None and not getattr(args, "fast", False):
         raise InvalidInputError("--gemm-epilogues needs --fast")
-    return choice or "pytorch"
+    return choice or "auto"
 
 
 def add_gemm_epilogues_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gemm-epilogues", choices=["pytorch", "triton"], default=None,
+    p.add_argument("--gemm-epilogues", choices=["auto", "pytorch", "triton"], default=None,
                    help="with --fast: who computes the fused flow's GEMM epilogues (fc1's GELU; an FP8 flow's fc2 "
-                        "input and gated residual adds): PyTorch's cuBLAS kernels (default) or flowtok's Triton "
-                        "GEMMs (experimental, not yet timed on a GPU)")
+                        "input and gated residual adds): auto (default: flowtok's Triton GEMMs for FP8 Linears, "
+                        "cuBLAS for plain ones), pytorch (cuBLAS everywhere) or triton (flowtok's everywhere)")
 
 
-def enable_fast(pipe, batch_size: int, epilogues: str = "pytorch") -> None:
+def enable_fast(pipe, batch_size: int, epilogues: str = "auto") -> None:
     """``--fast``: :meth:`FlowTokPipeline.enable_fast_inference` with one CUDA graph per ``batch_size``
     (shorter batches are padded) and ``epilogues`` as its ``gemm_epilogues``. On a CPU (or MPS) nothing is
     compiled or captured: only the fused flow path, for batches large enough, and one stderr line says so."""

@@ -54,13 +54,13 @@ class FastTextToImage:
     one graph serves every call. None: one graph per chunk size seen. ``compile`` / ``cuda_graph`` default to
     True on CUDA and False elsewhere; ``fused_flow`` enables the fused DiT path of the text-to-image flow
     from ``fused_min_rows`` tokens per condition group (batch x num_tokens; default
-    :data:`DEFAULT_FUSED_MIN_ROWS`), its GEMM epilogues computed as ``gemm_epilogues`` says (``"pytorch"`` or
-    ``"triton"``: :meth:`flowtok.flow.FlowTransformer.enable_fused_inference`).
+    :data:`DEFAULT_FUSED_MIN_ROWS`), its GEMM epilogues computed as ``gemm_epilogues`` says (``"auto"``,
+    ``"pytorch"`` or ``"triton"``: :meth:`flowtok.flow.FlowTransformer.enable_fused_inference`).
     """
 
     def __init__(self, pipe: FlowTokPipeline, batch_size: int | None = None, compile: bool | None = None,
                  cuda_graph: bool | None = None, fused_flow: bool = True, fused_min_rows: int | None = None,
-                 compile_options: dict[str, Any] | None = None, gemm_epilogues: str = "pytorch") -> None:
+                 compile_options: dict[str, Any] | None = None, gemm_epilogues: str = "auto") -> None:
         if pipe.t2i_flow is None:
             raise InvalidInputError("this pipeline has no text-to-image flow model")
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)

@@ -235,15 +235,15 @@ class FlowTokPipeline:
 
     def enable_fast_inference(self, batch_size: int | None = None, compile: bool | None = None,
                               cuda_graph: bool | None = None, fused_flow: bool = True,
-                              gemm_epilogues: str = "pytorch") -> FlowTokPipeline:
+                              gemm_epilogues: str = "auto") -> FlowTokPipeline:
         """Make :meth:`text_to_image` fast (:mod:`flowtok.fast`): the fused DiT path for the flow at large
         batches, regionally compiled flow and decoder blocks, and on CUDA the whole call after tokenisation
         (text encoder, projector, every step, decoder) replayed from one CUDA graph per batch shape.
         ``batch_size``: prompts per replay (shorter calls are padded: one graph serves all); None, one graph
         per batch size seen. Same images as before up to kernel rounding. The first call of each shape pays
-        the compile and capture. ``gemm_epilogues``: ``"pytorch"`` (cuBLASLt's GELU epilogue for fc1) or
-        ``"triton"`` (flowtok's GEMMs with fc1's GELU, and an FP8 flow's gated residual adds, in their epilogues:
-        :meth:`flowtok.flow.FlowTransformer.enable_fused_inference`). Returns self;
+        the compile and capture. ``gemm_epilogues``: ``"auto"`` (the default: flowtok's Triton
+        GEMMs for an FP8 flow's epilogues, cuBLAS for plain Linears), ``"pytorch"`` or ``"triton"``
+        (:meth:`flowtok.flow.FlowTransformer.enable_fused_inference`). Returns self;
         :meth:`disable_fast_inference` undoes it."""
         from .fast import FastTextToImage
 

@@ -132,7 +132,7 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         )
         self.final_layer = FinalLayer(d, config.in_channels)
         self.fused_min_rows: int | None = None  # set by enable_fused_inference
-        self.fused_gemm_epilogues = "pytorch"  # likewise: who computes the fused path's GEMM epilogues
+        self.fused_gemm_epilogues = "auto"  # likewise: who computes the fused path's GEMM epilogues
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -199,7 +199,7 @@ class FlowTransformer(nn.Module, PretrainedMixin):
             self.fused_min_rows = min_rows
         return self.requires_grad_(False)
 
-    def enable_fused_inference(self, min_rows: int = 4096, gemm_epilogues: str = "pytorch") -> FlowTransformer:
+    def enable_fused_inference(self, min_rows: int = 4096, gemm_epilogues: str = "auto") -> FlowTransformer:
         """Sample through :func:`flowtok.nn.fused_dit.fused_blocks_forward`: LayerNorm and the adaLN shift /
         scale in one pass (a Triton kernel on a GPU), the gates folded into the output Linears once per step and
         distinct condition, residual adds inside the GEMMs, bias + GELU in the GEMM epilogue. Used by the
@@ -208,10 +208,11 @@ class FlowTransformer(nn.Module, PretrainedMixin):
         plain (or compiled) blocks run. Training and :meth:`forward` are
         unchanged. FP8 blocks (:meth:`quantize_fp8`) run fused too: the LayerNorm pass writes qkv's and fc1's
         input in e4m3 and the gates scale the FP8 output GEMMs' products in the residual add. ``gemm_epilogues``:
-        ``"pytorch"`` (cuBLASLt's GELU epilogue for fc1; FP8 GEMMs through ``_scaled_mm`` with a pass after them)
-        or ``"triton"``, where Triton runs: flowtok's GEMMs compute fc1 with its bias and GELU (an FP8 fc1 writing
-        fc2's e4m3 input) and FP8 proj / fc2 with the gated residual add in their epilogues
-        (:data:`flowtok.nn.fused_dit.GEMM_EPILOGUES`). Returns self."""
+        ``"pytorch"`` (cuBLASLt's GELU epilogue for fc1; FP8 GEMMs through ``_scaled_mm`` with a pass after them),
+        ``"triton"`` (where Triton runs, flowtok's GEMMs compute fc1 with its bias and GELU, an FP8 fc1 writing
+        fc2's e4m3 input, and FP8 proj / fc2 with the gated residual add in their epilogues) or ``"auto"`` (the
+        default: flowtok's GEMMs for FP8 Linears, cuBLAS for plain ones; the faster of each on an H200,
+        :data:`flowtok.nn.fused_dit.GEMM_EPILOGUES`). Returns self."""
         from ..nn.fused_dit import GEMM_EPILOGUES, fused_block_supported
 
         if not all(fused_block_supported(cast(DiTBlock, b)) for b in self.blocks):

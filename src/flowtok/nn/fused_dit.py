@@ -58,10 +58,12 @@ log = logging.getLogger(__name__)
 # fc1 is _scaled_mm, then the GELU and fc2's quantisation in one pass; an FP8 proj / fc2 is _scaled_mm, then the
 # gated residual add in one pass. "triton", where Triton runs: flowtok's GEMMs (triton_ops.linear_gelu,
 # linear_residual) do those epilogues themselves: fc1's bias and GELU (an FP8 fc1 writing an FP8 fc2's static-scale
-# input in e4m3), and an FP8 output Linear's gated residual add into the stream. Plain proj / fc2 stay cuBLAS GEMMs
-# accumulating into the stream either way. (On an H200 the cuBLASLt GEMM with the GELU epilogue ran at about 555
-# TFLOP/s against 630 for qkv's GEMM with a bias epilogue: the fused path's profile of 2026-12-04.)
-GEMM_EPILOGUES = ("pytorch", "triton")
+# input in e4m3), and an FP8 output Linear's gated residual add into the stream. "auto" (the default): flowtok's
+# GEMMs for FP8 Linears, cuBLAS for plain ones. Plain proj / fc2 stay cuBLAS GEMMs accumulating into the stream
+# either way. On one H200 (2026-12-05, docs/benchmarks.md) cuBLASLt's GELU epilogue beat flowtok's bf16 GEMM
+# (635 against 734 us for fc1 at batch 256), and flowtok's FP8 GEMMs beat _scaled_mm and its pass (fc2 into the
+# stream 409 against 471 us; the FP8 flow 6-8% faster).
+GEMM_EPILOGUES = ("auto", "pytorch", "triton")
 
 _GELU_EPILOGUE: dict[tuple[str, torch.dtype], bool] = {}
 _COMPILED: dict[tuple[str, str], Callable[..., Any] | None] = {}
@@ -245,17 +247,17 @@ def _accumulate(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def _output(layer: nn.Module, x: torch.Tensor, a: torch.Tensor | Quantized, gate: torch.Tensor,
-            pending: torch.Tensor, triton_epilogues: bool = False) -> torch.Tensor:
+            pending: torch.Tensor, triton_fp8: bool = False) -> torch.Tensor:
     """``x += gate_g * (a @ W^T + b)`` for an output Linear (proj, fc2) with ``a`` its input rows (quantised for
     an :class:`FP8Linear`); returns the pending bias vector. A plain Linear takes the gate folded into its weight
     and ``x`` as the GEMM's accumulator, and moves its gated bias into the pending vector; an FP8 one adds its
     bias in the GEMM's epilogue, as the plain FP8 block does, and scales the product by the gate in the residual
-    add (one pass: ``_scaled_mm`` has no accumulator), or, if ``triton_epilogues`` where Triton runs FP8, in the
+    add (one pass: ``_scaled_mm`` has no accumulator), or, if ``triton_fp8`` where Triton runs FP8, in the
     epilogue of flowtok's Triton GEMM, which reads and writes the stream itself."""
     groups, rows, d = x.shape
     if isinstance(layer, FP8Linear):
         q, q_scale = cast(Quantized, a)
-        if triton_epilogues and triton_ops.available_fp8(x):
+        if triton_fp8 and triton_ops.available_fp8(x):
             triton_ops.linear_residual(x, q, layer.weight_fp8, layer.bias, gate, x_scale=q_scale,
                                        w_scale=layer.weight_scale)
             return pending
@@ -268,11 +270,12 @@ def _output(layer: nn.Module, x: torch.Tensor, a: torch.Tensor | Quantized, gate
 
 
 def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.Tensor, batch: int,
-           epilogue: bool, triton_epilogues: bool = False) -> torch.Tensor:
+           epilogue: bool, triton_plain: bool = False, triton_fp8: bool = False) -> torch.Tensor:
     """One block on the stream ``x [G, R, D]`` (updated in place) with its adaLN output ``mod [G, 6 D]``; returns the
-    new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8. ``triton_epilogues``: fc1 with its
-    bias and GELU, and FP8 output Linears with their gated residual add, in flowtok's Triton GEMMs (FP8 ones where
-    Triton runs FP8); else a plain fc1 in cuBLASLt's GELU epilogue if ``epilogue``."""
+    new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8. flowtok's Triton GEMMs compute a
+    plain fc1 with its bias and GELU if ``triton_plain``, and FP8 Linears' epilogues (fc1's GELU, proj's and fc2's
+    gated residual add) if ``triton_fp8``, where Triton runs FP8; else a plain fc1 runs in cuBLASLt's GELU epilogue
+    if ``epilogue``."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp
@@ -283,21 +286,21 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
     q, k, v = qkv.view(groups * batch, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
     o = F.scaled_dot_product_attention(q, k, v)  # [G * b, H, N, dh]
     after_attn = _output(attn.proj, x, _quantize_for(attn.proj, o, "heads") if isinstance(attn.proj, FP8Linear)
-                         else _heads_to_rows(o), gate_msa, pending, triton_epilogues)
+                         else _heads_to_rows(o), gate_msa, pending, triton_fp8)
 
     h = _modulated_input(mlp.fc1, x, after_attn, shift_mlp, scale_mlp, block.norm2.eps)
     hidden: torch.Tensor | Quantized
-    if isinstance(mlp.fc1, FP8Linear) and triton_epilogues and triton_ops.available_fp8(x):
+    if isinstance(mlp.fc1, FP8Linear) and triton_fp8 and triton_ops.available_fp8(x):
         hidden = _fp8_gemm_gelu(mlp.fc1, mlp.fc2, cast(Quantized, h), x.dtype)
     elif isinstance(mlp.fc1, FP8Linear):  # bias in the FP8 GEMM's epilogue; GELU (and fc2's quantisation) after it
         pre = mlp.fc1.matmul(*h).to(x.dtype)
         hidden = _quantize_for(mlp.fc2, pre, "gelu") if isinstance(mlp.fc2, FP8Linear) \
             else torch.ops.aten.gelu_(pre, approximate="tanh")
     else:
-        hidden = _gemm_gelu(cast(torch.Tensor, h), _linear(mlp.fc1), epilogue, triton_epilogues)
+        hidden = _gemm_gelu(cast(torch.Tensor, h), _linear(mlp.fc1), epilogue, triton_plain)
         if isinstance(mlp.fc2, FP8Linear):
             hidden = _quantize_for(mlp.fc2, hidden)
-    return _output(mlp.fc2, x, hidden, gate_mlp, after_attn, triton_epilogues)
+    return _output(mlp.fc2, x, hidden, gate_mlp, after_attn, triton_fp8)
 
 
 def _modulation(module: nn.Module, silu_cond: torch.Tensor) -> torch.Tensor:
@@ -318,7 +321,7 @@ def fused_block_supported(block: DiTBlock) -> bool:
 
 @torch.no_grad()
 def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torch.Tensor,
-                         cond: torch.Tensor, gemm_epilogues: str = "pytorch") -> torch.Tensor:
+                         cond: torch.Tensor, gemm_epilogues: str = "auto") -> torch.Tensor:
     """The DiT blocks and final layer over ``h [G * b, N, D]`` whose ``G`` contiguous groups of ``b`` samples
     each share one condition row of ``cond [G, D]``. Inference only; ``h`` is not modified. Equals
     ``final_layer(blocks(h, c), c)`` with ``c`` each group's row repeated, up to rounding. ``gemm_epilogues``: who
@@ -332,14 +335,15 @@ def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torc
     x = h.reshape(groups, batch * n, d).clone()
     pending = x.new_zeros(groups, 1, d)
     epilogue = gelu_epilogue_is_tanh(x.device, x.dtype)
-    triton_epilogues = gemm_epilogues == "triton" and triton_ops.available(x)
+    triton_plain = gemm_epilogues == "triton" and triton_ops.available(x)
+    triton_fp8 = gemm_epilogues in ("auto", "triton")  # each FP8 Linear checks triton_ops.available_fp8
     silu_cond = F.silu(cond)
     for block in blocks:
         blk = cast(DiTBlock, block)
         if not fused_block_supported(blk):
             raise ValueError("the fused path needs plain or FP8 Linears and the tanh-GELU MLP")
         pending = _block(blk, x, pending, _modulation(blk.adaLN_modulation, silu_cond), batch, epilogue,
-                         triton_epilogues)
+                         triton_plain, triton_fp8)
     shift, scale = _modulation(final_layer.adaLN_modulation, silu_cond).chunk(2, dim=1)
     y = modulated_layer_norm(x, pending, shift, scale, final_layer.norm_final.eps).view(groups * batch * n, d)
     out = final_layer.linear(y)

@@ -269,23 +269,32 @@ if triton is not None:
                          X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS, SPLIT)
 
     @triton.jit
+    def _tma_product(a_desc, w_desc, pid_m, pid_n, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+        # The tile (pid_m, pid_n) of a @ w^T in fp32, a's and w's tiles loaded through their tensor descriptors
+        # (tiles past the edges read as zeros); w's tile K-major, as FP8 dots need it.
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k])
+            w = w_desc.load([pid_n * BLOCK_N, k])
+            acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST).T, acc)
+        return acc
+
+    @triton.jit
     def _linear_tma_kernel(a_desc, w_desc, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr, gate_ptr,
                            gate_stride, rows_per_group, m, N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                            HAS_BIAS: tl.constexpr, X_SCALE: tl.constexpr, W_SCALE: tl.constexpr,
                            QUANT: tl.constexpr, RESIDUAL: tl.constexpr, GATE_ROWS: tl.constexpr,
                            SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-        # _linear_kernel with a's and w's tiles loaded by the tensor-memory accelerator (Hopper and newer):
-        # host-made descriptors, tiles past the edges read as zeros; w's tile K-major, as FP8 dots need it.
+        # _linear_kernel with a's and w's tiles loaded by the tensor-memory accelerator (Hopper and newer) through
+        # host-made descriptors (_tma_product).
         pid_m, pid_n = _tile_of(tl.program_id(0), m, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            a = a_desc.load([pid_m * BLOCK_M, k])
-            w = w_desc.load([pid_n * BLOCK_N, k])
-            acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST).T, acc)
+        acc = _tma_product(a_desc, w_desc, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
         _linear_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m, N, bias_ptr, x_scale_ptr, w_scale_ptr,
                          out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group, BLOCK_M, BLOCK_N, HAS_BIAS,
                          X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS, SPLIT)
+
     @triton.jit
     def _linear_persistent_kernel(a_desc, w_desc, bias_ptr, x_scale_ptr, w_scale_ptr, out_scale_ptr, out_ptr,
                                   gate_ptr, gate_stride, rows_per_group, m, N: tl.constexpr, K: tl.constexpr,
@@ -300,14 +309,11 @@ if triton is not None:
         tiles = tl.cdiv(m, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
             pid_m, pid_n = _tile_of(tile, m, N, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k in range(0, K, BLOCK_K):
-                a = a_desc.load([pid_m * BLOCK_M, k])
-                w = w_desc.load([pid_n * BLOCK_N, k])
-                acc = tl.dot(_operand(a, UPCAST), _operand(w, UPCAST).T, acc)
+            acc = _tma_product(a_desc, w_desc, pid_m, pid_n, K, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
             _linear_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, m, N, bias_ptr, x_scale_ptr, w_scale_ptr,
                              out_scale_ptr, out_ptr, gate_ptr, gate_stride, rows_per_group, BLOCK_M, BLOCK_N,
                              HAS_BIAS, X_SCALE, W_SCALE, QUANT, RESIDUAL, GATE_ROWS, SPLIT)
+
 
 def _launch_shape(d: int) -> tuple[int, int, int, int]:
     """(MAIN, TAIL, rows per program, warps) of the LayerNorm kernel for width ``d``: MAIN the largest power of two
@@ -403,19 +409,19 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
 
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) of :func:`linear_gelu` by default, for 16-bit and for e4m3
-# operands: the common Hopper shapes for those GEMMs with wide tiles (not yet timed here; ``benchmarks/gemm_epilogues.py``
-# sweeps the alternatives).
-LINEAR_LAUNCH = (128, 256, 64, 8, 8, 3)
-LINEAR_LAUNCH_FP8 = (128, 256, 128, 8, 8, 3)
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) of the GEMMs by default, for 16-bit and for e4m3 operands,
+# and their schedules (below): the fastest of benchmarks/gemm_epilogues.py's sweep on one H200 (2026-12-05,
+# FlowTok-XL at batch 256: bf16 fc1 + GELU 734 us; e4m3 fc1 + GELU -> e4m3 645 us and fc2 into the stream 436 us).
+LINEAR_LAUNCH = (128, 256, 64, 8, 8, 4)
+LINEAR_LAUNCH_FP8 = (256, 128, 128, 8, 8, 3)
 # Whether the GEMMs' epilogues run in two column halves by default (fewer registers beside the accumulator).
 LINEAR_SPLIT = True
 # How the GEMMs' tiles are scheduled: "tiles", a program a tile; "persistent", a program an SM looping over tiles in
 # one software-pipelined loop (a tile's epilogue overlapping the next one's loads); "persistent-ws", the same with
 # warp specialisation (loads, MMAs and epilogue in warps of their own). Both persistent ones load through TMA.
 LINEAR_SCHEDULES = ("tiles", "persistent", "persistent-ws")
-LINEAR_SCHEDULE = "tiles"  # 16-bit operands
-LINEAR_SCHEDULE_FP8 = "tiles"  # e4m3 operands
+LINEAR_SCHEDULE = "persistent"  # 16-bit operands
+LINEAR_SCHEDULE_FP8 = "persistent"  # e4m3 operands
 
 
 def _scale_kind(scale: torch.Tensor | None, count: int, what: str) -> int:
@@ -458,12 +464,20 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
         return
     x, weight = x.contiguous(), weight.contiguous()
     block_m, block_n, block_k, group_m, warps, stages = launch
-    if tma is None:  # TMA also needs 16-byte aligned rows
-        tma = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0) and (k * x.element_size()) % 16 == 0 \
-            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-    schedule = schedule or (LINEAR_SCHEDULE_FP8 if x.dtype == torch.float8_e4m3fn else LINEAR_SCHEDULE)
-    if schedule not in LINEAR_SCHEDULES:
+    # TMA: Hopper or newer (or Triton's interpreter), 16-byte aligned rows
+    tma_ok = (k * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and \
+        (not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0))
+    if schedule is None:  # the default; a persistent one loads through TMA, else a program a tile
+        schedule = LINEAR_SCHEDULE_FP8 if x.dtype == torch.float8_e4m3fn else LINEAR_SCHEDULE
+        if schedule != "tiles" and (tma is False or not tma_ok):
+            schedule = "tiles"
+    elif schedule not in LINEAR_SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(LINEAR_SCHEDULES)}, got {schedule!r}")
+    elif schedule != "tiles" and (tma is False or not tma_ok):
+        raise ValueError(f"the {schedule} schedule loads through TMA: it needs a Hopper GPU (or newer) and 16-byte "
+                         f"aligned rows")
+    if tma is None:
+        tma = schedule != "tiles" or (x.is_cuda and tma_ok)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     grid = (tiles,)
 
