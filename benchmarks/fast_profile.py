@@ -181,7 +181,7 @@ def variant(name: str, device: torch.device, dtype: torch.dtype) -> Iterator[Non
     elif name == "fold-in":
         fd._block = _block_fold_in  # type: ignore[assignment]
     elif name == "triton-epilogues":  # bf16 fc1 + GELU in flowtok's Triton GEMM (gemm_epilogues="triton")
-        fd._gemm_gelu = lambda a, linear, epilogue, triton_plain=False: saved_gemm_gelu(  # type: ignore[assignment]
+        fd._gemm_gelu = lambda a, linear, epilogue, triton_gemm=False: saved_gemm_gelu(  # type: ignore[assignment]
             a, linear, epilogue, triton_ops.available(a))
     try:
         with attention:

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 # GEMMs for FP8 Linears, cuBLAS for plain ones. Plain proj / fc2 stay cuBLAS GEMMs accumulating into the stream
 # either way. On one H200 (2026-12-05, docs/benchmarks.md) cuBLASLt's GELU epilogue beat flowtok's bf16 GEMM
 # (635 against 734 us for fc1 at batch 256), and flowtok's FP8 GEMMs beat _scaled_mm and its pass (fc2 into the
-# stream 409 against 471 us; the FP8 flow 6-8% faster).
+# stream 409 against 471 us; the FP8 flows 4.5-10% faster).
 GEMM_EPILOGUES = ("auto", "pytorch", "triton")
 
 _GELU_EPILOGUE: dict[tuple[str, torch.dtype], bool] = {}
@@ -215,11 +215,11 @@ def _fold_out(linear: nn.Linear, gate: torch.Tensor, pending: torch.Tensor) -> t
     return folded, (pending + (gate * bias).unsqueeze(1) if bias is not None else pending)
 
 
-def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool, triton_epilogues: bool = False) -> torch.Tensor:
-    """``tanh-GELU(a @ W^T + b)``: flowtok's Triton GEMM with the bias and GELU in its epilogue if
-    ``triton_epilogues``, else in cuBLASLt's epilogue if ``epilogue``, else a GEMM then an in-place GELU."""
+def _gemm_gelu(a: torch.Tensor, linear: nn.Linear, epilogue: bool, triton_gemm: bool = False) -> torch.Tensor:
+    """``tanh-GELU(a @ W^T + b)``: flowtok's Triton GEMM with the bias and GELU in its epilogue if ``triton_gemm``,
+    else in cuBLASLt's epilogue if ``epilogue``, else a GEMM then an in-place GELU."""
     w, bias = linear.weight, linear.bias
-    if triton_epilogues:
+    if triton_gemm:
         return triton_ops.linear_gelu(a, w, bias)
     if epilogue:
         return torch._addmm_activation(bias if bias is not None else w.new_zeros(w.shape[0]), a, w.t(),

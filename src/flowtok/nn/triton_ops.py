@@ -521,10 +521,11 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     :class:`flowtok.nn.fp8.FP8Linear`) with their float32 scales ``x_scale`` (one, or ``[M, 1]``) and ``w_scale``
     (one, or one an output column): returns bf16, or, given ``out_scale`` (one float32 scale), the e4m3 input of
     the next FP8 Linear, ``GELU / out_scale`` saturating at +-448. ``launch``: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-    warps, stages), default :data:`LINEAR_LAUNCH` (:data:`LINEAR_LAUNCH_FP8` for e4m3). ``tma``: load the
-    tiles through tensor descriptors (TMA); None: where the GPU has TMA (compute capability 9.0 or newer) and the
-    rows are 16-byte aligned. ``schedule``: how tiles map to programs, one of :data:`LINEAR_SCHEDULES` (default
-    :data:`LINEAR_SCHEDULE`, :data:`LINEAR_SCHEDULE_FP8` for e4m3). Needs :func:`available` (:func:`available_fp8` for e4m3)."""
+    warps, stages), default :data:`LINEAR_LAUNCH` (:data:`LINEAR_LAUNCH_FP8` for e4m3). ``schedule``: how tiles map
+    to programs, one of :data:`LINEAR_SCHEDULES` (default :data:`LINEAR_SCHEDULE`, :data:`LINEAR_SCHEDULE_FP8` for
+    e4m3; a persistent default falls back to ``"tiles"`` where TMA cannot run). ``tma``: load the tiles through
+    tensor descriptors (TMA; the persistent schedules always do); None: where the GPU has TMA (compute capability
+    9.0 or newer) and the rows are 16-byte aligned. Needs :func:`available` (:func:`available_fp8` for e4m3)."""
     m, _, n, fp8 = _check_operands(x, weight, bias, x_scale, w_scale)
     if out_scale is not None and (not fp8 or out_scale.numel() != 1):
         raise ValueError("out_scale (one scale) writes e4m3 from e4m3 operands")
