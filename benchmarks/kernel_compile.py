@@ -90,8 +90,11 @@ def compile_linear(dtype: str, launch: tuple[int, ...], residual: bool, tma: boo
 
 
 def ptxas_report(ptx: str, arch: int) -> dict[str, Any]:
-    """Registers and spill bytes of ``ptx`` from Triton's bundled ``ptxas -v``."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    """Registers and spill bytes of ``ptx`` from ``ptxas -v``: the ptxas Triton itself assembles ``sm_{arch}`` with
+    (its bundled one unless ``TRITON_PTXAS_PATH`` says otherwise; Triton 3.9 uses its newer one from sm_90 on)."""
+    from triton.backends.nvidia.compiler import get_ptxas  # type: ignore[import-untyped]
+
+    ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.ptx")
         with open(path, "w") as f:
