@@ -98,6 +98,20 @@ def form_name(form: Form) -> str:
     return f"{schedule} {load} {'x'.join(map(str, launch[:3]))} g{launch[3]} w{launch[4]} s{launch[5]}"
 
 
+def kernel_rows(prefix: str, launches: list[tuple[int, ...]], device: torch.device, tags: dict[str, Any],
+                row: Callable[[Form], tuple[Callable[[], Any], Check]],
+                head_only: bool = False) -> tuple[list[Row], list[Row]]:
+    """A kernel's rows in its :func:`forms`, ``row(form)`` giving the timed call and its check: (the default
+    launch's rows, the other launches' rows; none of those if ``head_only``)."""
+    head, rest = forms(launches, device)
+
+    def rows(group: list[Form]) -> list[Row]:
+        return [(f"{prefix} {form_name(form)}", *row(form),
+                 {**tags, "launch": list(form[0]), "loads": form[1], "schedule": form[2]}) for form in group]
+
+    return rows(head), [] if head_only else rows(rest)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None)
@@ -173,19 +187,20 @@ def fc1_rows(args, device: torch.device, dtype: torch.dtype,
     sweep: list[Row] = []
     compiled: list[Row] = []
 
-    def kernel_rows(prefix: str, launches: list[tuple[int, ...]], call: Callable[[Form], torch.Tensor],
-                    check: Callable[[Callable[[], torch.Tensor]], Check]) -> None:
-        head, rest = forms(launches, device)
-        for rows, group in ((first, head), (sweep, rest)):
-            for form in group:
-                def fn(form: Form = form) -> torch.Tensor:
-                    return call(form)
+    def add_kernel_rows(prefix: str, launches: list[tuple[int, ...]], call: Callable[[Form], torch.Tensor],
+                        check: Callable[[Callable[[], torch.Tensor]], Check]) -> None:
+        def row(form: Form) -> tuple[Callable[[], Any], Check]:
+            def fn() -> torch.Tensor:
+                return call(form)
 
-                rows.append((f"{prefix} {form_name(form)}", fn, check(fn),
-                             {**tags, "launch": list(form[0]), "loads": form[1], "schedule": form[2]}))
+            return fn, check(fn)
+
+        head, rest = kernel_rows(prefix, launches, device, tags, row)
+        first.extend(head)
+        sweep.extend(rest)
 
     if triton_ops.available(x):
-        kernel_rows("fc1 triton linear_gelu", LAUNCHES, lambda f: triton_ops.linear_gelu(
+        add_kernel_rows("fc1 triton linear_gelu", LAUNCHES, lambda f: triton_ops.linear_gelu(
             x, w, b, f[0], tma=f[1] == "tma", schedule=f[2]), plain)
     if device.type == "cuda":
         def linear_gelu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -231,7 +246,7 @@ def fc1_rows(args, device: torch.device, dtype: torch.dtype,
         first.append(("fc1 fp8 _scaled_mm, bias epilogue (no GELU)", scaled_mm, plain(scaled_mm, product8), tags))
         first.append(("fc1 fp8 _scaled_mm then GELU + e4m3 (compiled)", two_passes, dequantised(two_passes), tags))
     if triton_ops.available_fp8(x):
-        kernel_rows("fc1 fp8 triton linear_gelu -> e4m3", LAUNCHES_FP8, lambda f: triton_ops.linear_gelu(
+        add_kernel_rows("fc1 fp8 triton linear_gelu -> e4m3", LAUNCHES_FP8, lambda f: triton_ops.linear_gelu(
             qx, qw, b, f[0], tma=f[1] == "tma", x_scale=sx, w_scale=sw, out_scale=out_scale, schedule=f[2]),
             dequantised)
     return first, sweep, compiled
@@ -274,20 +289,20 @@ def fc2_rows(args, device: torch.device, dtype: torch.dtype,
                          into(baddbmm, ref, True), tags)]
     sweep: list[Row] = []
 
-    def kernel_rows(prefix: str, launches: list[tuple[int, ...]], call: Callable[[torch.Tensor, Form], None],
-                    target: torch.Tensor, head_only: bool = False) -> None:
-        head, rest = forms(launches, device)
-        for rows_, group in ((first, head), (sweep, [] if head_only else rest)):
-            for form in group:
-                def update(s: torch.Tensor, form: Form = form) -> None:
-                    call(s, form)
+    def add_kernel_rows(prefix: str, launches: list[tuple[int, ...]], call: Callable[[torch.Tensor, Form], None],
+                        target: torch.Tensor, head_only: bool = False) -> None:
+        def row(form: Form) -> tuple[Callable[[], Any], Check]:
+            def update(s: torch.Tensor) -> None:
+                call(s, form)
 
-                rows_.append((f"{prefix} {form_name(form)}", lambda update=update: update(timed),
-                              into(update, target), {**tags, "launch": list(form[0]), "loads": form[1],
-                                                     "schedule": form[2]}))
+            return (lambda: update(timed)), into(update, target)
+
+        head, rest = kernel_rows(prefix, launches, device, tags, row, head_only)
+        first.extend(head)
+        sweep.extend(rest)
 
     if triton_ops.available(a):  # bf16: the default launch only (cuBLAS accumulating into the stream is the bar)
-        kernel_rows("fc2 triton linear_residual", LAUNCHES, lambda s, f: triton_ops.linear_residual(
+        add_kernel_rows("fc2 triton linear_residual", LAUNCHES, lambda s, f: triton_ops.linear_residual(
             s, a, w, b, gate, f[0], tma=f[1] == "tma", schedule=f[2]), ref, head_only=True)
     cuda_fp8 = fp8_supported(device)
     if not cuda_fp8 and not triton_ops.available_fp8(a):
@@ -305,7 +320,7 @@ def fc2_rows(args, device: torch.device, dtype: torch.dtype,
         first.append(("fc2 fp8 _scaled_mm then addcmul_", lambda: scaled_addcmul(timed), into(scaled_addcmul, ref8),
                       tags))
     if triton_ops.available_fp8(a):
-        kernel_rows("fc2 fp8 triton linear_residual", LAUNCHES_FP8, lambda s, f: triton_ops.linear_residual(
+        add_kernel_rows("fc2 fp8 triton linear_residual", LAUNCHES_FP8, lambda s, f: triton_ops.linear_residual(
             s, qa, qw, b, gate, f[0], tma=f[1] == "tma", x_scale=sa, w_scale=sw, schedule=f[2]), ref8)
     return first, sweep, []
 

@@ -1,6 +1,6 @@
 """Triton kernels of the fused DiT inference path (:mod:`flowtok.nn.fused_dit`).
 
-Two kernels that PyTorch's own run below the GPU's bandwidth, or in more passes than needed:
+Kernels that PyTorch's own run below the GPU's bandwidth, or in more passes than needed:
 
 * :func:`add_layer_norm_modulate`: ``LayerNorm(x + pending) * (1 + scale) + shift`` with no LayerNorm affine,
   ``x [G, R, D]`` and one ``pending`` / ``shift`` / ``scale`` row per group ``g``: one read of ``x`` and one
@@ -10,6 +10,11 @@ Two kernels that PyTorch's own run below the GPU's bandwidth, or in more passes 
   from the row's amax), so that quantising the GEMM's input costs no pass of its own.
 * :func:`fold_gate`: ``diag(gate[g]) @ w``, the adaLN gate folded into an output Linear's rows for every group
   at once (``w`` read once, written ``G`` times), and the gated bias added to the groups' pending vectors.
+
+And two GEMMs whose epilogues do what would otherwise be a pass of its own (bf16 / fp16 / fp32 operands, or an FP8
+Linear's e4m3 ones with their scales): :func:`linear_gelu`, an MLP's first Linear with its bias and tanh-GELU
+(writing the next FP8 Linear's e4m3 input if asked), and :func:`linear_residual`, an adaLN-Zero block's output
+Linear adding its gated output into the residual stream in place.
 
 They run where Triton runs: on a CUDA device, or on a CPU under Triton's interpreter (``TRITON_INTERPRET=1``
 set before this module is imported; the tests do this). :func:`available` says whether a tensor can take
@@ -244,8 +249,8 @@ if triton is not None:
                        GATE_ROWS: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
         # a @ w^T with an epilogue (_linear_epilogue): a [m, K], w [N, K] (an nn.Linear's weight), out [m, N], all
         # row-major; a and w bf16 / fp16 / fp32, or e4m3 with their scales. One output tile a program (_tile_of).
-        # Rows past m and columns past N read the tile's first rows / columns again (no load masks) and are not
-        # stored. fp32 accumulation. UPCAST (the interpreter, whose bf16 and e4m3 dots return garbage in Triton
+        # Rows past m and columns past N wrap around to the first ones (no load masks) and are not stored. fp32
+        # accumulation. UPCAST (the interpreter, whose bf16 and e4m3 dots return garbage in Triton
         # 3.6) multiplies the same values in fp32.
         pid_m, pid_n = _tile_of(tl.program_id(0), m, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -408,7 +413,6 @@ def fold_gate(w: torch.Tensor, bias: torch.Tensor | None, gate: torch.Tensor,
     return out, pending_out
 
 
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages) of the GEMMs by default, for 16-bit and for e4m3 operands,
 # and their schedules (below): the fastest of benchmarks/gemm_epilogues.py's sweep on one H200 (2026-12-05,
 # FlowTok-XL at batch 256: bf16 fc1 + GELU 734 us; e4m3 fc1 + GELU -> e4m3 645 us and fc2 into the stream 436 us).
@@ -451,24 +455,25 @@ def _check_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-            launch: tuple[int, int, int, int, int, int], tma: bool | None, x_scale: torch.Tensor | None,
+            launch: tuple[int, int, int, int, int, int] | None, tma: bool | None, x_scale: torch.Tensor | None,
             w_scale: torch.Tensor | None, out_scale: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-            rows_per_group: int = 1, split: bool | None = None, schedule: str | None = None) -> None:
+            rows_per_group: int = 1, schedule: str | None = None) -> None:
     """Launch the GEMM ``x @ weight^T`` into ``out`` with the GELU epilogue, or the gated residual one if
-    ``gate [G, N]`` is given (operands checked by the caller); ``split``: the epilogue in two column halves
-    (default :data:`LINEAR_SPLIT`); ``schedule``: one of :data:`LINEAR_SCHEDULES` (default
-    :data:`LINEAR_SCHEDULE`, :data:`LINEAR_SCHEDULE_FP8` for e4m3)."""
+    ``gate [G, N]`` is given (operands checked by the caller); the epilogue in two column halves if
+    :data:`LINEAR_SPLIT`. ``launch`` and ``schedule``: None for the defaults of ``x``'s dtype
+    (:data:`LINEAR_LAUNCH` / :data:`LINEAR_SCHEDULE`, ``_FP8`` for e4m3)."""
     m, k = x.shape
     n = weight.shape[0]
     if m == 0:
         return
+    fp8 = x.dtype == torch.float8_e4m3fn
     x, weight = x.contiguous(), weight.contiguous()
-    block_m, block_n, block_k, group_m, warps, stages = launch
+    block_m, block_n, block_k, group_m, warps, stages = launch or (LINEAR_LAUNCH_FP8 if fp8 else LINEAR_LAUNCH)
     # TMA: Hopper or newer (or Triton's interpreter), 16-byte aligned rows
     tma_ok = (k * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0 and \
         (not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (9, 0))
     if schedule is None:  # the default; a persistent one loads through TMA, else a program a tile
-        schedule = LINEAR_SCHEDULE_FP8 if x.dtype == torch.float8_e4m3fn else LINEAR_SCHEDULE
+        schedule = LINEAR_SCHEDULE_FP8 if fp8 else LINEAR_SCHEDULE
         if schedule != "tiles" and (tma is False or not tma_ok):
             schedule = "tiles"
     elif schedule not in LINEAR_SCHEDULES:
@@ -491,9 +496,9 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ou
                    HAS_BIAS=bias is not None, X_SCALE=_scale_kind(x_scale, m, "x_scale"),
                    W_SCALE=_scale_kind(w_scale, n, "w_scale"), QUANT=out_scale is not None,
                    RESIDUAL=gate is not None, GATE_ROWS=rows_per_group >= block_m,
-                   SPLIT=split if split is not None else LINEAR_SPLIT and block_n >= 32, UPCAST=INTERPRET,
+                   SPLIT=LINEAR_SPLIT and block_n >= 32, UPCAST=INTERPRET,
                    num_warps=warps, num_stages=stages)
-    if tma or schedule != "tiles":
+    if tma:  # (the persistent schedules set it above)
         from triton.tools.tensor_descriptor import TensorDescriptor  # type: ignore[import-untyped]
 
         a_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
@@ -531,8 +536,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         raise ValueError("out_scale (one scale) writes e4m3 from e4m3 operands")
     out_dtype = torch.float8_e4m3fn if out_scale is not None else (torch.bfloat16 if fp8 else x.dtype)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    _linear(x, weight, bias, out, launch or (LINEAR_LAUNCH_FP8 if fp8 else LINEAR_LAUNCH), tma, x_scale,
-            w_scale, out_scale, schedule=schedule)
+    _linear(x, weight, bias, out, launch, tma, x_scale, w_scale, out_scale, schedule=schedule)
     return out
 
 
@@ -546,12 +550,12 @@ def linear_residual(stream: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     their scales as :func:`linear_gelu` takes them. The sum is formed in fp32 and rounded once to the stream's
     dtype. ``launch`` / ``tma`` / ``schedule`` as for :func:`linear_gelu` (default :data:`LINEAR_LAUNCH` /
     :data:`LINEAR_LAUNCH_FP8`). Needs :func:`available` (:func:`available_fp8` for e4m3)."""
-    m, _, n, fp8 = _check_operands(x, weight, bias, x_scale, w_scale)
+    m, _, n, _ = _check_operands(x, weight, bias, x_scale, w_scale)
     if stream.dim() != 3 or stream.shape[0] * stream.shape[1] != m or stream.shape[2] != n \
             or not stream.is_contiguous():
         raise ValueError(f"the stream must be a contiguous [G, R, {n}] with G * R = {m} rows, got "
                          f"{list(stream.shape)}")
     if gate.numel() != stream.shape[0] * n:
         raise ValueError(f"gate must be [{stream.shape[0]}, {n}], got {list(gate.shape)}")
-    _linear(x, weight, bias, stream, launch or (LINEAR_LAUNCH_FP8 if fp8 else LINEAR_LAUNCH), tma,
-            x_scale, w_scale, gate=gate, rows_per_group=stream.shape[1], schedule=schedule)
+    _linear(x, weight, bias, stream, launch, tma, x_scale, w_scale, gate=gate, rows_per_group=stream.shape[1],
+            schedule=schedule)
