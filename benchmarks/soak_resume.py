@@ -13,6 +13,8 @@ the tiny preset at 64 px on CPU, checkpointing every ``--ckpt-every`` steps. Kil
 
 Now and then (``--corrupt-every``) the newest checkpoint is damaged after a kill (truncated weights,
 a flipped byte in the optimizer state) to check that the resume names it and falls back to the one before.
+Such a checkpoint stays damaged until a run gets far enough to write its step again, so a resume may pass
+over two: each must be named, one line each, and nothing else.
 
 After every kill the next run must resume from the newest checkpoint that verifies, and no more than
 the steps since that checkpoint may be lost (``ckpt_every``; twice that after a deliberate corruption).
@@ -88,6 +90,19 @@ def newest_valid(ckpt_dir: Path) -> int:
     return 0
 
 
+def bad_newer_than(ckpt_dir: Path, step: int) -> list[Path]:
+    """The checkpoints after ``step`` that fail to verify: a resume to ``step`` must name each as it passes it over.
+    Usually the one damaged on purpose; a checkpoint damaged at an earlier kill stays here until a run rewrites it."""
+    bad = []
+    for path in ckpt.list_checkpoints(ckpt_dir):
+        if int(path.name[len(ckpt.PREFIX):]) > step:
+            try:
+                ckpt.verify(path)
+            except CheckpointError:
+                bad.append(path)
+    return bad
+
+
 def _logged_steps(metrics: Path, offset: int) -> list[int]:
     if not metrics.is_file():
         return []
@@ -142,6 +157,7 @@ class SoakReport:
     timer_kills_inside_checkpoint_write: int = 0
     starts_checked: int = 0  # runs whose start (resume step, or scratch) was checked against the disk
     fallbacks_after_corruption: int = 0
+    older_damage_passed_over: int = 0  # resumes that also named a checkpoint damaged at an earlier kill
     max_steps_lost: int = 0
     steps_lost_total: int = 0
     runs: int = 0
@@ -201,6 +217,7 @@ def soak(out: Path, kills: int = 20, steps: int = 80, ckpt_every: int = 2, seed:
             phase = order[(k // 2) % len(PHASES)]
             run_env[ckpt.KILL_ENV] = f"{target}:{phase}"
         offset = metrics.stat().st_size if metrics.is_file() else 0
+        bad = bad_newer_than(ckpt_dir, expected)
         tmp_before = set(ckpt_dir.glob(f".tmp-{ckpt.PREFIX}*"))
         log_path = out / f"run-{rep.runs:03d}.log"
         with open(log_path, "w") as log:
@@ -220,7 +237,7 @@ def soak(out: Path, kills: int = 20, steps: int = 80, ckpt_every: int = 2, seed:
                 rep.failures.append(f"run {rep.runs} hung")
                 break
         text = log_path.read_text(errors="replace")
-        _check_resume(rep, text, expected, fallback_from, ckpt_dir)
+        _check_resume(rep, text, expected, fallback_from, bad)
         if rc == 0:
             rep.failures.append(f"run {rep.runs} finished before its kill: raise --steps")
             break
@@ -249,7 +266,7 @@ def soak(out: Path, kills: int = 20, steps: int = 80, ckpt_every: int = 2, seed:
 
     final = subprocess.run(_train_cmd(cfg, resume=True), env=env, capture_output=True, text=True, timeout=timeout)
     rep.runs += 1
-    _check_resume(rep, final.stderr, expected, fallback_from, ckpt_dir)
+    _check_resume(rep, final.stderr, expected, fallback_from, bad_newer_than(ckpt_dir, expected))
     if final.returncode != 0:
         rep.failures.append(f"final resume failed: {final.stderr.strip().splitlines()[-1:]}")
     else:
@@ -264,8 +281,9 @@ def soak(out: Path, kills: int = 20, steps: int = 80, ckpt_every: int = 2, seed:
     return rep
 
 
-def _check_resume(rep: SoakReport, text: str, expected: int, fallback_from: Path | None, ckpt_dir: Path) -> None:
-    """The run's log must show a resume from the newest intact checkpoint (or a fresh start if none)."""
+def _check_resume(rep: SoakReport, text: str, expected: int, fallback_from: Path | None, bad: list[Path]) -> None:
+    """The run's log must show a resume from the newest intact checkpoint (or a fresh start if none), after one
+    line naming each damaged checkpoint it passed over (``bad``), the one damaged on purpose (``fallback_from``) among them."""
     m = RESUMED.search(text)
     if m is None:
         if "Traceback" in text or "flowtok: error" in text:
@@ -280,12 +298,19 @@ def _check_resume(rep: SoakReport, text: str, expected: int, fallback_from: Path
     step = int(m.group(2))
     if step != expected:
         rep.failures.append(f"run {rep.runs} resumed at step {step}, the newest intact checkpoint is {expected}")
+    skipped = SKIPPED.findall(text)
+    named = [next((line for line in skipped if str(path) in line), None) for path in bad]
+    if len(skipped) != len(bad) or None in named:
+        rep.failures.append(f"run {rep.runs}: damaged {[p.name for p in bad]} not each named in one line: {skipped}")
+        return
+    if len(bad) > (fallback_from is not None):
+        rep.older_damage_passed_over += 1
     if fallback_from is not None:
-        skipped = SKIPPED.findall(text)
-        if len(skipped) == 1 and str(fallback_from.parent) in skipped[0] and fallback_from.name in skipped[0]:
+        line = named[bad.index(fallback_from.parent)] if fallback_from.parent in bad else None
+        if line is not None and fallback_from.name in line:
             rep.fallbacks_after_corruption += 1
         else:
-            rep.failures.append(f"run {rep.runs}: corrupt {fallback_from} not named in one line: {skipped}")
+            rep.failures.append(f"run {rep.runs}: the file damaged on purpose, {fallback_from}, not named: {skipped}")
 
 
 def main(argv: list[str] | None = None) -> int:

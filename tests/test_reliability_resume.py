@@ -48,6 +48,35 @@ def test_twenty_sigkills_resume_to_identical_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_soak_accepts_an_older_damaged_checkpoint_named_beside_the_new_one(tmp_path, caplog):
+    """A checkpoint damaged on purpose at one kill can still lie above the newest intact one at the next
+    (no run got far enough to rewrite it): the resume then names both, one line each. The case CI hit."""
+    soak = _soak_module()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    for step in (8, 10, 12):
+        ckpt.save_checkpoint(tmp_path, step, {"w": torch.full((3,), float(step))}, {"w": torch.zeros(3)},
+                             opt.state_dict(), {"step": step}, keep_last=0)
+    soak._corrupt(tmp_path, 12, "truncate")  # at an earlier kill
+    flipped = soak._corrupt(tmp_path, 10, "flip")  # at this kill
+    bad = soak.bad_newer_than(tmp_path, 8)
+    assert [p.name for p in bad] == ["step-0000010", "step-0000012"]
+    with caplog.at_level("WARNING", logger="flowtok"):
+        assert ckpt.load_latest(tmp_path).step == 8
+    log = "\n".join(r.getMessage() for r in caplog.records) + "\nresumed from x at step 8\n"
+    rep = soak.SoakReport()
+    soak._check_resume(rep, log, 8, flipped, bad)
+    assert rep.failures == [] and rep.fallbacks_after_corruption == 1 and rep.starts_checked == 1
+    assert rep.older_damage_passed_over == 1
+    # A skip the disk does not account for, or one fewer line than damaged checkpoints, is a failure.
+    for wrong in (bad[:1], bad + [tmp_path / "step-0000014"]):
+        rep = soak.SoakReport()
+        soak._check_resume(rep, log, 8, flipped, wrong)
+        assert len(rep.failures) == 1 and "not each named in one line" in rep.failures[0]
+    rep = soak.SoakReport()
+    soak._check_resume(rep, log.replace("optimizer.pt", "model.safetensors"), 8, flipped, bad)
+    assert len(rep.failures) == 1 and "damaged on purpose" in rep.failures[0]
+
+
 def _tiny_tokenizer_run(tmp: Path, **train):
     soak = _soak_module()
     cfg = soak.tiny_tokenizer_config(tmp, steps=8, ckpt_every=4)
