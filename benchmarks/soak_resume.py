@@ -306,8 +306,7 @@ def _check_resume(rep: SoakReport, text: str, expected: int, fallback_from: Path
     if len(bad) > (fallback_from is not None):
         rep.older_damage_passed_over += 1
     if fallback_from is not None:
-        line = named[bad.index(fallback_from.parent)] if fallback_from.parent in bad else None
-        if line is not None and fallback_from.name in line:
+        if fallback_from.parent in bad and fallback_from.name in named[bad.index(fallback_from.parent)]:
             rep.fallbacks_after_corruption += 1
         else:
             rep.failures.append(f"run {rep.runs}: the file damaged on purpose, {fallback_from}, not named: {skipped}")

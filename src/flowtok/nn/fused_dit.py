@@ -252,12 +252,12 @@ def _output(layer: nn.Module, x: torch.Tensor, a: torch.Tensor | Quantized, gate
     an :class:`FP8Linear`); returns the pending bias vector. A plain Linear takes the gate folded into its weight
     and ``x`` as the GEMM's accumulator, and moves its gated bias into the pending vector; an FP8 one adds its
     bias in the GEMM's epilogue, as the plain FP8 block does, and scales the product by the gate in the residual
-    add (one pass: ``_scaled_mm`` has no accumulator), or, if ``triton_fp8`` where Triton runs FP8, in the
-    epilogue of flowtok's Triton GEMM, which reads and writes the stream itself."""
+    add (one pass: ``_scaled_mm`` has no accumulator), or, if ``triton_fp8``, in the epilogue of flowtok's
+    Triton GEMM, which reads and writes the stream itself."""
     groups, rows, d = x.shape
     if isinstance(layer, FP8Linear):
         q, q_scale = cast(Quantized, a)
-        if triton_fp8 and triton_ops.available_fp8(x):
+        if triton_fp8:
             triton_ops.linear_residual(x, q, layer.weight_fp8, layer.bias, gate, x_scale=q_scale,
                                        w_scale=layer.weight_scale)
             return pending
@@ -274,8 +274,8 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
     """One block on the stream ``x [G, R, D]`` (updated in place) with its adaLN output ``mod [G, 6 D]``; returns the
     new pending bias [G, 1, D]. Each of the four Linears may be plain or FP8. flowtok's Triton GEMMs compute a
     plain fc1 with its bias and GELU if ``triton_plain``, and FP8 Linears' epilogues (fc1's GELU, proj's and fc2's
-    gated residual add) if ``triton_fp8``, where Triton runs FP8; else a plain fc1 runs in cuBLASLt's GELU epilogue
-    if ``epilogue``."""
+    gated residual add) if ``triton_fp8`` (the caller checks that Triton runs FP8 here); else a plain fc1 runs in
+    cuBLASLt's GELU epilogue if ``epilogue``."""
     groups, rows, d = x.shape
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
     attn, mlp = block.attn, block.mlp
@@ -290,7 +290,7 @@ def _block(block: DiTBlock, x: torch.Tensor, pending: torch.Tensor, mod: torch.T
 
     h = _modulated_input(mlp.fc1, x, after_attn, shift_mlp, scale_mlp, block.norm2.eps)
     hidden: torch.Tensor | Quantized
-    if isinstance(mlp.fc1, FP8Linear) and triton_fp8 and triton_ops.available_fp8(x):
+    if isinstance(mlp.fc1, FP8Linear) and triton_fp8:
         hidden = _fp8_gemm_gelu(mlp.fc1, mlp.fc2, cast(Quantized, h), x.dtype)
     elif isinstance(mlp.fc1, FP8Linear):  # bias in the FP8 GEMM's epilogue; GELU (and fc2's quantisation) after it
         pre = mlp.fc1.matmul(*h).to(x.dtype)
@@ -336,7 +336,7 @@ def fused_blocks_forward(blocks: nn.ModuleList, final_layer: FinalLayer, h: torc
     pending = x.new_zeros(groups, 1, d)
     epilogue = gelu_epilogue_is_tanh(x.device, x.dtype)
     triton_plain = gemm_epilogues == "triton" and triton_ops.available(x)
-    triton_fp8 = gemm_epilogues in ("auto", "triton")  # each FP8 Linear checks triton_ops.available_fp8
+    triton_fp8 = gemm_epilogues in ("auto", "triton") and triton_ops.available_fp8(x)
     silu_cond = F.silu(cond)
     for block in blocks:
         blk = cast(DiTBlock, block)
